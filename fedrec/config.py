@@ -1,0 +1,282 @@
+"""Typed, frozen run configuration, parsed once from a flat kebab-case mapping.
+
+Every field of every section has a unique name; its flat key is the field name with
+``_`` replaced by ``-`` (``noise_multiplier`` -> ``noise-multiplier``). The same keys are
+used by the CLI, by ``[tool.flwr.app.config]`` and by experiment TOML files.
+
+>>> cfg = RunConfig.from_flat({"model": "mf", "epochs": 3})
+>>> cfg.model.model, cfg.train.epochs
+('mf', 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from fedrec.errors import ConfigError
+
+DATASETS = ("synthetic", "ml-100k", "ml-1m", "ml-latest-small", "movietweetings", "csv")
+MODELS = ("mf", "neumf", "mlp")
+OBJECTIVES = ("bce", "bpr", "mse")
+ACCOUNTANTS = ("rdp", "prv")
+
+
+def _check(ok: bool, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data, how it is cleaned, turned into feedback and split."""
+
+    dataset: str = "synthetic"  # one of DATASETS
+    data_dir: str = ""  # folder of a MovieLens/MovieTweetings download
+    data_file: str = ""  # ratings file for dataset=csv (.csv/.tsv/.txt or .parquet)
+    test_file: str = ""  # optional pre-split test file (same format as data_file)
+    sep: str = ","  # field separator of a generic CSV
+    user_col: str = "user"  # generic CSV column names
+    item_col: str = "item"
+    rating_col: str = "rating"
+    time_col: str = "timestamp"  # "" if the file has none (row order is then time)
+    encoding: str = "utf-8"  # text encoding of a generic CSV
+    feedback: str = "implicit"  # "implicit" (ranking) or "explicit" (rating regression)
+    threshold: float = 0.0  # implicit: a rating >= threshold is a positive; 0 keeps every rating
+    min_interactions: int = 0  # k-core: drop users and items with fewer interactions
+    split: str = "fraction"  # "fraction" (last test-fraction per user) or "leave-last-out"
+    test_fraction: float = 0.2  # share of each user's latest interactions held out
+    negatives: int = 4  # sampled negatives per positive for implicit training
+    eval_negatives: int = 0  # 0: full ranking; N: 1 held-out positive + N sampled negatives
+    synthetic_users: int = 600  # size of the generated default dataset
+    synthetic_items: int = 1000
+    seed: int = 0  # seeds generation, split ties, sampling and initialisation
+
+    def __post_init__(self) -> None:
+        _check(self.dataset in DATASETS, "dataset", f"one of {DATASETS}", self.dataset)
+        _check(self.feedback in ("implicit", "explicit"), "feedback",
+               "'implicit' or 'explicit'", self.feedback)
+        _check(self.split in ("fraction", "leave-last-out"), "split",
+               "'fraction' or 'leave-last-out'", self.split)
+        _check(0.0 < self.test_fraction < 1.0, "test-fraction", "a number in (0, 1)",
+               self.test_fraction)
+        _check(self.threshold >= 0, "threshold", "a number >= 0", self.threshold)
+        _check(self.min_interactions >= 0, "min-interactions", "an integer >= 0",
+               self.min_interactions)
+        _check(self.negatives >= 1, "negatives", "an integer >= 1", self.negatives)
+        _check(self.eval_negatives >= 0, "eval-negatives", "an integer >= 0",
+               self.eval_negatives)
+        _check(self.synthetic_users >= 2, "synthetic-users", "an integer >= 2",
+               self.synthetic_users)
+        _check(self.synthetic_items >= 10, "synthetic-items", "an integer >= 10",
+               self.synthetic_items)
+        _check(len(self.sep) >= 1, "sep", "a non-empty separator", self.sep)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Model architecture."""
+
+    model: str = "mf"  # "mf" (dot product + biases), "neumf" (GMF + MLP) or "mlp"
+    dim: int = 64  # embedding dimension
+    mlp_layers: str = "64,32,16"  # hidden sizes of the MLP tower (neumf, mlp)
+    init_std: float = 0.1  # std of the normal embedding initialisation
+
+    def __post_init__(self) -> None:
+        _check(self.model in MODELS, "model", f"one of {MODELS}", self.model)
+        _check(self.dim >= 1, "dim", "an integer >= 1", self.dim)
+        _check(self.init_std > 0, "init-std", "a number > 0", self.init_std)
+        try:
+            sizes = self.hidden_sizes
+        except ValueError:
+            sizes = ()
+        _check(len(sizes) >= 1 and all(s >= 1 for s in sizes), "mlp-layers",
+               "comma-separated positive integers such as '64,32,16'", self.mlp_layers)
+
+    @property
+    def hidden_sizes(self) -> tuple[int, ...]:
+        """``mlp_layers`` as integers."""
+        return tuple(int(s) for s in self.mlp_layers.split(",") if s.strip())
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation: the same for centralized and federated training."""
+
+    epochs: int = 20  # epochs (centralized) or local epochs per round (federated)
+    batch_size: int = 1024  # (expected) examples per step; one example = one rating + negatives
+    lr: float = 0.005  # learning rate
+    weight_decay: float = 0.0  # L2 penalty applied by the optimizer
+    optimizer: str = "adam"  # "adam" or "sgd"
+    objective: str = "bce"  # "bce" or "bpr" (implicit), "mse" (explicit)
+    device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
+        _check(self.batch_size >= 1, "batch-size", "an integer >= 1", self.batch_size)
+        _check(self.lr > 0, "lr", "a number > 0", self.lr)
+        _check(self.weight_decay >= 0, "weight-decay", "a number >= 0", self.weight_decay)
+        _check(self.optimizer in ("adam", "sgd"), "optimizer", "'adam' or 'sgd'",
+               self.optimizer)
+        _check(self.objective in OBJECTIVES, "objective", f"one of {OBJECTIVES}",
+               self.objective)
+        _check(self.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'",
+               self.device)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """DP-SGD through Opacus. The unit of privacy is one rating (with its negatives)."""
+
+    dp: bool = False  # train with DP-SGD
+    noise_multiplier: float = 1.0  # sigma; ignored when target_epsilon > 0
+    target_epsilon: float = 0.0  # > 0: calibrate sigma to spend exactly this over the run
+    max_grad_norm: float = 1.0  # per-example clipping norm C
+    delta: float = 1e-5  # delta of the (epsilon, delta) guarantee
+    accountant: str = "rdp"  # "rdp" or "prv"
+    grad_sample_mode: str = "ghost"  # "ghost" (fedrec's exact fast norms) or "hooks" (Opacus)
+
+    def __post_init__(self) -> None:
+        _check(self.noise_multiplier >= 0, "noise-multiplier", "a number >= 0",
+               self.noise_multiplier)
+        _check(self.target_epsilon >= 0 and math.isfinite(self.target_epsilon),
+               "target-epsilon", "a finite number >= 0", self.target_epsilon)
+        _check(self.max_grad_norm > 0, "max-grad-norm", "a number > 0", self.max_grad_norm)
+        _check(0 < self.delta < 1, "delta", "a number in (0, 1)", self.delta)
+        _check(self.accountant in ACCOUNTANTS, "accountant", f"one of {ACCOUNTANTS}",
+               self.accountant)
+        _check(self.grad_sample_mode in ("ghost", "hooks"), "grad-sample-mode",
+               "'ghost' or 'hooks'", self.grad_sample_mode)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation cut-offs."""
+
+    top_k: str = "10,20"  # comma-separated K values for Precision/Recall/NDCG/HR@K
+
+    def __post_init__(self) -> None:
+        try:
+            ks = self.ks
+        except ValueError:
+            ks = ()
+        _check(len(ks) >= 1 and all(k >= 1 for k in ks), "top-k",
+               "comma-separated positive integers such as '10,20'", self.top_k)
+
+    @property
+    def ks(self) -> tuple[int, ...]:
+        """``top_k`` as sorted integers."""
+        return tuple(sorted({int(s) for s in self.top_k.split(",") if s.strip()}))
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "privacy": PrivacyConfig,
+    "eval": EvalConfig,
+}
+
+
+def _flat_fields() -> dict[str, tuple[str, dataclasses.Field[Any]]]:
+    out: dict[str, tuple[str, dataclasses.Field[Any]]] = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            out[f.name.replace("_", "-")] = (section, f)
+    return out
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Convert ``value`` to the type of ``default``; raise ConfigError naming ``key``."""
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
+        if math.isnan(out):
+            raise ConfigError(f"config key '{key}': expected a number, got NaN")
+        return out
+    if not isinstance(value, str):
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole configuration of one run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any], *, ignore: tuple[str, ...] = ()) -> RunConfig:
+        """Build from flat kebab-case keys; unknown keys raise ConfigError.
+
+        Args:
+            values: e.g. ``{"noise-multiplier": 1.2, "top-k": "10,20"}``.
+            ignore: keys owned by another layer (e.g. federation settings), skipped.
+
+        Raises:
+            ConfigError: an unknown key, a wrong type or an out-of-range value.
+        """
+        known = _flat_fields()
+        per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+        for key, value in values.items():
+            if key in ignore:
+                continue
+            if key not in known:
+                valid = ", ".join(sorted(known))
+                raise ConfigError(f"unknown config key '{key}'; valid keys: {valid}")
+            section, f = known[key]
+            per_section[section][f.name] = _coerce(key, value, f.default)
+        return cls(**{s: SECTIONS[s](**kw) for s, kw in per_section.items()})
+
+    def to_flat(self) -> dict[str, Any]:
+        """The resolved configuration as flat kebab-case keys (for snapshots)."""
+        out: dict[str, Any] = {}
+        for section in SECTIONS:
+            obj = getattr(self, section)
+            for f in fields(obj):
+                out[f.name.replace("_", "-")] = getattr(obj, f.name)
+        return out
+
+    def replace(self, **flat: Any) -> RunConfig:
+        """A copy with some flat keys changed."""
+        merged = self.to_flat()
+        merged.update(flat)
+        return RunConfig.from_flat(merged)
+
+
+def flat_defaults() -> dict[str, Any]:
+    """Every key with its default value."""
+    return RunConfig().to_flat()

@@ -1,0 +1,92 @@
+"""Data: loaders, download, synthetic generation, cleaning, splits and sampling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedrec.config import DataConfig
+from fedrec.data.interactions import Interactions, build_interactions
+from fedrec.data.loaders import LOADERS, load_table
+from fedrec.data.sampling import ExampleBuilder, Examples, PairSet, sampled_eval_lists
+from fedrec.data.split import Split, k_core, split_by_membership, temporal_split, to_feedback
+from fedrec.data.synthetic import generate_synthetic
+from fedrec.errors import DataError
+
+__all__ = [
+    "ExampleBuilder", "Examples", "Interactions", "PairSet", "Split", "load_dataset",
+    "load_split", "sampled_eval_lists",
+]
+
+
+def _table(cfg: DataConfig, path: Path) -> Interactions:
+    return load_table(path, sep=cfg.sep, user_col=cfg.user_col, item_col=cfg.item_col,
+                      rating_col=cfg.rating_col, time_col=cfg.time_col, encoding=cfg.encoding)
+
+
+def load_dataset(cfg: DataConfig) -> Interactions:
+    """Load (or generate) the configured dataset, cleaned, with ids in [0, n).
+
+    Raises:
+        DataError: a missing path or a malformed file.
+    """
+    if cfg.dataset == "synthetic":
+        return generate_synthetic(cfg.synthetic_users, cfg.synthetic_items, seed=cfg.seed)
+    if cfg.dataset == "csv":
+        if not cfg.data_file:
+            raise DataError("dataset 'csv' needs --data-file (config key 'data-file')")
+        return _table(cfg, Path(cfg.data_file))
+    if not cfg.data_dir:
+        raise DataError(f"dataset {cfg.dataset!r} needs --data-dir (config key 'data-dir'), "
+                        f"or run 'fedrec data download {cfg.dataset}'")
+    folder = Path(cfg.data_dir)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: data directory not found")
+    return LOADERS[cfg.dataset](folder)
+
+
+def _load_presplit(cfg: DataConfig) -> tuple[Interactions, np.ndarray]:
+    """Train file (data-file) and test file (test-file) over one shared id space."""
+    train = _table(cfg, Path(cfg.data_file))
+    test = _table(cfg, Path(cfg.test_file))
+    frames = []
+    for part, d in ((0, train), (1, test)):
+        frames.append(pd.DataFrame({
+            "user": d.user_ids[d.users], "item": d.item_ids[d.items],
+            "rating": d.ratings.astype(np.float64), "timestamp": d.timestamps,
+            "line": np.arange(len(d)) + part * 10**12, "part": part,
+        }))
+    both = pd.concat(frames, ignore_index=True)
+    data = build_interactions(both.drop(columns="part"), source=cfg.data_file,
+                              name=Path(cfg.data_file).stem, rating_range=(0.0, np.inf))
+    test_pairs = set(zip(both.loc[both.part == 1, "user"], both.loc[both.part == 1, "item"]))
+    is_test = np.fromiter(
+        ((u, i) in test_pairs for u, i in zip(data.user_ids[data.users],
+                                              data.item_ids[data.items])),
+        dtype=bool, count=len(data))
+    return data, is_test
+
+
+def load_split(cfg: DataConfig) -> Split:
+    """Load, convert feedback, k-core filter and split as configured.
+
+    With ``test-file`` set (dataset csv), the given train/test files are used as they are
+    (after feedback conversion); otherwise a per-user temporal split is made.
+    """
+    implicit = cfg.feedback == "implicit"
+    if cfg.test_file:
+        if cfg.dataset != "csv" or not cfg.data_file:
+            raise DataError("test-file needs dataset 'csv' with data-file as the train file")
+        data, is_test = _load_presplit(cfg)
+        keep = (data.ratings >= cfg.threshold) if implicit and cfg.threshold > 0 else None
+        if keep is not None:
+            data, is_test = data.subset(keep), is_test[keep]
+        split = split_by_membership(data, is_test)
+    else:
+        data = to_feedback(load_dataset(cfg), cfg.feedback, cfg.threshold)
+        data = k_core(data, cfg.min_interactions)
+        split = temporal_split(data, cfg.split, cfg.test_fraction, cfg.seed)
+    split.implicit = implicit
+    return split

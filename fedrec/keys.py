@@ -1,0 +1,25 @@
+"""Record and metric keys, in one place (kebab-case, as Flower's ``num-examples``)."""
+
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+EPSILON = "epsilon"
+DELTA = "delta"
+
+# Summable evaluation counts (per-user sums); see fedrec.metrics.
+NUM_USERS = "num-users"
+NUM_RATINGS = "num-ratings"
+SUM_SQ_ERR = "sum-sq-err"
+SUM_ABS_ERR = "sum-abs-err"
+
+
+def metric_key(name: str, k: int) -> str:
+    """Name of a top-K metric as written to metrics.json, e.g. ``recall@20``."""
+    return f"{name}@{k}"
+
+
+def sum_key(name: str, k: int) -> str:
+    """Name of a summable per-user total, e.g. ``sum-recall-at-20``."""
+    return f"sum-{name}-at-{k}"
+
+
+RANKING_METRICS = ("precision", "recall", "ndcg", "hr")
