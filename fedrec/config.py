@@ -157,6 +157,7 @@ class EvalConfig:
     """Evaluation cut-offs."""
 
     top_k: str = "10,20"  # comma-separated K values for Precision/Recall/NDCG/HR@K
+    eval_every: int = 1  # evaluate every N epochs (0: only at the end)
 
     def __post_init__(self) -> None:
         try:
@@ -165,6 +166,7 @@ class EvalConfig:
             ks = ()
         _check(len(ks) >= 1 and all(k >= 1 for k in ks), "top-k",
                "comma-separated positive integers such as '10,20'", self.top_k)
+        _check(self.eval_every >= 0, "eval-every", "an integer >= 0", self.eval_every)
 
     @property
     def ks(self) -> tuple[int, ...]:

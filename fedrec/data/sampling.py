@@ -70,20 +70,19 @@ class Examples:
 class ExampleBuilder:
     """Builds training examples from train interactions, resampling negatives per epoch."""
 
-    def __init__(self, train: Interactions, *, implicit: bool, negatives: int, seed: int,
-                 rating_offset: float = 0.0) -> None:
+    def __init__(self, train: Interactions, *, implicit: bool, negatives: int,
+                 seed: int) -> None:
         self.train = train
         self.implicit = implicit
         self.negatives = negatives
         self.rng = np.random.default_rng(seed)
         self.seen = PairSet(train.users, train.items, train.n_items)
-        self.rating_offset = rating_offset
         k = 1 + negatives if implicit else 1
         targets = torch.zeros(len(train), k)
         if implicit:
             targets[:, 0] = 1.0
         else:
-            targets[:, 0] = torch.from_numpy(train.ratings - rating_offset)
+            targets[:, 0] = torch.from_numpy(train.ratings)
         self._targets = targets
         self._users = torch.from_numpy(train.users)
 

@@ -1,0 +1,107 @@
+"""Evaluate a model on held-out interactions, returning summable counts.
+
+Full ranking (default): each test user's scores over all items, with the items the user
+trained on excluded, ranked; the user's test items are the relevant ones. Sampled
+protocol (``eval_negatives = N``): each held-out positive is ranked against N sampled
+items the user never interacted with; a user's metrics are averaged over their lists.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedrec import keys, metrics
+from fedrec.data.interactions import Interactions
+from fedrec.data.sampling import PairSet, sampled_eval_lists
+from fedrec.model import RecModel
+
+
+def _by_user(data: Interactions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    order = np.argsort(data.users, kind="stable")
+    users, items = data.users[order], data.items[order]
+    bounds = np.searchsorted(users, np.arange(data.n_users + 1))
+    return users, items, bounds
+
+
+@torch.no_grad()
+def full_ranking_counts(model: RecModel, train: Interactions, test: Interactions,
+                        ks: tuple[int, ...], chunk: int = 512) -> dict[str, float]:
+    """Summed per-user metrics from a full ranking that excludes each user's train items."""
+    kmax = min(max(ks), model.n_items)
+    _, tr_items, tr_bounds = _by_user(train)
+    _, te_items, te_bounds = _by_user(test)
+    test_users = np.unique(test.users)
+    parts = []
+    for start in range(0, len(test_users), chunk):
+        users = test_users[start:start + chunk]
+        scores = model.score_all(torch.from_numpy(users)).float().cpu()  # [U, n_items]
+        lens = tr_bounds[users + 1] - tr_bounds[users]
+        rows = np.repeat(np.arange(len(users)), lens)
+        cols = np.concatenate([tr_items[tr_bounds[u]:tr_bounds[u + 1]] for u in users])
+        scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
+        rel = torch.zeros_like(scores, dtype=torch.bool)
+        lens = te_bounds[users + 1] - te_bounds[users]
+        rows = np.repeat(np.arange(len(users)), lens)
+        cols = np.concatenate([te_items[te_bounds[u]:te_bounds[u + 1]] for u in users])
+        rel[torch.from_numpy(rows), torch.from_numpy(cols)] = True
+        top = scores.topk(kmax, dim=1).indices
+        hits = rel.gather(1, top)
+        if kmax < max(ks):  # fewer items than K: pad with misses
+            hits = torch.nn.functional.pad(hits, (0, max(ks) - kmax))
+        parts.append(metrics.ranking_counts(hits, rel.sum(1), ks))
+    return metrics.merge_counts(parts)
+
+
+@torch.no_grad()
+def sampled_counts(model: RecModel, train: Interactions, test: Interactions,
+                   ks: tuple[int, ...], n_negatives: int, seed: int) -> dict[str, float]:
+    """Summed per-user metrics under the sampled protocol (1 positive + N negatives)."""
+    seen = PairSet(np.concatenate([train.users, test.users]),
+                   np.concatenate([train.items, test.items]), train.n_items)
+    users, lists = sampled_eval_lists(test, seen, n_negatives, seed)
+    device = next(model.parameters()).device
+    scores = model(torch.from_numpy(users).to(device), torch.from_numpy(lists).to(device)).cpu()
+    rank = (scores[:, 1:] > scores[:, :1]).sum(1)  # 0 = best
+    uniq, inv = np.unique(users, return_inverse=True)
+    inv_t = torch.from_numpy(inv)
+    n_lists = torch.bincount(inv_t, minlength=len(uniq)).to(torch.float64)
+    out: dict[str, float] = {keys.NUM_USERS: float(len(uniq))}
+    for k in ks:
+        hit = (rank < k).to(torch.float64)
+        ndcg = hit / torch.log2(rank.to(torch.float64) + 2.0)
+        per_user = {
+            "precision": hit / k, "recall": hit, "ndcg": ndcg, "hr": hit,
+        }
+        for name, vals in per_user.items():
+            user_mean = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv_t, vals)
+            out[keys.sum_key(name, k)] = float((user_mean / n_lists).sum())
+    return out
+
+
+@torch.no_grad()
+def rating_error_counts(model: RecModel, test: Interactions) -> dict[str, float]:
+    """Summed squared/absolute errors of predicted ratings on test pairs."""
+    device = next(model.parameters()).device
+    pred = model(torch.from_numpy(test.users).to(device),
+                 torch.from_numpy(test.items).to(device).unsqueeze(1)).squeeze(1).cpu()
+    return metrics.rating_counts(pred, torch.from_numpy(test.ratings))
+
+
+def evaluate_counts(model: RecModel, train: Interactions, test: Interactions, *,
+                    ks: tuple[int, ...], implicit: bool, eval_negatives: int = 0,
+                    seed: int = 0) -> dict[str, float]:
+    """All summable evaluation counts for one model on one (train, test) pair.
+
+    Explicit feedback adds rating errors (RMSE/MAE) to the ranking counts.
+    """
+    was_training = model.training
+    model.eval()
+    if eval_negatives > 0:
+        counts = sampled_counts(model, train, test, ks, eval_negatives, seed)
+    else:
+        counts = full_ranking_counts(model, train, test, ks)
+    if not implicit:
+        counts.update(rating_error_counts(model, test))
+    model.train(was_training)
+    return counts
