@@ -73,7 +73,8 @@ def load_ml_1m(folder: Path) -> Interactions:
     """MovieLens 1M: ``ratings.dat`` (``::``-separated) and ``movies.dat`` (Latin-1)."""
     path = _need(folder, "ratings.dat", "ml-1m")
     ratings = read_delimited(path, sep="::", columns=_POS, header=False)
-    meta = _movies_dat(folder / "movies.dat", "latin-1") if (folder / "movies.dat").exists() else None
+    movies = folder / "movies.dat"
+    meta = _movies_dat(movies, "latin-1") if movies.exists() else None
     return build_interactions(ratings, source=str(path), name="ml-1m",
                               rating_range=(1, 5), item_meta=meta)
 

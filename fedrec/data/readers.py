@@ -17,6 +17,7 @@ import pandas as pd
 from fedrec.errors import DataError
 
 ROLES = ("user", "item", "rating", "timestamp")
+_MISSING = ("", "nan", "na", "n/a", "null", "none")  # read as a missing value
 _CANDIDATE_SEPS = ("\t", ",", ";", "|", "::", " ")
 
 
@@ -62,8 +63,9 @@ def _column(path: Path, role: str, raw: pd.Series, line_no: np.ndarray) -> pd.Se
     col = raw.astype(str).str.strip()
     if role in ("user", "item"):
         return col.where(col != "", None)
-    values = pd.to_numeric(col, errors="coerce")
-    bad = values.isna().to_numpy() & (col != "").to_numpy()
+    missing = col.str.lower().isin(_MISSING).to_numpy()
+    values = pd.to_numeric(col.where(~missing, ""), errors="coerce")
+    bad = values.isna().to_numpy() & ~missing
     if bad.any():
         i = int(np.argmax(bad))
         raise DataError(
@@ -177,7 +179,8 @@ def read_parquet(path: Path, *, columns: dict[str, str | int | None]) -> pd.Data
     except ImportError:
         raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
     except Exception as err:  # noqa: BLE001 - pyarrow raises many types
-        raise DataError(f"{path}: not a readable Parquet file ({type(err).__name__}: {err})") from None
+        raise DataError(
+            f"{path}: not a readable Parquet file ({type(err).__name__}: {err})") from None
     if df.empty:
         raise DataError(f"{path}: file is empty; expected rating rows")
     out = pd.DataFrame({"line": np.arange(1, len(df) + 1)})
