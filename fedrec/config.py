@@ -81,9 +81,9 @@ class ModelConfig:
     """Model architecture."""
 
     model: str = "mf"  # "mf" (dot product + biases), "neumf" (GMF + MLP) or "mlp"
-    dim: int = 64  # embedding dimension
+    dim: int = 32  # embedding dimension
     mlp_layers: str = "64,32,16"  # hidden sizes of the MLP tower (neumf, mlp)
-    init_std: float = 0.1  # std of the normal embedding initialisation
+    init_std: float = 0.01  # std of the normal embedding initialisation
 
     def __post_init__(self) -> None:
         _check(self.model in MODELS, "model", f"one of {MODELS}", self.model)
@@ -108,7 +108,7 @@ class TrainConfig:
 
     epochs: int = 20  # epochs (centralized) or local epochs per round (federated)
     batch_size: int = 1024  # (expected) examples per step; one example = one rating + negatives
-    lr: float = 0.005  # learning rate
+    lr: float = 0.002  # learning rate
     weight_decay: float = 0.0  # L2 penalty applied by the optimizer
     optimizer: str = "adam"  # "adam" or "sgd"
     objective: str = "bce"  # "bce" or "bpr" (implicit), "mse" (explicit)

@@ -1,14 +1,25 @@
 """DP-SGD through Opacus: the only module that imports opacus.
 
 ``make_private`` swaps Opacus objects into the one training loop (``fedrec.train``):
-a GradSampleModule, a DPOptimizer and, in ghost mode, a DP loss whose ``backward()``
-runs Opacus's two-pass ghost clipping. fedrec adds one thing inside Opacus: a norm
-sampler (and grad sampler) registered for ``fedrec.model.Embedding``. A DP example looks
-up one row per table, or K rows ``[B, K]``; its gradient is the sum of the output
-gradients of the rows it looked up, so its squared norm is
-``sum_{k,k'} [idx_k == idx_k'] <g_k, g_k'>``: exact, also for repeated rows, in
-O(B K^2 d) with no ``[B, n_rows, d]`` tensor. Linear layers use Opacus's own norm
-sampler (``||a|| * ||g||`` per position).
+a GradSampleModule, a DPOptimizer (noise, accounting) and, in ghost mode, a DP loss
+whose ``backward()`` clips every example's gradient. fedrec extends Opacus in two
+documented places, and uses its machinery for everything else:
+
+1. Norm samplers registered with Opacus for ``fedrec.model.Embedding`` and
+   ``fedrec.model.Linear``. A DP example looks up one row per table, or K rows
+   ``[B, K]``; its gradient is the sum of the output gradients of the rows it looked up,
+   so its squared norm is ``sum_{k,k'} [idx_k == idx_k'] <g_k, g_k'>``: exact, also for
+   repeated rows, in O(B K^2 d) with no ``[B, n_rows, d]`` tensor. A linear layer's norm
+   is the Gram form ``sum_{k,k'} <g_k, g_k'> <a_k, a_k'>`` (or ``||a|| ||g||`` for K = 1).
+2. Book-keeping instead of Opacus's second backward pass. Opacus's ghost clipping runs
+   backward twice: once for the norms, once more on the loss reweighted by the clipping
+   factors c_b. The hooks of the first pass already hold every layer's activations a and
+   output gradients g, so fedrec forms the clipped gradient directly
+   (``sum_b c_b sum_k g_bk a_bk^T`` for a linear weight, ``index_add`` of ``c_b g_bk``
+   for an embedding): the same tensor, with no second pass through the network. It is
+   used when every trainable layer is a fedrec Embedding or Linear; any other model gets
+   Opacus's two-pass backward. Tests check both against brute-force per-example
+   gradients.
 
 Unit of privacy: one training example, which is one rating together with its sampled
 negatives. Epsilon is therefore per rating (record-level DP).
@@ -30,7 +41,10 @@ from opacus.grad_sample.embedding import compute_embedding_grad_sample
 from opacus.grad_sample.linear import compute_linear_grad_sample
 from opacus.grad_sample.utils import register_grad_sampler, register_norm_sampler
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
-from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import (
+    DPLossFastGradientClipping,
+    DPTensorFastGradientClipping,
+)
 from torch import nn
 
 from fedrec.config import PrivacyConfig
@@ -64,6 +78,7 @@ def embedding_norm_sample(
     ids = activations[0]
     g = backprops.reshape(ids.shape[0], -1, layer.embedding_dim)  # [B, K, d]
     ids = ids.reshape(ids.shape[0], -1)  # [B, K]
+    layer._fedrec_bk = (ids, g)
     if ids.shape[1] == 1:
         sq = (g * g).sum(dim=(1, 2))
     else:
@@ -93,6 +108,7 @@ def linear_norm_sample(
     a = a.reshape(a.shape[0], -1, a.shape[-1])  # [B, K, d_in]
     g = g.reshape(g.shape[0], -1, g.shape[-1])  # [B, K, d_out]
     k, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+    layer._fedrec_bk = (a, g)
     out: dict[nn.Parameter, torch.Tensor] = {}
     gg = None
     if layer.weight.requires_grad:
@@ -107,6 +123,68 @@ def linear_norm_sample(
     if layer.bias is not None and layer.bias.requires_grad:
         out[layer.bias] = g.sum(1).norm(dim=1) if gg is None else gg.sum((1, 2)).clamp(min=0).sqrt()
     return out
+
+
+_BK_TYPES = (Embedding, Linear)
+
+
+def _bookkeeping_grads(layer: nn.Module, coef: torch.Tensor) -> None:
+    """Set ``p.grad`` of one layer to the clipped sum ``sum_b c_b grad_b`` from the
+    activations and output gradients its norm sampler kept."""
+    saved = layer.__dict__.pop("_fedrec_bk", None)
+    if saved is None:  # not reached by this batch's graph: zero gradient
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        return
+    x, g = saved
+    gc = g * coef.view(-1, 1, 1).to(g.dtype)  # [B, K, d_out]
+    if isinstance(layer, Embedding):
+        grad = torch.zeros_like(layer.weight)
+        grad.index_add_(0, x.reshape(-1), gc.reshape(-1, gc.shape[-1]))
+        layer.weight.grad = grad
+        return
+    assert isinstance(layer, Linear)
+    g2, a2 = gc.reshape(-1, gc.shape[-1]), x.reshape(-1, x.shape[-1])
+    if layer.weight.requires_grad:
+        layer.weight.grad = g2.T @ a2  # [d_out, d_in]
+    if layer.bias is not None and layer.bias.requires_grad:
+        layer.bias.grad = g2.sum(0)
+
+
+class _BookkeepingDPTensor(DPTensorFastGradientClipping):
+    """Opacus's DP loss tensor with the second backward replaced by book-keeping."""
+
+    def backward(self) -> None:  # type: ignore[override]
+        """One backward pass for the norms, then the clipped gradients directly."""
+        if self.loss_reduction == "mean":
+            reduced = self.loss_per_sample.mean(dim=0)
+        else:
+            reduced = self.loss_per_sample.sum(dim=0)
+        layers = [m for m in self.module.modules() if isinstance(m, _BK_TYPES)]
+        # Gradients w.r.t. the embedding tables alone reach every layer's hook (the
+        # tables sit below everything) and skip the weight gradients of the rest.
+        tables = [m.weight for m in layers if isinstance(m, Embedding) and m.weight.requires_grad]
+        reduced.backward(inputs=tables or None)
+        self.optimizer.zero_grad()
+        coef = self.module.get_clipping_coef()
+        for layer in layers:
+            _bookkeeping_grads(layer, coef)
+
+
+class _BookkeepingDPLoss(DPLossFastGradientClipping):
+    """Opacus's DP loss wrapper returning ``_BookkeepingDPTensor``."""
+
+    def __call__(self, *args: object, **kwargs: object) -> DPTensorFastGradientClipping:
+        t = super().__call__(*args, **kwargs)
+        return _BookkeepingDPTensor(t.module, t.optimizer, t.loss_per_sample,
+                                    t.loss_reduction)
+
+
+def supports_bookkeeping(model: nn.Module) -> bool:
+    """True if every module holding trainable parameters is a fedrec Embedding/Linear."""
+    return all(isinstance(m, _BK_TYPES) for m in model.modules()
+               if any(p.requires_grad for p in m.parameters(recurse=False)))
 
 
 class RowLoss(nn.Module):
@@ -188,7 +266,9 @@ def make_private(
         dp_opt: DPOptimizer = DPOptimizerFastGradientClipping(
             optimizer, noise_multiplier=noise_multiplier, max_grad_norm=cfg.max_grad_norm,
             expected_batch_size=n_examples_hint, loss_reduction="mean")
-        dp_crit: nn.Module | DPLossFastGradientClipping = DPLossFastGradientClipping(
+        loss_cls = (_BookkeepingDPLoss if supports_bookkeeping(model)
+                    else DPLossFastGradientClipping)
+        dp_crit: nn.Module | DPLossFastGradientClipping = loss_cls(
             gsm, dp_opt, criterion, loss_reduction="mean")
     else:
         gsm = GradSampleModule(model, loss_reduction="mean")

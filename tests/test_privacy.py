@@ -9,7 +9,16 @@ import torch
 
 from fedrec.config import ModelConfig, PrivacyConfig
 from fedrec.model import build_model
-from fedrec.privacy import RowLoss, calibrate_noise, epsilon_of, make_private
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+from fedrec.privacy import (
+    RowLoss,
+    _BookkeepingDPLoss,
+    calibrate_noise,
+    epsilon_of,
+    make_private,
+    supports_bookkeeping,
+)
 
 B, K, U, I = 12, 4, 6, 9
 
@@ -39,7 +48,10 @@ def _brute_force(model: torch.nn.Module, objective: str) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("name", ["mf", "neumf", "mlp"])
 @pytest.mark.parametrize("objective", ["bce", "bpr"])
-def test_ghost_clipping_is_exact(name: str, objective: str) -> None:
+@pytest.mark.parametrize("bookkeeping", [True, False])
+def test_ghost_clipping_is_exact(name: str, objective: str, bookkeeping: bool) -> None:
+    """Per-example norms and the clipped gradient equal brute force, both with fedrec's
+    book-keeping and with Opacus's own two-pass ghost clipping."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(model=name, dim=5, mlp_layers="6,3"), U, I, seed=0)
     model.double()
@@ -53,8 +65,11 @@ def test_ghost_clipping_is_exact(name: str, objective: str) -> None:
         po = make_private(model, opt, RowLoss(objective), cfg, sample_rate=0.5,
                           noise_multiplier=0.0)
     po.optimizer.expected_batch_size = B
+    assert isinstance(po.criterion, _BookkeepingDPLoss)
+    criterion = po.criterion if bookkeeping else DPLossFastGradientClipping(
+        po.model, po.optimizer, RowLoss(objective), "mean")
     users, items, targets = _batch()
-    loss = po.criterion(po.model(users, items), targets)
+    loss = criterion(po.model(users, items), targets)
     loss.backward()
     got = po.model.per_sample_gradient_norms
     assert torch.allclose(got, norms, rtol=1e-6, atol=1e-7)  # sqrt of a cancelled 0
@@ -106,3 +121,15 @@ def test_accountant_continues_history() -> None:
     po.criterion(po.model(users, items), targets).backward()
     po.optimizer.step()
     assert po.accountant.history == [(1.0, 0.5, 11)]
+
+
+def test_bookkeeping_only_for_fedrec_layers() -> None:
+    model = build_model(ModelConfig(model="neumf", dim=3, mlp_layers="4"), U, I)
+    assert supports_bookkeeping(model)
+    model.mlp.append(torch.nn.LayerNorm(4))
+    assert not supports_bookkeeping(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        po = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), RowLoss("bce"),
+                          PrivacyConfig(dp=True), sample_rate=0.5, noise_multiplier=1.0)
+    assert type(po.criterion) is DPLossFastGradientClipping
