@@ -15,7 +15,6 @@ The peers are benchmark-only extras (``[bench]``), never runtime dependencies.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 import warnings

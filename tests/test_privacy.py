@@ -6,11 +6,10 @@ import warnings
 
 import pytest
 import torch
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
 from fedrec.config import ModelConfig, PrivacyConfig
 from fedrec.model import build_model
-from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
-
 from fedrec.privacy import (
     RowLoss,
     _BookkeepingDPLoss,
@@ -20,13 +19,13 @@ from fedrec.privacy import (
     supports_bookkeeping,
 )
 
-B, K, U, I = 12, 4, 6, 9
+B, K, U, N_ITEMS = 12, 4, 6, 9
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     users = torch.randint(0, U, (B,), generator=g)
-    items = torch.randint(0, I, (B, K), generator=g)
+    items = torch.randint(0, N_ITEMS, (B, K), generator=g)
     items[0] = torch.tensor([2, 2, 5, 2])  # repeated rows inside one example
     items[1] = torch.tensor([3, 3, 3, 3])
     targets = torch.zeros(B, K)
@@ -53,7 +52,7 @@ def test_ghost_clipping_is_exact(name: str, objective: str, bookkeeping: bool) -
     """Per-example norms and the clipped gradient equal brute force, both with fedrec's
     book-keeping and with Opacus's own two-pass ghost clipping."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(model=name, dim=5, mlp_layers="6,3"), U, I, seed=0)
+    model = build_model(ModelConfig(model=name, dim=5, mlp_layers="6,3"), U, N_ITEMS, seed=0)
     model.double()
     brute = _brute_force(model, objective)
     norms = torch.stack([g.norm() for g in brute])
@@ -82,7 +81,7 @@ def test_ghost_clipping_is_exact(name: str, objective: str, bookkeeping: bool) -
 
 
 def test_hooks_mode_matches_ghost_norms() -> None:
-    model = build_model(ModelConfig(model="neumf", dim=4, mlp_layers="4,2"), U, I, seed=1)
+    model = build_model(ModelConfig(model="neumf", dim=4, mlp_layers="4,2"), U, N_ITEMS, seed=1)
     model.double()
     brute = torch.stack([g.norm() for g in _brute_force(model, "bce")])
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -110,7 +109,7 @@ def test_epsilon_grows_and_calibration_hits_target() -> None:
 
 
 def test_accountant_continues_history() -> None:
-    model = build_model(ModelConfig(model="mf", dim=3), U, I)
+    model = build_model(ModelConfig(model="mf", dim=3), U, N_ITEMS)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -124,7 +123,7 @@ def test_accountant_continues_history() -> None:
 
 
 def test_bookkeeping_only_for_fedrec_layers() -> None:
-    model = build_model(ModelConfig(model="neumf", dim=3, mlp_layers="4"), U, I)
+    model = build_model(ModelConfig(model="neumf", dim=3, mlp_layers="4"), U, N_ITEMS)
     assert supports_bookkeeping(model)
     model.mlp.append(torch.nn.LayerNorm(4))
     assert not supports_bookkeeping(model)
