@@ -19,7 +19,7 @@ from typing import Any
 
 from fedrec import __version__
 from fedrec.config import SECTIONS, RunConfig
-from fedrec.errors import FedrecError
+from fedrec.errors import ConfigError, FedrecError
 
 log = logging.getLogger("fedrec")
 
@@ -32,13 +32,16 @@ def _field_help(cls: type) -> dict[str, str]:
 
 
 def add_config_options(parser: argparse.ArgumentParser,
-                       sections: Sequence[str] = tuple(SECTIONS)) -> None:
+                       sections: Sequence[str] = tuple(SECTIONS),
+                       exclude: Sequence[str] = ()) -> None:
     """One option per config field, grouped by section, defaults shown."""
     for section in sections:
         cls = SECTIONS[section]
         helps = _field_help(cls)
         group = parser.add_argument_group(f"{section} options")
         for f in fields(cls):
+            if f.name in exclude:
+                continue
             flag = "--" + f.name.replace("_", "-")
             default = f.default if f.default is not MISSING else None
             text = helps.get(f.name, "")
@@ -53,6 +56,10 @@ def add_config_options(parser: argparse.ArgumentParser,
 def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:
     """RunConfig from parsed options (only those given override ``base``/defaults)."""
     flat: dict[str, Any] = dict(base or {})
+    if getattr(args, "noise_multiplier", None) is not None:
+        if getattr(args, "target_epsilon", None) is not None:
+            raise ConfigError("give either --noise-multiplier or --target-epsilon, not both")
+        flat["target-epsilon"] = 0.0  # an explicit sigma replaces the default target
     for section in SECTIONS:
         for f in fields(SECTIONS[section]):
             value = getattr(args, f.name, None)
@@ -66,6 +73,14 @@ def _cmd_centralized(args: argparse.Namespace) -> int:
 
     return centralized(config_from_args(args), Path(args.out), overwrite=args.overwrite,
                        quiet=args.quiet)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from server.simulation import simulate  # Flower is imported only here
+
+    simulate(config_from_args(args), Path(args.out), overwrite=args.overwrite,
+             quiet=args.quiet, verbose=args.verbose)
+    return 0
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
@@ -107,8 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/centralized", help="results directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
-    add_config_options(p)
+    add_config_options(p, ("data", "model", "train", "privacy", "eval"))
     p.set_defaults(func=_cmd_centralized)
+
+    s = sub.add_parser("simulate", help="federated training on Flower's simulation engine",
+                       description="Run the ServerApp and ClientApps on Flower's simulation "
+                       "engine: clients keep user embeddings locally, train with Opacus "
+                       "DP-SGD (unless --no-dp) and send shared parameters only. Prints one "
+                       "line per round and writes config.json, rounds.csv/json, "
+                       "metrics.json and shared_model.pt to --out.")
+    s.add_argument("--out", default="runs/simulate", help="results directory")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    s.add_argument("--quiet", action="store_true", help="no per-round display")
+    add_config_options(s, exclude=("out_dir", "state_dir", "verbose"))
+    s.set_defaults(func=_cmd_simulate)
 
     data = sub.add_parser("data", help="download or inspect datasets")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")

@@ -20,8 +20,12 @@ from fedrec.report import RunDir
 
 def format_table(metrics: dict[str, Any], title: str) -> str:
     """A two-column text table of metrics."""
-    rows = [(k, f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else str(v))
-            for k, v in metrics.items()]
+    def fmt(v: Any) -> str:
+        if isinstance(v, float) and math.isfinite(v):
+            return f"{v:.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:.1e}"
+        return str(v)
+
+    rows = [(k, fmt(v)) for k, v in metrics.items()]
     width = max(len(k) for k, _ in rows)
     lines = [title, "-" * (width + 12)]
     lines += [f"{k:<{width}}  {v:>10}" for k, v in rows]

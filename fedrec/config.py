@@ -131,9 +131,9 @@ class TrainConfig:
 class PrivacyConfig:
     """DP-SGD through Opacus. The unit of privacy is one rating (with its negatives)."""
 
-    dp: bool = False  # train with DP-SGD
-    noise_multiplier: float = 1.0  # sigma; ignored when target_epsilon > 0
-    target_epsilon: float = 0.0  # > 0: calibrate sigma to spend exactly this over the run
+    dp: bool = True  # train with DP-SGD (--no-dp to turn it off)
+    noise_multiplier: float = 1.0  # sigma, used when target-epsilon is 0
+    target_epsilon: float = 8.0  # > 0: sigma is calibrated to spend exactly this over the run
     max_grad_norm: float = 1.0  # per-example clipping norm C
     delta: float = 1e-5  # delta of the (epsilon, delta) guarantee
     accountant: str = "rdp"  # "rdp" or "prv"
@@ -174,12 +174,47 @@ class EvalConfig:
         return tuple(sorted({int(s) for s in self.top_k.split(",") if s.strip()}))
 
 
+@dataclass(frozen=True)
+class FedConfig:
+    """Federation: partitioning, rounds, sampling, client state, budget cap."""
+
+    rounds: int = 10  # federated rounds
+    local_epochs: int = 1  # local epochs per round (each client)
+    partition: str = "cross-silo"  # "cross-device" (a client per user) or "cross-silo"
+    num_clients: int = 10  # cross-silo: number of clients (0: the number of nodes)
+    fraction: float = 1.0  # share of clients sampled for training each round
+    min_clients: int = 2  # at least this many clients train each round
+    fraction_evaluate: float = 1.0  # share of clients evaluated each round
+    epsilon_cap: float = 0.0  # > 0: a client that would exceed this epsilon stops training
+    item_weighting: str = "auto"  # non-DP aggregation of item rows: "auto", "touched", "uniform"
+    num_items: int = 0  # size of the item catalogue (0: read it from the dataset)
+    state_dir: str = ".fedrec-state"  # where each client keeps its user embeddings and epsilon
+    out_dir: str = ""  # server: results directory ("" writes none)
+    verbose: bool = True  # server: print one line per round
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "rounds", "an integer >= 1", self.rounds)
+        _check(self.local_epochs >= 1, "local-epochs", "an integer >= 1", self.local_epochs)
+        _check(self.partition in ("cross-device", "cross-silo"), "partition",
+               "'cross-device' or 'cross-silo'", self.partition)
+        _check(self.num_clients >= 0, "num-clients", "an integer >= 0", self.num_clients)
+        _check(0 < self.fraction <= 1, "fraction", "a number in (0, 1]", self.fraction)
+        _check(self.min_clients >= 1, "min-clients", "an integer >= 1", self.min_clients)
+        _check(0 <= self.fraction_evaluate <= 1, "fraction-evaluate", "a number in [0, 1]",
+               self.fraction_evaluate)
+        _check(self.epsilon_cap >= 0, "epsilon-cap", "a number >= 0", self.epsilon_cap)
+        _check(self.item_weighting in ("auto", "touched", "uniform"), "item-weighting",
+               "'auto', 'touched' or 'uniform'", self.item_weighting)
+        _check(self.num_items >= 0, "num-items", "an integer >= 0", self.num_items)
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
     "train": TrainConfig,
     "privacy": PrivacyConfig,
     "eval": EvalConfig,
+    "fed": FedConfig,
 }
 
 
@@ -239,6 +274,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
 
     @classmethod
     def from_flat(cls, values: Mapping[str, Any], *, ignore: tuple[str, ...] = ()) -> RunConfig:

@@ -23,3 +23,6 @@ def sum_key(name: str, k: int) -> str:
 
 
 RANKING_METRICS = ("precision", "recall", "ndcg", "hr")
+
+EXHAUSTED = "exhausted"  # 1 if the client's privacy budget stopped it this round
+TRAIN_SECONDS = "train-seconds"

@@ -48,6 +48,11 @@ class RecModel(nn.Module):
         """state_dict keys of shared parameters (aggregated), in a fixed order."""
         return [k for k in self.state_dict() if k.split(".")[0] not in self.LOCAL_MODULES]
 
+    def item_keys(self) -> list[str]:
+        """Shared keys of item-indexed tables (one row per item)."""
+        tables = {name for name, m in self.named_modules() if isinstance(m, Embedding)}
+        return [k for k in self.shared_keys() if k.rsplit(".", 1)[0] in tables]
+
     def shared_state_dict(self) -> dict[str, torch.Tensor]:
         """Detached copies of the shared parameters only."""
         state = self.state_dict()

@@ -42,24 +42,15 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
-class RunDir:
-    """A results directory under construction; ``commit()`` moves it to ``out``."""
+class RowWriter:
+    """Rows of a per-epoch or per-round table, written as CSV and JSON into a folder."""
 
-    def __init__(self, out: Path, *, overwrite: bool = False) -> None:
-        self.out = out
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise FedrecError(f"{out}: results directory exists and is not empty; choose "
-                              "another --out or pass --overwrite")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self.rows: list[dict[str, Any]] = []
 
-    def write_json(self, name: str, data: Any) -> None:
-        """A JSON file in the run directory."""
-        write_json_atomic(self.path / name, data)
-
     def add_row(self, row: dict[str, Any]) -> None:
-        """One row of the per-epoch (or per-round) table."""
+        """One row of the table."""
         self.rows.append(row)
 
     def write_rows(self, stem: str) -> None:
@@ -71,7 +62,23 @@ class RunDir:
             w = csv.DictWriter(f, fieldnames=cols)
             w.writeheader()
             w.writerows(self.rows)
-        self.write_json(f"{stem}.json", self.rows)
+        write_json_atomic(self.path / f"{stem}.json", self.rows)
+
+
+class RunDir(RowWriter):
+    """A results directory under construction; ``commit()`` moves it to ``out``."""
+
+    def __init__(self, out: Path, *, overwrite: bool = False) -> None:
+        self.out = out
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise FedrecError(f"{out}: results directory exists and is not empty; choose "
+                              "another --out or pass --overwrite")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-")))
+
+    def write_json(self, name: str, data: Any) -> None:
+        """A JSON file in the run directory."""
+        write_json_atomic(self.path / name, data)
 
     def commit(self) -> Path:
         """Move the finished directory into place."""

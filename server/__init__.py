@@ -1,0 +1,1 @@
+"""fedrec's Flower ServerApp, strategy and simulation runner."""

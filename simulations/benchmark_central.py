@@ -178,7 +178,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
-    base = {"dataset": "ml-100k", "data-dir": args.data_dir, "split": "fraction",
+    base = {"dataset": "ml-100k", "data-dir": args.data_dir, "split": "fraction", "dp": False,
             "test-fraction": 0.2, "seed": args.seed, "eval-every": 0}
     rows: dict[str, dict[str, float]] = {}
     for name, over in FEDREC_RUNS.items():

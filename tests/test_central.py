@@ -14,14 +14,14 @@ from fedrec.cli import build_parser, main
 from fedrec.config import RunConfig
 from fedrec.data import load_split
 
-SMALL = ["--synthetic-users", "80", "--synthetic-items", "100", "--dim", "8",
+SMALL = ["--no-dp", "--synthetic-users", "80", "--synthetic-items", "100", "--dim", "8",
          "--batch-size", "128", "--seed", "2"]
 
 
 def test_mf_learns_beyond_random() -> None:
     cfg = RunConfig.from_flat({"synthetic-users": 150, "synthetic-items": 200, "dim": 16,
                                "epochs": 15, "batch-size": 256, "lr": 0.01, "eval-every": 0,
-                               "init-std": 0.01})
+                               "init-std": 0.01, "dp": False})
     split = load_split(cfg.data)
     _, trained, _ = run_centralized(cfg, split)
     _, untrained, _ = run_centralized(cfg.replace(lr=1e-9, epochs=1), split)

@@ -85,6 +85,8 @@ class ExampleBuilder:
             targets[:, 0] = torch.from_numpy(train.ratings)
         self._targets = targets
         self._users = torch.from_numpy(train.users)
+        # items used by any example built so far (positives and sampled negatives)
+        self.touched = np.zeros(train.n_items, dtype=bool)
 
     def build(self) -> Examples:
         """Examples with freshly sampled negatives."""
@@ -94,6 +96,7 @@ class ExampleBuilder:
             items = torch.cat([pos, torch.from_numpy(neg)], dim=1)
         else:
             items = pos
+        self.touched[items.numpy().ravel()] = True
         return Examples(self._users, items, self._targets, self.implicit)
 
 

@@ -1,0 +1,90 @@
+"""ClientApp: unpack a Message, call fedrec, reply with shared parameters and scalars.
+
+What a reply carries: the shared parameters (``arrays``), scalar metrics, and, without
+DP and with touched weighting only, a 0/1 mask of the item rows trained on
+(``touched``). Never user embeddings, user ids or interactions: those stay in the
+node's state directory and data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedrec import keys
+from fedrec.config import RunConfig
+from fedrec.federated import ClientData, evaluate_client, fit_client, partition_data
+from fedrec.state import load_state, save_state, state_path
+
+ARRAYS, METRICS, TOUCHED = "arrays", "metrics", "touched"
+
+
+def _setup(msg: Message, context: Context, overrides: Mapping[str, Any]) -> tuple[
+        RunConfig, ClientData, dict[str, np.ndarray], int]:
+    torch.set_num_threads(1)
+    cfg = RunConfig.from_flat({**context.run_config, **overrides})
+    pid = int(context.node_config["partition-id"])
+    n_nodes = int(context.node_config["num-partitions"])
+    data = partition_data(cfg, pid, n_nodes)
+    shared = {k: v.numpy() for k, v in msg.content[ARRAYS].items()}
+    return cfg, data, shared, pid
+
+
+def train_handler(msg: Message, context: Context,
+                  overrides: Mapping[str, Any] = {}) -> Message:  # noqa: B006 - read only
+    """One round of local training."""
+    cfg, data, shared, pid = _setup(msg, context, overrides)
+    path = state_path(cfg.fed.state_dir, pid)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    res = fit_client(cfg, data, shared, load_state(path), seed=cfg.data.seed + pid,
+                     server_round=server_round, state_file=path)
+    if res.shared is not None:
+        save_state(path, res.state)
+    content = RecordDict({METRICS: MetricRecord({
+        keys.NUM_EXAMPLES: res.num_examples,
+        keys.TRAIN_LOSS: float(res.loss) if np.isfinite(res.loss) else 0.0,
+        keys.EPSILON: float(res.epsilon),
+        keys.DELTA: cfg.privacy.delta if cfg.privacy.dp else 0.0,
+        keys.EXHAUSTED: int(res.exhausted),
+        keys.TRAIN_SECONDS: res.seconds,
+    })})
+    if res.shared is not None:
+        content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in res.shared.items()})
+    if res.touched is not None:
+        content[TOUCHED] = ArrayRecord({"items": Array(res.touched)})
+    return Message(content, reply_to=msg)
+
+
+def evaluate_handler(msg: Message, context: Context,
+                     overrides: Mapping[str, Any] = {}) -> Message:  # noqa: B006
+    """Evaluate the global shared model with this client's user embeddings."""
+    cfg, data, shared, pid = _setup(msg, context, overrides)
+    path = state_path(cfg.fed.state_dir, pid)
+    counts = evaluate_client(cfg, data, shared, load_state(path), seed=cfg.data.seed + pid,
+                             state_file=path)
+    counts[keys.NUM_EXAMPLES] = counts.get(keys.NUM_USERS, 0.0)
+    return Message(RecordDict({METRICS: MetricRecord(counts)}), reply_to=msg)
+
+
+def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp whose run config is ``context.run_config`` updated by ``overrides``."""
+    over = dict(overrides or {})
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return train_handler(msg, context, over)
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return evaluate_handler(msg, context, over)
+
+    return client_app
+
+
+app = make_client_app()

@@ -1,0 +1,62 @@
+"""Server-side aggregation of shared parameters (numpy; no Flower).
+
+Weighted FedAvg over the replies' shared arrays, weights = training examples. Without
+DP, item-indexed tables can be aggregated row by row over the clients that trained each
+row ("touched" weighting): plain FedAvg would average a client's untouched rows (its
+copy of the global row) into the result and dilute sparse updates. Rows no client
+touched keep their global value. The touched mask a client sends reveals which items it
+trained on, its rated items mixed with its sampled negatives; without DP, the update
+itself already reveals this (an untouched row comes back unchanged when weight-decay is
+0). With DP, no mask is sent and every row is averaged: all rows carry noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Update:
+    """One client's contribution."""
+
+    arrays: dict[str, np.ndarray]
+    weight: float  # number of training examples
+    touched: np.ndarray | None = None  # [n_items] 0/1, item rows trained on
+
+
+def aggregate(updates: Sequence[Update], current: dict[str, np.ndarray],
+              item_keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """New global shared arrays.
+
+    Args:
+        updates: valid client updates (same keys and shapes as ``current``).
+        current: the global arrays the clients received.
+        item_keys: item-indexed keys, aggregated per row when every update has a mask.
+
+    Returns:
+        Aggregated arrays (``current`` unchanged if there are no updates).
+    """
+    if not updates:
+        return {k: v.copy() for k, v in current.items()}
+    weights = np.array([u.weight for u in updates], dtype=np.float64)
+    if weights.sum() <= 0:
+        weights = np.ones_like(weights)
+    per_row = all(u.touched is not None for u in updates)
+    out: dict[str, np.ndarray] = {}
+    for key, cur in current.items():
+        stack = np.stack([u.arrays[key] for u in updates]).astype(np.float64)
+        if per_row and key in item_keys:
+            mask = np.stack([u.touched for u in updates]).astype(np.float64)  # [C, items]
+            w = mask * weights[:, None]
+            total = w.sum(0)  # [items]
+            w = w.reshape(w.shape + (1,) * (stack.ndim - 2))
+            num = (stack * w).sum(0)
+            den = total.reshape(total.shape + (1,) * (stack.ndim - 2))
+            out[key] = np.where(den > 0, num / np.maximum(den, 1e-300), cur).astype(cur.dtype)
+        else:
+            w = (weights / weights.sum()).reshape((-1,) + (1,) * (stack.ndim - 1))
+            out[key] = (stack * w).sum(0).astype(cur.dtype)
+    return out

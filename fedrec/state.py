@@ -1,0 +1,88 @@
+"""Client state files: user embeddings and privacy-accountant history, per partition.
+
+One file per partition/node, written atomically (temporary file + rename) with a format
+name and version. A missing file means a fresh client; a corrupted, foreign or
+mismatched file is a StateError naming it, never a silent re-initialisation (which would
+reset the client's epsilon).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedrec.errors import StateError
+
+FORMAT = "fedrec-client-state"
+VERSION = 1
+
+
+@dataclass
+class ClientState:
+    """What a client keeps between rounds and across restarts."""
+
+    local: dict[str, torch.Tensor] = field(default_factory=dict)  # user embeddings/biases
+    history: list[tuple[float, float, int]] = field(default_factory=list)  # (sigma, q, steps)
+    rounds: int = 0  # rounds trained
+    user_ids: list[str] = field(default_factory=list)  # the users the local tables index
+    last_epsilon: float = 0.0  # epsilon reported after the last round
+
+
+def state_path(state_dir: str | Path, partition: int | str) -> Path:
+    """The state file of one partition (or node)."""
+    return Path(state_dir) / f"client-{partition}.pt"
+
+
+def save_state(path: Path, state: ClientState) -> None:
+    """Write atomically; a crash leaves the previous file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = {
+        "format": FORMAT, "version": VERSION, "local": state.local,
+        "history": [list(h) for h in state.history], "rounds": state.rounds,
+        "user_ids": list(state.user_ids), "last_epsilon": state.last_epsilon,
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_state(path: Path) -> ClientState | None:
+    """Read a state file; None if it does not exist.
+
+    Raises:
+        StateError: unreadable, foreign or of an unknown version.
+    """
+    if not path.exists():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for bad files
+        raise StateError(f"{path}: corrupted client state ({type(err).__name__}); refusing "
+                         "to start over, which would reset this client's epsilon. Restore "
+                         "the file or remove it deliberately") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise StateError(f"{path}: not a fedrec client state file")
+    if payload.get("version") != VERSION:
+        raise StateError(f"{path}: client state version {payload.get('version')!r}; this "
+                         f"fedrec reads version {VERSION}")
+    try:
+        return ClientState(
+            local=dict(payload["local"]),
+            history=[(float(s), float(q), int(n)) for s, q, n in payload["history"]],
+            rounds=int(payload["rounds"]), user_ids=[str(u) for u in payload["user_ids"]],
+            last_epsilon=float(payload.get("last_epsilon", 0.0)),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise StateError(f"{path}: client state is missing or has a bad field ({err})") from None

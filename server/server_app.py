@@ -1,0 +1,105 @@
+"""ServerApp: parse the config once, run FedRecStrategy, write the results.
+
+The server holds no user embeddings and no interactions: it initialises and aggregates
+the shared parameters only, and turns the clients' summed counts into metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedrec import __version__, report
+from fedrec.config import RunConfig
+from fedrec.federated import _split, catalogue_size, init_shared, item_keys
+from fedrec.partition import num_partitions
+from fedrec.privacy import UNIT_OF_PRIVACY
+from server.strategy import FedRecStrategy, to_numpy, to_record
+
+log = logging.getLogger("fedrec.server")
+
+
+def expected_nodes(cfg: RunConfig, grid: Grid | None = None) -> int:
+    """How many client nodes the run waits for before round 1."""
+    if cfg.fed.partition == "cross-device" or cfg.fed.num_clients:
+        split = _split(cfg.data)
+        return num_partitions(cfg.fed.partition, split.n_users, cfg.fed.num_clients)
+    return max(cfg.fed.min_clients, len(list(grid.get_node_ids())) if grid else 0)
+
+
+def final_metrics(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
+    """metrics.json: the last round's metrics plus privacy and run facts."""
+    last = rows[-1] if rows else {}
+    out: dict[str, Any] = {k: v for k, v in last.items()
+                           if "@" in k or k in ("train-loss",)}
+    out["rounds"] = len(rows)
+    out["epsilon"] = max((r.get("epsilon-max", 0.0) for r in rows), default=0.0)
+    out["epsilon_mean"] = last.get("epsilon-mean", 0.0)
+    out["delta"] = cfg.privacy.delta if cfg.privacy.dp else 0.0
+    out["dp"] = cfg.privacy.dp
+    if cfg.privacy.dp:
+        out["unit_of_privacy"] = UNIT_OF_PRIVACY
+    out["exhausted_clients_last_round"] = last.get("exhausted", 0)
+    out["seconds_per_round"] = (sum(r.get("seconds", 0.0) for r in rows) / len(rows)
+                                if rows else math.nan)
+    return out
+
+
+def run_server(grid: Grid, cfg: RunConfig,
+               display: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Run all rounds; write ``out-dir`` if set; return the final metrics."""
+    n_items = catalogue_size(cfg)
+    shared = init_shared(cfg, n_items)
+    nodes = expected_nodes(cfg, grid)
+    strategy = FedRecStrategy(cfg, item_keys=item_keys(cfg, n_items), num_nodes=nodes,
+                              display=display if cfg.fed.verbose else None)
+    if display and cfg.fed.verbose:
+        mode = (f"DP-SGD per client, unit of privacy: {UNIT_OF_PRIVACY}, delta "
+                f"{cfg.privacy.delta:g}" if cfg.privacy.dp else "no DP")
+        display(f"federated {cfg.model.model}: {nodes} clients ({cfg.fed.partition}), "
+                f"{n_items} items, {cfg.fed.rounds} rounds, fraction {cfg.fed.fraction}, "
+                f"{mode}")
+    result = strategy.start(grid=grid, initial_arrays=to_record(shared),
+                            num_rounds=cfg.fed.rounds, train_config=ConfigRecord(),
+                            evaluate_config=ConfigRecord())
+    metrics = final_metrics(strategy.rows, cfg)
+    if cfg.fed.out_dir:
+        out = Path(cfg.fed.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        report.write_json_atomic(out / "config.json", {"fedrec_version": __version__,
+                                                       "command": "federated",
+                                                       **cfg.to_flat()})
+        writer = report.RowWriter(out)
+        for row in strategy.rows:
+            writer.add_row(row)
+        writer.write_rows("rounds")
+        report.write_json_atomic(out / "metrics.json", metrics)
+        final = {k: torch.from_numpy(v) for k, v in to_numpy(result.arrays).items()}
+        torch.save(final, out / "shared_model.pt")
+    log.info("final metrics: %s", json.dumps(metrics, default=str))
+    return metrics
+
+
+def make_server_app(overrides: Mapping[str, Any] | None = None,
+                    display: Callable[[str], None] | None = print) -> ServerApp:
+    """A ServerApp whose run config is ``context.run_config`` updated by ``overrides``."""
+    over = dict(overrides or {})
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = RunConfig.from_flat({**context.run_config, **over})
+        run_server(grid, cfg, display)
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,180 @@
+"""FedRecStrategy: Flower's FedAvg with fedrec's aggregation, metrics and round log.
+
+Sampling and messaging are FedAvg's. Aggregation is ``fedrec.aggregate`` over the shared
+parameters only (row-wise for item tables without DP), after checking every reply:
+errors, exhausted budgets and malformed updates are counted and left out. Evaluation
+sums the clients' per-user counts into global metrics (``fedrec.metrics``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedrec import keys
+from fedrec.aggregate import Update, aggregate
+from fedrec.config import RunConfig
+from fedrec.metrics import finalize, merge_counts
+
+log = logging.getLogger("fedrec.server")
+
+ARRAYS, METRICS, TOUCHED = "arrays", "metrics", "touched"
+
+
+def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """ArrayRecord -> {key: ndarray}."""
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """{key: ndarray} -> ArrayRecord."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+class FedRecStrategy(FedAvg):
+    """FedAvg sampling + fedrec aggregation; keeps one row of results per round."""
+
+    def __init__(self, cfg: RunConfig, *, item_keys: list[str], num_nodes: int,
+                 display: Callable[[str], None] | None = None) -> None:
+        min_train = min(cfg.fed.min_clients, num_nodes)
+        super().__init__(
+            fraction_train=cfg.fed.fraction, fraction_evaluate=cfg.fed.fraction_evaluate,
+            min_train_nodes=min_train,
+            min_evaluate_nodes=min_train if cfg.fed.fraction_evaluate > 0 else 0,
+            min_available_nodes=num_nodes)
+        self.cfg = cfg
+        self.item_keys = item_keys
+        self.display = display
+        self.current: dict[str, np.ndarray] = {}
+        self.rows: list[dict[str, Any]] = []
+        self._row: dict[str, Any] = {}
+        self._t0 = time.perf_counter()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Remember the global arrays sent this round (for untouched rows)."""
+        self.current = to_numpy(arrays)
+        self._row = {"round": server_round}
+        self._t0 = time.perf_counter()
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def _valid_update(self, msg: Message) -> Update | str:
+        """An Update, or the reason the reply is left out."""
+        content = msg.content
+        if ARRAYS not in content:
+            return "no arrays"
+        arrays = to_numpy(content[ARRAYS])
+        if set(arrays) != set(self.current):
+            return f"keys {sorted(arrays)} differ from the shared keys"
+        for k, v in arrays.items():
+            if v.shape != self.current[k].shape:
+                return f"{k} has shape {v.shape}, expected {self.current[k].shape}"
+            if not np.all(np.isfinite(v)):
+                return f"{k} has non-finite values"
+        metrics = content[METRICS]
+        weight = float(metrics.get(keys.NUM_EXAMPLES, 0))
+        touched = None
+        if TOUCHED in content:
+            touched = content[TOUCHED]["items"].numpy()
+        return Update(arrays, weight, touched)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check replies, aggregate the shared arrays, summarize training metrics."""
+        updates: list[Update] = []
+        eps: list[float] = []
+        losses: list[tuple[float, float]] = []
+        failures = exhausted = rejected = 0
+        for msg in replies:
+            if msg.has_error():
+                failures += 1
+                log.warning("round %d: node %d failed: %s", server_round,
+                            msg.metadata.src_node_id, msg.error.reason)
+                continue
+            if METRICS not in msg.content:
+                rejected += 1
+                continue
+            metrics = msg.content[METRICS]
+            eps.append(float(metrics.get(keys.EPSILON, 0.0)))
+            if int(metrics.get(keys.EXHAUSTED, 0)):
+                exhausted += 1
+                continue
+            upd = self._valid_update(msg)
+            if isinstance(upd, str):
+                rejected += 1
+                log.warning("round %d: update of node %d dropped: %s", server_round,
+                            msg.metadata.src_node_id, upd)
+                continue
+            updates.append(upd)
+            losses.append((float(metrics.get(keys.TRAIN_LOSS, 0.0)), upd.weight))
+        if self.cfg.fed.item_weighting == "uniform" or self.cfg.privacy.dp:
+            for u in updates:
+                u.touched = None
+        new = aggregate(updates, self.current, self.item_keys)
+        n_ex = sum(w for _, w in losses)
+        summary = {
+            "clients": len(updates), "failures": failures, "exhausted": exhausted,
+            "rejected": rejected, keys.NUM_EXAMPLES: n_ex,
+            "train-loss": sum(v * w for v, w in losses) / n_ex if n_ex else math.nan,
+            "epsilon-max": max(eps) if eps else 0.0,
+            "epsilon-mean": float(np.mean(eps)) if eps else 0.0,
+        }
+        self._row.update(summary)
+        self.current = new
+        return to_record(new), MetricRecord({k: float(v) for k, v in summary.items()
+                                             if not (isinstance(v, float) and math.isnan(v))})
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        """Sum per-user counts from the clients into global metrics."""
+        parts = []
+        failures = 0
+        for msg in replies:
+            if msg.has_error():
+                failures += 1
+                log.warning("round %d: evaluation on node %d failed: %s", server_round,
+                            msg.metadata.src_node_id, msg.error.reason)
+                continue
+            counts = dict(msg.content[METRICS])
+            counts.pop(keys.NUM_EXAMPLES, None)
+            parts.append(counts)
+        total = merge_counts(parts)
+        metrics = finalize(total, self.cfg.eval.ks)
+        self._row.update(metrics)
+        self._row["eval-clients"] = len(parts)
+        self._row["eval-failures"] = failures
+        self._row["seconds"] = time.perf_counter() - self._t0
+        self.rows.append(dict(self._row))
+        if self.display is not None:
+            self.display(format_round(self._row, self.cfg))
+        clean = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+        return MetricRecord(clean) if clean else None
+
+
+def format_round(row: dict[str, Any], cfg: RunConfig) -> str:
+    """One line of the live per-round display."""
+    k_small, k_big = min(cfg.eval.ks), max(cfg.eval.ks)
+
+    def f(key: str) -> str:
+        v = row.get(key)
+        return f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else "   -  "
+
+    text = (f"round {row['round']:>3}/{cfg.fed.rounds}  clients {row.get('clients', 0):>4}"
+            f"  loss {f('train-loss')}  P@{k_small} {f(f'precision@{k_small}')}"
+            f"  R@{k_small} {f(f'recall@{k_small}')}  R@{k_big} {f(f'recall@{k_big}')}"
+            f"  NDCG@{k_big} {f(f'ndcg@{k_big}')}")
+    if cfg.privacy.dp:
+        text += f"  eps max {row.get('epsilon-max', 0):.2f} mean {row.get('epsilon-mean', 0):.2f}"
+    if row.get("exhausted"):
+        text += f"  exhausted {row['exhausted']}"
+    if row.get("failures") or row.get("rejected"):
+        text += f"  failed {row.get('failures', 0)} rejected {row.get('rejected', 0)}"
+    return text + f"  ({row.get('seconds', 0):.1f}s)"

@@ -1,0 +1,35 @@
+import numpy as np
+
+from fedrec.aggregate import Update, aggregate
+
+
+def _cur() -> dict[str, np.ndarray]:
+    return {"item_emb.weight": np.zeros((3, 2), np.float32),
+            "mlp.0.weight": np.zeros((2, 2), np.float32)}
+
+
+def test_weighted_fedavg_without_masks() -> None:
+    a = Update({k: np.ones_like(v) for k, v in _cur().items()}, weight=1)
+    b = Update({k: 4 * np.ones_like(v) for k, v in _cur().items()}, weight=3)
+    out = aggregate([a, b], _cur(), ["item_emb.weight"])
+    assert np.allclose(out["item_emb.weight"], 3.25) and np.allclose(out["mlp.0.weight"], 3.25)
+
+
+def test_touched_rows_are_not_diluted() -> None:
+    cur = _cur()
+    a = Update({"item_emb.weight": np.array([[1, 1], [0, 0], [0, 0]], np.float32),
+                "mlp.0.weight": np.ones((2, 2), np.float32)}, 1, np.array([1, 0, 0], np.float32))
+    b = Update({"item_emb.weight": np.array([[0, 0], [2, 2], [0, 0]], np.float32),
+                "mlp.0.weight": 3 * np.ones((2, 2), np.float32)}, 1, np.array([0, 1, 0], np.float32))
+    out = aggregate([a, b], cur, ["item_emb.weight"])
+    # row 0 only from a, row 1 only from b, row 2 untouched keeps the global value
+    assert np.allclose(out["item_emb.weight"], [[1, 1], [2, 2], [0, 0]])
+    assert np.allclose(out["mlp.0.weight"], 2.0)  # not item-indexed: plain average
+    plain = aggregate([Update(a.arrays, 1), Update(b.arrays, 1)], cur, ["item_emb.weight"])
+    assert np.allclose(plain["item_emb.weight"], [[0.5, 0.5], [1, 1], [0, 0]])
+
+
+def test_only_the_keys_of_the_global_model_are_aggregated() -> None:
+    extra = {**{k: np.ones_like(v) for k, v in _cur().items()}, "user_emb.weight": np.ones(9)}
+    out = aggregate([Update(extra, 1)], _cur(), [])
+    assert set(out) == set(_cur())

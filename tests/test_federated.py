@@ -1,0 +1,109 @@
+"""Client logic without Flower: evaluation equivalence, accounting, state files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedrec.central import run_centralized
+from fedrec.config import RunConfig
+from fedrec.data import load_split
+from fedrec.evaluate import evaluate_counts
+from fedrec.federated import evaluate_client, fit_client, init_shared, split_for_users
+from fedrec.metrics import finalize, merge_counts
+from fedrec.partition import partition_users
+from fedrec.state import ClientState, load_state, save_state, state_path
+from fedrec.errors import StateError
+
+FLAT = {"synthetic-users": 40, "synthetic-items": 60, "dim": 4, "batch-size": 16,
+        "negatives": 2, "rounds": 3, "num-clients": 4, "epochs": 2, "eval-every": 0}
+
+
+def test_federated_evaluation_equals_centralized() -> None:
+    cfg = RunConfig.from_flat({**FLAT, "dp": False})
+    split = load_split(cfg.data)
+    model, _, _ = run_centralized(cfg, split)
+    ks = cfg.eval.ks
+    central = finalize(evaluate_counts(model, split.train, split.test, ks=ks, implicit=True), ks)
+    shared = {k: v.numpy() for k, v in model.shared_state_dict().items()}
+    parts = []
+    for users in partition_users("cross-silo", split.n_users, 4, seed=0):
+        data = split_for_users(split, users)
+        local = {k: v[torch.from_numpy(users)] for k, v in model.local_state_dict().items()}
+        state = ClientState(local=local, user_ids=data.user_ids)
+        parts.append(evaluate_client(cfg, data, shared, state, seed=0))
+    federated = finalize(merge_counts(parts), ks)
+    assert federated == pytest.approx(central, rel=1e-12, abs=1e-12)
+
+
+def _client(cfg: RunConfig, pid: int = 0):
+    split = load_split(cfg.data)
+    users = partition_users("cross-silo", split.n_users, cfg.fed.num_clients, 0)[pid]
+    return split_for_users(split, users), init_shared(cfg, split.n_items)
+
+
+def test_epsilon_grows_and_survives_a_restart(tmp_path: Path) -> None:
+    cfg = RunConfig.from_flat({**FLAT, "dp": True, "target-epsilon": 3.0})
+    data, shared = _client(cfg)
+    path = state_path(tmp_path, 0)
+    eps = []
+    for rnd in (1, 2):
+        res = fit_client(cfg, data, shared, load_state(path), seed=0, server_round=rnd)
+        save_state(path, res.state)
+        eps.append(res.epsilon)
+        shared = res.shared
+    # a "restart": nothing in memory, everything from the state file
+    restored = load_state(path)
+    assert restored.rounds == 2 and restored.last_epsilon == pytest.approx(eps[-1])
+    emb_before = restored.local["user_emb.weight"].clone()
+    res = fit_client(cfg, data, shared, restored, seed=0, server_round=3)
+    eps.append(res.epsilon)
+    assert 0 < eps[0] < eps[1] < eps[2]
+    assert eps[2] == pytest.approx(3.0, abs=0.1)  # target reached after the planned rounds
+    assert not torch.equal(res.state.local["user_emb.weight"], emb_before)
+
+
+def test_budget_cap_stops_training(tmp_path: Path) -> None:
+    cfg = RunConfig.from_flat({**FLAT, "dp": True, "target-epsilon": 3.0, "epsilon-cap": 2.8})
+    data, shared = _client(cfg)
+    state = None
+    outcomes = []
+    for rnd in (1, 2, 3):
+        res = fit_client(cfg, data, shared, state, seed=0, server_round=rnd)
+        outcomes.append(res.exhausted)
+        state = res.state
+        assert res.epsilon <= 2.8
+    assert outcomes[0] is False and outcomes[-1] is True
+    assert res.shared is None and res.num_examples == 0
+
+
+def test_non_dp_touched_mask_covers_positives() -> None:
+    cfg = RunConfig.from_flat({**FLAT, "dp": False})
+    data, shared = _client(cfg)
+    res = fit_client(cfg, data, shared, None, seed=0, server_round=1)
+    assert res.touched is not None and res.touched[np.unique(data.train.items)].all()
+    dp = fit_client(RunConfig.from_flat({**FLAT, "dp": True}), data, shared, None, seed=0,
+                    server_round=1)
+    assert dp.touched is None  # never sent with DP
+
+
+def test_state_file_errors_are_clear(tmp_path: Path) -> None:
+    path = state_path(tmp_path, 3)
+    assert load_state(path) is None
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(StateError, match="client-3.pt: corrupted client state.*epsilon"):
+        load_state(path)
+    torch.save({"format": "something-else"}, path)
+    with pytest.raises(StateError, match="not a fedrec client state"):
+        load_state(path)
+    save_state(path, ClientState(user_ids=["a"]))
+    cfg = RunConfig.from_flat({**FLAT, "dp": False})
+    data, shared = _client(cfg)
+    state = load_state(path)
+    state.local = {"user_emb.weight": torch.zeros(1, 4)}
+    with pytest.raises(StateError, match="holds users"):
+        fit_client(cfg, data, shared, state, seed=0, server_round=1, state_file=path)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
