@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -53,9 +54,24 @@ def final_metrics(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
+def wait_for_nodes(grid: Grid, minimum: int = 1, timeout: float = 600.0) -> None:
+    """Block until ``minimum`` nodes are connected.
+
+    In simulation the ServerApp starts while Ray is still forking its processes; doing
+    heavy (threaded numpy/torch) work in this thread at that moment can deadlock a
+    forked child, so the server waits for the first node before it computes anything.
+    """
+    deadline = time.monotonic() + timeout
+    while len(list(grid.get_node_ids())) < minimum:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no client node connected within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 def run_server(grid: Grid, cfg: RunConfig,
                display: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Run all rounds; write ``out-dir`` if set; return the final metrics."""
+    wait_for_nodes(grid)
     n_items = catalogue_size(cfg)
     shared = init_shared(cfg, n_items)
     nodes = expected_nodes(cfg, grid)

@@ -25,6 +25,7 @@ def _quiet_flower() -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
 
@@ -49,6 +50,7 @@ def simulate(cfg: RunConfig, out: Path, *, overwrite: bool = False, quiet: bool 
         flat.update({"out-dir": str(run.path), "state-dir": str(run.path / "client-state"),
                      "num-clients": n_nodes if cfg.fed.partition == "cross-silo" else 0,
                      "verbose": not quiet})
+        os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no network calls home
         if not verbose:
             _quiet_flower()
         run_simulation(

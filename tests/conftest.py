@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"  # tests never use the network
 
 from fedrec.config import RunConfig
 from fedrec.data import Split, load_split

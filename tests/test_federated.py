@@ -11,12 +11,12 @@ import torch
 from fedrec.central import run_centralized
 from fedrec.config import RunConfig
 from fedrec.data import load_split
+from fedrec.errors import StateError
 from fedrec.evaluate import evaluate_counts
 from fedrec.federated import evaluate_client, fit_client, init_shared, split_for_users
 from fedrec.metrics import finalize, merge_counts
 from fedrec.partition import partition_users
 from fedrec.state import ClientState, load_state, save_state, state_path
-from fedrec.errors import StateError
 
 FLAT = {"synthetic-users": 40, "synthetic-items": 60, "dim": 4, "batch-size": 16,
         "negatives": 2, "rounds": 3, "num-clients": 4, "epochs": 2, "eval-every": 0}

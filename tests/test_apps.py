@@ -1,0 +1,141 @@
+"""The Flower apps on Flower's simulation engine (real Ray backend, real messages)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tomllib
+import torch
+from flwr.simulation import run_simulation
+
+import server.server_app as server_app_module
+from client.client_app import make_client_app
+from fedrec import keys
+from fedrec.central import run_centralized
+from fedrec.cli import main
+from fedrec.config import RunConfig, flat_defaults
+from fedrec.data import load_split
+from fedrec.federated import _split
+from fedrec.state import load_state, state_path
+from server.server_app import make_server_app
+from server.strategy import FedRecStrategy
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+           "init_args": {"logging_level": "ERROR", "log_to_driver": False}}
+SMALL = {"synthetic-users": 30, "synthetic-items": 50, "dim": 4, "batch-size": 32,
+         "negatives": 2, "partition": "cross-silo", "num-clients": 2, "verbose": False}
+
+
+class RecordingStrategy(FedRecStrategy):
+    """FedRecStrategy that also keeps every reply it receives (as Flower carried it)."""
+
+    replies: list[tuple[str, Any]] = []
+
+    def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
+        replies = list(replies)
+        RecordingStrategy.replies += [("train", m) for m in replies]
+        return super().aggregate_train(server_round, replies)
+
+    def aggregate_evaluate(self, server_round, replies):  # type: ignore[no-untyped-def]
+        replies = list(replies)
+        RecordingStrategy.replies += [("evaluate", m) for m in replies]
+        return super().aggregate_evaluate(server_round, replies)
+
+
+def _simulate(flat: dict[str, Any], nodes: int) -> dict[str, Any]:
+    _split(RunConfig.from_flat(flat).data)  # load once, before Ray forks (as simulate does)
+    run_simulation(server_app=make_server_app(flat, display=None),
+                   client_app=make_client_app(flat), num_supernodes=nodes,
+                   backend_config=BACKEND)
+    return json.loads((Path(flat["out-dir"]) / "metrics.json").read_text())
+
+
+def test_messages_carry_no_user_data_and_epsilon_survives_restarts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_app_module, "FedRecStrategy", RecordingStrategy)
+    RecordingStrategy.replies = []
+    flat = {**SMALL, "rounds": 2, "dp": True, "target-epsilon": 4.0,
+            "state-dir": str(tmp_path / "state"), "out-dir": str(tmp_path / "run1")}
+    first = _simulate(flat, nodes=2)
+    assert 0 < first["epsilon"] <= 4.05 and first["delta"] == 1e-5
+    assert first["unit_of_privacy"].startswith("one rating")
+    assert all(np.isfinite(first[k]) for k in ("recall@20", "ndcg@20", "precision@10"))
+
+    shared_keys = set(torch.load(tmp_path / "run1" / "shared_model.pt"))
+    states = [load_state(state_path(tmp_path / "state", p)) for p in (0, 1)]
+    user_rows = torch.cat([s.local[k] for s in states for k in s.local if k.endswith("emb.weight")])
+    allowed_train = {keys.NUM_EXAMPLES, keys.TRAIN_LOSS, keys.EPSILON, keys.DELTA,
+                     keys.EXHAUSTED, keys.TRAIN_SECONDS}
+    assert {kind for kind, _ in RecordingStrategy.replies} == {"train", "evaluate"}
+    for kind, msg in RecordingStrategy.replies:
+        assert not msg.has_error()
+        content = msg.content
+        assert not content.config_records  # no free-form values (ids, strings) at all
+        metrics = dict(content["metrics"])
+        assert all(isinstance(v, int | float) for v in metrics.values())
+        if kind == "train":
+            assert set(content.array_records) == {"arrays"}  # with DP: no touched mask
+            assert set(metrics) == allowed_train
+            arrays = {k: v.numpy() for k, v in content["arrays"].items()}
+            assert set(arrays) == shared_keys
+            for arr in arrays.values():  # no user embedding row inside any array
+                flat_rows = torch.from_numpy(arr.reshape(-1, arr.shape[-1]) if arr.ndim > 1
+                                             else arr.reshape(1, -1))
+                if flat_rows.shape[1] == user_rows.shape[1]:
+                    dist = torch.cdist(user_rows.double(), flat_rows.double())
+                    assert dist.min() > 1e-6
+        else:
+            assert not content.array_records
+            assert all(k == keys.NUM_EXAMPLES or k.startswith(("num-", "sum-"))
+                       for k in metrics)
+
+    # Restart every client (a new simulation = new processes) on the same state dir.
+    second = _simulate({**flat, "out-dir": str(tmp_path / "run2")}, nodes=2)
+    rounds2 = json.loads((tmp_path / "run2" / "rounds.json").read_text())
+    assert rounds2[0]["epsilon-max"] > first["epsilon"] - 1e-9  # continues, never resets
+    assert second["epsilon"] > first["epsilon"]
+    assert all(load_state(state_path(tmp_path / "state", p)).rounds == 4 for p in (0, 1))
+
+
+def test_non_private_federated_mf_is_close_to_centralized(tmp_path: Path) -> None:
+    """Same data, model and total epochs: 3 silos x 10 rounds x 2 local epochs vs 20."""
+    common = {"synthetic-users": 300, "synthetic-items": 300, "dim": 16, "batch-size": 256,
+              "negatives": 4, "lr": 0.01, "dp": False, "seed": 3, "eval-every": 0}
+    cfg = RunConfig.from_flat({**common, "epochs": 20})
+    _, central, _ = run_centralized(cfg, load_split(cfg.data))
+    fed = _simulate({**common, "partition": "cross-silo", "num-clients": 3, "rounds": 10,
+                     "local-epochs": 2, "verbose": False, "state-dir": str(tmp_path / "s"),
+                     "out-dir": str(tmp_path / "run")}, nodes=3)
+    assert fed["recall@20"] >= 0.97 * central["recall@20"], (fed, central)
+    assert fed["ndcg@20"] >= 0.97 * central["ndcg@20"], (fed, central)
+
+
+def test_pyproject_config_defaults_match_the_typed_config() -> None:
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert table["config"] == flat_defaults()
+    assert table["components"] == {"serverapp": "server.server_app:app",
+                                   "clientapp": "client.client_app:app"}
+
+
+def test_simulate_rejects_a_bad_key_before_starting(capsys: pytest.CaptureFixture,
+                                                     tmp_path: Path) -> None:
+    assert main(["simulate", "--rounds", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "'rounds': expected an integer >= 1" in capsys.readouterr().err
+    with pytest.raises(Exception, match="unknown config key 'round'"):
+        RunConfig.from_flat({"round": 3})
+    assert not (tmp_path / "x").exists()
+
+
+def test_core_library_does_not_import_flower() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, fedrec.cli, fedrec.federated, fedrec.central, fedrec.aggregate; "
+            "sys.exit(1 if any(m == 'flwr' or m.startswith('flwr.') for m in sys.modules) "
+            "else 0)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
