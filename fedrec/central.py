@@ -57,7 +57,8 @@ class Trainer:
 
 
 def build_trainer(cfg: RunConfig, model: RecModel, n_examples: int, *, steps: int,
-                  history: privacy.History | None = None) -> Trainer:
+                  history: privacy.History | None = None,
+                  sample_rate: float | None = None) -> Trainer:
     """Optimizer and loss for ``model``; with DP, the Opacus-wrapped versions.
 
     Args:
@@ -66,12 +67,13 @@ def build_trainer(cfg: RunConfig, model: RecModel, n_examples: int, *, steps: in
         n_examples: training examples (for the sampling rate q = batch / n).
         steps: planned DP steps (for target-epsilon calibration).
         history: accountant history to continue.
+        sample_rate: Poisson rate q (default batch / n).
     """
     optimizer = build_optimizer(model.parameters(), cfg.train)
     criterion = privacy.RowLoss(cfg.train.objective)
     if not cfg.privacy.dp:
         return Trainer(model, model, optimizer, criterion, None, 0.0)
-    q = min(1.0, cfg.train.batch_size / max(1, n_examples))
+    q = sample_rate or min(1.0, cfg.train.batch_size / max(1, n_examples))
     sigma = cfg.privacy.noise_multiplier
     if cfg.privacy.target_epsilon > 0:
         sigma = privacy.calibrate_noise(cfg.privacy.target_epsilon, cfg.privacy.delta, q,
@@ -83,7 +85,7 @@ def build_trainer(cfg: RunConfig, model: RecModel, n_examples: int, *, steps: in
 
 
 def steps_per_epoch(n_examples: int, batch_size: int) -> int:
-    """Steps ``train_epochs`` takes per epoch."""
+    """Steps ``train_epochs`` takes per epoch (Poisson: round(1 / q), q = batch / n)."""
     return max(1, round(n_examples / batch_size)) if n_examples > batch_size else 1
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fedrec import privacy
-from fedrec.central import build_trainer, rating_offset, steps_per_epoch
+from fedrec.central import build_trainer, rating_offset
 from fedrec.config import DataConfig, RunConfig
 from fedrec.data import ExampleBuilder, Split, load_split
 from fedrec.data.interactions import Interactions
@@ -142,11 +142,6 @@ class FitResult:
     state: ClientState
 
 
-@functools.lru_cache(maxsize=256)
-def _calibrated_sigma(target: float, delta: float, q: float, steps: int, acc: str) -> float:
-    return privacy.calibrate_noise(target, delta, q, steps, acc)
-
-
 def fit_client(cfg: RunConfig, data: ClientData, shared: Arrays, state: ClientState | None,
                *, seed: int, server_round: int, state_file: Path | None = None) -> FitResult:
     """Train one client for ``local-epochs`` on its data.
@@ -164,14 +159,14 @@ def fit_client(cfg: RunConfig, data: ClientData, shared: Arrays, state: ClientSt
     model.to(resolve_device(cfg.train.device))
     n = len(data.train)
     pcfg = cfg.privacy
-    per_round = cfg.fed.local_epochs * steps_per_epoch(n, cfg.train.batch_size)
+    q = privacy.quantize_rate(min(1.0, cfg.train.batch_size / max(1, n)))
+    per_round = cfg.fed.local_epochs * max(1, round(1 / q))
     history = list(state.history)
     if pcfg.dp and n > 0:
-        q = min(1.0, cfg.train.batch_size / n)
         sigma = pcfg.noise_multiplier
         if pcfg.target_epsilon > 0:
-            sigma = _calibrated_sigma(pcfg.target_epsilon, pcfg.delta, q,
-                                      cfg.fed.rounds * per_round, pcfg.accountant)
+            sigma = privacy.calibrate_noise(pcfg.target_epsilon, pcfg.delta, q,
+                                            cfg.fed.rounds * per_round, pcfg.accountant)
             cfg = cfg.replace(**{"noise-multiplier": sigma, "target-epsilon": 0.0})
         if cfg.fed.epsilon_cap > 0:
             nxt = privacy.epsilon_of(history + [(sigma, q, per_round)], pcfg.delta,
@@ -184,10 +179,10 @@ def fit_client(cfg: RunConfig, data: ClientData, shared: Arrays, state: ClientSt
                          time.perf_counter() - t0, state)
     builder = ExampleBuilder(data.train, implicit=data.implicit, negatives=cfg.data.negatives,
                              seed=seed * 7919 + server_round)
-    trainer = build_trainer(cfg, model, n, steps=per_round, history=history)
+    trainer = build_trainer(cfg, model, n, steps=per_round, history=history, sample_rate=q)
     res = train_epochs(trainer.model, trainer.optimizer, trainer.criterion, builder,
                        cfg.train, poisson=pcfg.dp, epochs=cfg.fed.local_epochs,
-                       seed=seed * 104729 + server_round)
+                       seed=seed * 104729 + server_round, sample_rate=q if pcfg.dp else None)
     eps = trainer.epsilon(pcfg.delta, pcfg.accountant)
     new_state = ClientState(
         local=model.local_state_dict(),

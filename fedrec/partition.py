@@ -6,6 +6,8 @@ users shuffled with the seed and dealt into N groups of near-equal size.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from fedrec.errors import ConfigError
@@ -23,6 +25,7 @@ def num_partitions(mode: str, n_users: int, num_clients: int) -> int:
     return num_clients
 
 
+@functools.lru_cache(maxsize=8)
 def partition_users(mode: str, n_users: int, num_clients: int, seed: int) -> list[np.ndarray]:
     """User ids of every partition; disjoint, covering all users, reproducible.
 

@@ -27,6 +27,7 @@ negatives. Epsilon is therefore per rating (record-level DP).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -289,7 +290,17 @@ def set_expected_batch_size(optimizer: DPOptimizer, n_examples: int, sample_rate
 
 def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float,
                accountant: str = "rdp") -> float:
-    """Epsilon spent by an accountant history at ``delta`` (0 for an empty history)."""
+    """Epsilon spent by an accountant history at ``delta`` (0 for an empty history).
+
+    Cached: clients that share a sampling rate and schedule share the computation.
+    """
+    key = tuple((float(s), float(q), int(n)) for s, q, n in history)
+    return _epsilon_cached(key, float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon_cached(history: tuple[tuple[float, float, int], ...], delta: float,
+                    accountant: str) -> float:
     if not history:
         return 0.0
     acc = create_accountant(accountant)
@@ -297,11 +308,23 @@ def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float,
     return float(acc.get_epsilon(delta=delta))
 
 
+def quantize_rate(q: float) -> float:
+    """Round a sampling rate down to the grid 2^(-k/4), k = 0, 1, ...
+
+    Clients with similar data sizes then share one rate, so sigma calibration and epsilon
+    computations (seconds each) are shared instead of repeated per client.
+    """
+    if q >= 1.0:
+        return 1.0
+    return float(2.0 ** (math.floor(4 * math.log2(q)) / 4))
+
+
+@functools.lru_cache(maxsize=1024)
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str = "rdp") -> float:
     """Noise multiplier that spends ``target_epsilon`` in ``steps`` steps at ``sample_rate``.
 
-    Costs up to seconds (a binary search): call once per sample rate, not per step.
+    Costs up to seconds (a binary search); cached per argument set.
     """
     if target_epsilon <= 0 or not math.isfinite(target_epsilon):
         raise ValueError(f"target epsilon must be a finite number > 0, got {target_epsilon}")

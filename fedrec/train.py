@@ -52,17 +52,17 @@ def build_optimizer(params: Iterator[nn.Parameter] | list[nn.Parameter],
     return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def batch_indices(n: int, batch_size: int, *, poisson: bool,
-                  generator: torch.Generator) -> Iterator[torch.Tensor]:
+def batch_indices(n: int, batch_size: int, *, poisson: bool, generator: torch.Generator,
+                  sample_rate: float | None = None) -> Iterator[torch.Tensor]:
     """Index batches for one epoch.
 
-    Poisson: ``round(n / batch_size)`` steps, each keeping every example with probability
-    ``q = batch_size / n`` (batches vary in size and may be empty). Otherwise: shuffled
-    slices of ``batch_size``.
+    Poisson: ``round(1 / q)`` steps, each keeping every example with probability q
+    (``sample_rate``, default ``batch_size / n``; batches vary in size and may be empty).
+    Otherwise: shuffled slices of ``batch_size``.
     """
     if poisson:
-        q = min(1.0, batch_size / n)
-        for _ in range(max(1, round(n / batch_size))):
+        q = sample_rate if sample_rate is not None else min(1.0, batch_size / n)
+        for _ in range(max(1, round(1 / q))):
             yield torch.nonzero(torch.rand(n, generator=generator) < q).squeeze(1)
     else:
         perm = torch.randperm(n, generator=generator)
@@ -95,6 +95,7 @@ def train_epochs(
     seed: int = 0,
     on_epoch: Callable[[int, float], None] | None = None,
     on_step: Callable[[], None] | None = None,
+    sample_rate: float | None = None,
 ) -> TrainResult:
     """Train for ``epochs`` (default ``cfg.epochs``) over examples from ``builder``.
 
@@ -109,6 +110,8 @@ def train_epochs(
         seed: seeds batch sampling.
         on_epoch: called with (epoch index, mean loss) after each epoch.
         on_step: called after each step (progress bars).
+        sample_rate: Poisson rate q (default ``batch_size / n``); must match the
+            accountant's.
 
     Returns:
         TrainResult with per-epoch losses and counts.
@@ -123,7 +126,8 @@ def train_epochs(
         users, items, targets = ex.users.to(device), ex.items.to(device), ex.targets.to(device)
         loss_sum = torch.zeros((), device=device)
         seen = 0
-        for idx in batch_indices(len(ex), cfg.batch_size, poisson=poisson, generator=gen):
+        for idx in batch_indices(len(ex), cfg.batch_size, poisson=poisson, generator=gen,
+                                 sample_rate=sample_rate):
             result.steps += 1
             if len(idx) == 0:
                 _empty_step(model, optimizer)
