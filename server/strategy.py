@@ -39,6 +39,21 @@ def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
+def split_failures(replies: Iterable[Message], server_round: int, what: str
+                   ) -> tuple[list[Message], int]:
+    """Replies with content, and the count of failed ones (logged with the node id)."""
+    ok, failures = [], 0
+    for msg in replies:
+        if msg.has_error() or METRICS not in msg.content:
+            failures += 1
+            reason = msg.error.reason if msg.has_error() else "no metrics in the reply"
+            log.warning("round %d: %s on node %d failed: %s", server_round, what,
+                        msg.metadata.src_node_id, reason)
+        else:
+            ok.append(msg)
+    return ok, failures
+
+
 class FedRecStrategy(FedAvg):
     """FedAvg sampling + fedrec aggregation; keeps one row of results per round."""
 
@@ -92,16 +107,9 @@ class FedRecStrategy(FedAvg):
         updates: list[Update] = []
         eps: list[float] = []
         losses: list[tuple[float, float]] = []
-        failures = exhausted = rejected = 0
-        for msg in replies:
-            if msg.has_error():
-                failures += 1
-                log.warning("round %d: node %d failed: %s", server_round,
-                            msg.metadata.src_node_id, msg.error.reason)
-                continue
-            if METRICS not in msg.content:
-                rejected += 1
-                continue
+        exhausted = rejected = 0
+        ok, failures = split_failures(replies, server_round, "training")
+        for msg in ok:
             metrics = msg.content[METRICS]
             eps.append(float(metrics.get(keys.EPSILON, 0.0)))
             if int(metrics.get(keys.EXHAUSTED, 0)):
@@ -136,13 +144,8 @@ class FedRecStrategy(FedAvg):
                            ) -> MetricRecord | None:
         """Sum per-user counts from the clients into global metrics."""
         parts = []
-        failures = 0
-        for msg in replies:
-            if msg.has_error():
-                failures += 1
-                log.warning("round %d: evaluation on node %d failed: %s", server_round,
-                            msg.metadata.src_node_id, msg.error.reason)
-                continue
+        ok, failures = split_failures(replies, server_round, "evaluation")
+        for msg in ok:
             counts = dict(msg.content[METRICS])
             counts.pop(keys.NUM_EXAMPLES, None)
             parts.append(counts)

@@ -75,13 +75,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default="../shared/datasets/ml-100k")
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--local-epochs", type=int, default=3)
     ap.add_argument("--epsilons", default="1,4,8", help="target epsilons of the DP runs")
     ap.add_argument("--out", default="results/benchmark_federated.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
     base = {"dataset": "ml-100k", "data-dir": args.data_dir, "split": "fraction",
             "test-fraction": 0.2, "seed": 0, "partition": "cross-device",
-            "rounds": args.rounds, "local-epochs": 1}
+            "rounds": args.rounds, "local-epochs": args.local_epochs}
     workdir = Path(tempfile.mkdtemp(prefix="fedrec-bench-"))
     result: dict[str, Any] = {"rounds": args.rounds, "clients": "943 (one per user)"}
     try:
