@@ -54,7 +54,8 @@ class ClientData:
 
 
 @functools.lru_cache(maxsize=2)
-def _split(data_cfg: DataConfig) -> Split:
+def cached_split(data_cfg: DataConfig) -> Split:
+    """``load_split`` cached per process (a simulation worker serves many clients)."""
     return load_split(data_cfg)
 
 
@@ -77,7 +78,7 @@ def split_for_users(split: Split, users: np.ndarray) -> ClientData:
 
 def partition_data(cfg: RunConfig, partition_id: int, num_nodes: int) -> ClientData:
     """Simulation: load the dataset (cached per process) and take one partition."""
-    split = _split(cfg.data)
+    split = cached_split(cfg.data)
     n_clients = cfg.fed.num_clients or num_nodes
     expected = num_partitions(cfg.fed.partition, split.n_users, n_clients)
     if expected != num_nodes:
@@ -90,7 +91,7 @@ def partition_data(cfg: RunConfig, partition_id: int, num_nodes: int) -> ClientD
 
 def catalogue_size(cfg: RunConfig) -> int:
     """Item count the server builds the shared model for (``num-items`` or the data)."""
-    return cfg.fed.num_items or _split(cfg.data).n_items
+    return cfg.fed.num_items or cached_split(cfg.data).n_items
 
 
 def init_shared(cfg: RunConfig, n_items: int) -> Arrays:

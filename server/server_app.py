@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedrec import __version__, report
 from fedrec.config import RunConfig
-from fedrec.federated import _split, catalogue_size, init_shared, item_keys
+from fedrec.federated import cached_split, catalogue_size, init_shared, item_keys
 from fedrec.partition import num_partitions
 from fedrec.privacy import UNIT_OF_PRIVACY
 from server.strategy import FedRecStrategy, to_numpy, to_record
@@ -31,7 +31,7 @@ log = logging.getLogger("fedrec.server")
 def expected_nodes(cfg: RunConfig, grid: Grid | None = None) -> int:
     """How many client nodes the run waits for before round 1."""
     if cfg.fed.partition == "cross-device" or cfg.fed.num_clients:
-        split = _split(cfg.data)
+        split = cached_split(cfg.data)
         return num_partitions(cfg.fed.partition, split.n_users, cfg.fed.num_clients)
     return max(cfg.fed.min_clients, len(list(grid.get_node_ids())) if grid else 0)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from fedrec.config import RunConfig
 from fedrec.errors import FedrecError
-from fedrec.federated import _split
+from fedrec.federated import cached_split
 from fedrec.partition import num_partitions
 from fedrec.report import RunDir
 
@@ -38,7 +38,7 @@ def simulate(cfg: RunConfig, out: Path, *, overwrite: bool = False, quiet: bool 
     from client.client_app import make_client_app
     from server.server_app import make_server_app
 
-    split = _split(cfg.data)
+    split = cached_split(cfg.data)
     n_nodes = num_partitions(cfg.fed.partition, split.n_users, cfg.fed.num_clients)
     if not quiet:
         print(split.train.summary())

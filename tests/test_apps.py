@@ -19,7 +19,7 @@ from fedrec.central import run_centralized
 from fedrec.cli import main
 from fedrec.config import RunConfig, flat_defaults
 from fedrec.data import load_split
-from fedrec.federated import _split
+from fedrec.federated import cached_split
 from fedrec.state import load_state, state_path
 from server.server_app import make_server_app
 from server.strategy import FedRecStrategy
@@ -48,7 +48,7 @@ class RecordingStrategy(FedRecStrategy):
 
 
 def _simulate(flat: dict[str, Any], nodes: int) -> dict[str, Any]:
-    _split(RunConfig.from_flat(flat).data)  # load once, before Ray forks (as simulate does)
+    cached_split(RunConfig.from_flat(flat).data)  # load once, before Ray forks (as simulate does)
     run_simulation(server_app=make_server_app(flat, display=None),
                    client_app=make_client_app(flat), num_supernodes=nodes,
                    backend_config=BACKEND)
