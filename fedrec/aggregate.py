@@ -28,13 +28,15 @@ class Update:
 
 
 def aggregate(updates: Sequence[Update], current: dict[str, np.ndarray],
-              item_keys: Sequence[str]) -> dict[str, np.ndarray]:
+              item_keys: Sequence[str], server_lr: float = 1.0) -> dict[str, np.ndarray]:
     """New global shared arrays.
 
     Args:
         updates: valid client updates (same keys and shapes as ``current``).
         current: the global arrays the clients received.
         item_keys: item-indexed keys, aggregated per row when every update has a mask.
+        server_lr: step along the averaged update, ``current + server_lr * (avg - current)``
+            (1.0 is FedAvg; larger values speed up many-small-client federations).
 
     Returns:
         Aggregated arrays (``current`` unchanged if there are no updates).
@@ -55,8 +57,9 @@ def aggregate(updates: Sequence[Update], current: dict[str, np.ndarray],
             w = w.reshape(w.shape + (1,) * (stack.ndim - 2))
             num = (stack * w).sum(0)
             den = total.reshape(total.shape + (1,) * (stack.ndim - 2))
-            out[key] = np.where(den > 0, num / np.maximum(den, 1e-300), cur).astype(cur.dtype)
+            avg = np.where(den > 0, num / np.maximum(den, 1e-300), cur)
         else:
             w = (weights / weights.sum()).reshape((-1,) + (1,) * (stack.ndim - 1))
-            out[key] = (stack * w).sum(0).astype(cur.dtype)
+            avg = (stack * w).sum(0)
+        out[key] = (cur + server_lr * (avg - cur)).astype(cur.dtype)
     return out

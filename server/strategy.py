@@ -126,7 +126,7 @@ class FedRecStrategy(FedAvg):
         if self.cfg.fed.item_weighting == "uniform" or self.cfg.privacy.dp:
             for u in updates:
                 u.touched = None
-        new = aggregate(updates, self.current, self.item_keys)
+        new = aggregate(updates, self.current, self.item_keys, self.cfg.fed.server_lr)
         n_ex = sum(w for _, w in losses)
         summary = {
             "clients": len(updates), "failures": failures, "exhausted": exhausted,

@@ -33,3 +33,12 @@ def test_only_the_keys_of_the_global_model_are_aggregated() -> None:
     extra = {**{k: np.ones_like(v) for k, v in _cur().items()}, "user_emb.weight": np.ones(9)}
     out = aggregate([Update(extra, 1)], _cur(), [])
     assert set(out) == set(_cur())
+
+
+def test_server_lr_scales_the_averaged_step() -> None:
+    cur = {"item_emb.weight": np.ones((3, 2), np.float32)}
+    upd = Update({"item_emb.weight": 2 * np.ones((3, 2), np.float32)}, 1,
+                 np.array([1, 1, 0], np.float32))
+    out = aggregate([upd], cur, ["item_emb.weight"], server_lr=3.0)
+    # touched rows step 3x the averaged change; the untouched row stays put
+    assert np.allclose(out["item_emb.weight"], [[4, 4], [4, 4], [1, 1]])
