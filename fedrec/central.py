@@ -21,7 +21,13 @@ from fedrec.data import ExampleBuilder, Split
 from fedrec.evaluate import evaluate_counts
 from fedrec.metrics import finalize
 from fedrec.model import RecModel, build_model
-from fedrec.train import TrainResult, build_optimizer, resolve_device, train_epochs
+from fedrec.train import (
+    TrainResult,
+    build_optimizer,
+    resolve_device,
+    steps_per_epoch,
+    train_epochs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,16 @@ class Trainer:
         return privacy.epsilon_of(self.private.accountant.history, delta, accountant)
 
 
+def noise_multiplier(cfg: RunConfig, sample_rate: float, steps: int) -> float:
+    """Sigma for a run of ``steps`` DP steps at ``sample_rate``: calibrated to
+    ``target-epsilon`` when it is > 0 (cached per argument set), else ``noise-multiplier``."""
+    p = cfg.privacy
+    if p.target_epsilon > 0:
+        return privacy.calibrate_noise(p.target_epsilon, p.delta, sample_rate, steps,
+                                       p.accountant)
+    return p.noise_multiplier
+
+
 def build_trainer(cfg: RunConfig, model: RecModel, n_examples: int, *, steps: int,
                   history: privacy.History | None = None,
                   sample_rate: float | None = None) -> Trainer:
@@ -65,7 +81,7 @@ def build_trainer(cfg: RunConfig, model: RecModel, n_examples: int, *, steps: in
         cfg: run configuration.
         model: the raw model (already on its device).
         n_examples: training examples (for the sampling rate q = batch / n).
-        steps: planned DP steps (for target-epsilon calibration).
+        steps: DP steps of the whole planned run (for target-epsilon calibration).
         history: accountant history to continue.
         sample_rate: Poisson rate q (default batch / n).
     """
@@ -74,19 +90,11 @@ def build_trainer(cfg: RunConfig, model: RecModel, n_examples: int, *, steps: in
     if not cfg.privacy.dp:
         return Trainer(model, model, optimizer, criterion, None, 0.0)
     q = sample_rate or min(1.0, cfg.train.batch_size / max(1, n_examples))
-    sigma = cfg.privacy.noise_multiplier
-    if cfg.privacy.target_epsilon > 0:
-        sigma = privacy.calibrate_noise(cfg.privacy.target_epsilon, cfg.privacy.delta, q,
-                                        steps, cfg.privacy.accountant)
+    sigma = noise_multiplier(cfg, q, steps)
     po = privacy.make_private(model, optimizer, criterion, cfg.privacy, sample_rate=q,
                               noise_multiplier=sigma, history=history)
     privacy.set_expected_batch_size(po.optimizer, n_examples, q)
     return Trainer(model, po.model, po.optimizer, po.criterion, po, sigma)
-
-
-def steps_per_epoch(n_examples: int, batch_size: int) -> int:
-    """Steps ``train_epochs`` takes per epoch (Poisson: round(1 / q), q = batch / n)."""
-    return max(1, round(n_examples / batch_size)) if n_examples > batch_size else 1
 
 
 def run_centralized(
@@ -108,7 +116,7 @@ def run_centralized(
                              negatives=cfg.data.negatives, seed=cfg.data.seed)
     n = len(split.train)
     trainer = build_trainer(cfg, model, n, steps=cfg.train.epochs * steps_per_epoch(
-        n, cfg.train.batch_size))
+        n, cfg.train.batch_size, poisson=True))
     ks = cfg.eval.ks
     rows: list[dict[str, Any]] = []
     metrics: dict[str, float] = {}

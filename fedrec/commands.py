@@ -11,11 +11,12 @@ from typing import Any
 from tqdm import tqdm
 
 from fedrec import __version__
-from fedrec.central import run_centralized, steps_per_epoch
+from fedrec.central import run_centralized
 from fedrec.config import RunConfig
 from fedrec.data import load_split
 from fedrec.privacy import UNIT_OF_PRIVACY
 from fedrec.report import RunDir
+from fedrec.train import steps_per_epoch
 
 
 def format_table(metrics: dict[str, Any], title: str) -> str:
@@ -42,7 +43,8 @@ def centralized(cfg: RunConfig, out: Path, *, overwrite: bool = False,
             print(split.train.summary())
             if split.train.synthetic:
                 print("note: this is synthetic data; pass --dataset/--data-dir for real data")
-        total = cfg.train.epochs * steps_per_epoch(len(split.train), cfg.train.batch_size)
+        total = cfg.train.epochs * steps_per_epoch(len(split.train), cfg.train.batch_size,
+                                                  poisson=cfg.privacy.dp)
         bar = tqdm(total=total, desc=f"training {cfg.model.model}", unit="step",
                    disable=quiet, file=sys.stderr)
 

@@ -30,6 +30,20 @@ def _check(ok: bool, key: str, expected: str, value: Any) -> None:
         raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    """``"64,32"`` -> ``(64, 32)``; raises ValueError on a non-integer item."""
+    return tuple(int(s) for s in text.split(",") if s.strip())
+
+
+def _check_int_list(text: str, key: str, example: str) -> None:
+    try:
+        values = _int_list(text)
+    except ValueError:
+        values = ()
+    _check(len(values) >= 1 and all(v >= 1 for v in values), key,
+           f"comma-separated positive integers such as '{example}'", text)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which data, how it is cleaned, turned into feedback and split."""
@@ -89,17 +103,12 @@ class ModelConfig:
         _check(self.model in MODELS, "model", f"one of {MODELS}", self.model)
         _check(self.dim >= 1, "dim", "an integer >= 1", self.dim)
         _check(self.init_std > 0, "init-std", "a number > 0", self.init_std)
-        try:
-            sizes = self.hidden_sizes
-        except ValueError:
-            sizes = ()
-        _check(len(sizes) >= 1 and all(s >= 1 for s in sizes), "mlp-layers",
-               "comma-separated positive integers such as '64,32,16'", self.mlp_layers)
+        _check_int_list(self.mlp_layers, "mlp-layers", "64,32,16")
 
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
         """``mlp_layers`` as integers."""
-        return tuple(int(s) for s in self.mlp_layers.split(",") if s.strip())
+        return _int_list(self.mlp_layers)
 
 
 @dataclass(frozen=True)
@@ -160,18 +169,13 @@ class EvalConfig:
     eval_every: int = 1  # evaluate every N epochs (0: only at the end)
 
     def __post_init__(self) -> None:
-        try:
-            ks = self.ks
-        except ValueError:
-            ks = ()
-        _check(len(ks) >= 1 and all(k >= 1 for k in ks), "top-k",
-               "comma-separated positive integers such as '10,20'", self.top_k)
+        _check_int_list(self.top_k, "top-k", "10,20")
         _check(self.eval_every >= 0, "eval-every", "an integer >= 0", self.eval_every)
 
     @property
     def ks(self) -> tuple[int, ...]:
         """``top_k`` as sorted integers."""
-        return tuple(sorted({int(s) for s in self.top_k.split(",") if s.strip()}))
+        return tuple(sorted(set(_int_list(self.top_k))))
 
 
 @dataclass(frozen=True)

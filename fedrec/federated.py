@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fedrec import privacy
-from fedrec.central import build_trainer, rating_offset
+from fedrec.central import build_trainer, noise_multiplier, rating_offset
 from fedrec.config import DataConfig, RunConfig
 from fedrec.data import ExampleBuilder, Split, load_split
 from fedrec.data.interactions import Interactions
@@ -27,7 +27,7 @@ from fedrec.evaluate import evaluate_counts
 from fedrec.model import RecModel, build_model
 from fedrec.partition import num_partitions, partition_users
 from fedrec.state import ClientState
-from fedrec.train import resolve_device, train_epochs
+from fedrec.train import resolve_device, steps_per_epoch, train_epochs
 
 Arrays = dict[str, np.ndarray]
 
@@ -161,26 +161,23 @@ def fit_client(cfg: RunConfig, data: ClientData, shared: Arrays, state: ClientSt
     n = len(data.train)
     pcfg = cfg.privacy
     q = privacy.quantize_rate(min(1.0, cfg.train.batch_size / max(1, n)))
-    per_round = cfg.fed.local_epochs * max(1, round(1 / q))
+    per_round = cfg.fed.local_epochs * steps_per_epoch(n, cfg.train.batch_size, poisson=True,
+                                                       sample_rate=q)
+    planned = cfg.fed.rounds * per_round  # sigma is calibrated for the whole run
     history = list(state.history)
-    if pcfg.dp and n > 0:
-        sigma = pcfg.noise_multiplier
-        if pcfg.target_epsilon > 0:
-            sigma = privacy.calibrate_noise(pcfg.target_epsilon, pcfg.delta, q,
-                                            cfg.fed.rounds * per_round, pcfg.accountant)
-            cfg = cfg.replace(**{"noise-multiplier": sigma, "target-epsilon": 0.0})
-        if cfg.fed.epsilon_cap > 0:
-            nxt = privacy.epsilon_of(history + [(sigma, q, per_round)], pcfg.delta,
-                                     pcfg.accountant)
-            if nxt > cfg.fed.epsilon_cap:
-                return FitResult(None, None, 0, float("nan"), state.last_epsilon, True,
-                                 time.perf_counter() - t0, state)
+    if pcfg.dp and n > 0 and cfg.fed.epsilon_cap > 0:
+        sigma = noise_multiplier(cfg, q, planned)
+        nxt = privacy.epsilon_of(history + [(sigma, q, per_round)], pcfg.delta,
+                                 pcfg.accountant)
+        if nxt > cfg.fed.epsilon_cap:
+            return FitResult(None, None, 0, float("nan"), state.last_epsilon, True,
+                             time.perf_counter() - t0, state)
     if n == 0:
         return FitResult(None, None, 0, float("nan"), state.last_epsilon, False,
                          time.perf_counter() - t0, state)
     builder = ExampleBuilder(data.train, implicit=data.implicit, negatives=cfg.data.negatives,
                              seed=seed * 7919 + server_round)
-    trainer = build_trainer(cfg, model, n, steps=per_round, history=history, sample_rate=q)
+    trainer = build_trainer(cfg, model, n, steps=planned, history=history, sample_rate=q)
     res = train_epochs(trainer.model, trainer.optimizer, trainer.criterion, builder,
                        cfg.train, poisson=pcfg.dp, epochs=cfg.fed.local_epochs,
                        seed=seed * 104729 + server_round, sample_rate=q if pcfg.dp else None)

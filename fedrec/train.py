@@ -9,6 +9,7 @@ held as tensors, with no per-example DataLoader.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -52,6 +53,16 @@ def build_optimizer(params: Iterator[nn.Parameter] | list[nn.Parameter],
     return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def steps_per_epoch(n: int, batch_size: int, *, poisson: bool,
+                    sample_rate: float | None = None) -> int:
+    """Steps ``batch_indices`` yields per epoch: ``round(1 / q)`` for Poisson batches
+    (q = ``sample_rate`` or batch / n), else ``ceil(n / batch_size)`` slices."""
+    if poisson:
+        q = sample_rate if sample_rate is not None else min(1.0, batch_size / max(1, n))
+        return max(1, round(1 / q))
+    return max(1, math.ceil(n / batch_size))
+
+
 def batch_indices(n: int, batch_size: int, *, poisson: bool, generator: torch.Generator,
                   sample_rate: float | None = None) -> Iterator[torch.Tensor]:
     """Index batches for one epoch.
@@ -62,7 +73,7 @@ def batch_indices(n: int, batch_size: int, *, poisson: bool, generator: torch.Ge
     """
     if poisson:
         q = sample_rate if sample_rate is not None else min(1.0, batch_size / n)
-        for _ in range(max(1, round(1 / q))):
+        for _ in range(steps_per_epoch(n, batch_size, poisson=True, sample_rate=q)):
             yield torch.nonzero(torch.rand(n, generator=generator) < q).squeeze(1)
     else:
         perm = torch.randperm(n, generator=generator)

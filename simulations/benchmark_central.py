@@ -24,14 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedrec.central import build_trainer, run_centralized, steps_per_epoch
+from fedrec.central import build_trainer, run_centralized
 from fedrec.config import RunConfig
 from fedrec.data import ExampleBuilder, Split, load_split
 from fedrec.evaluate import full_ranking_counts
 from fedrec.metrics import finalize
 from fedrec.model import build_model
 from fedrec.report import write_json_atomic
-from fedrec.train import train_epochs
+from fedrec.train import steps_per_epoch, train_epochs
 
 KS = (10, 20)
 COLUMNS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20", "precision@10", "rmse",
@@ -142,7 +142,7 @@ def dp_throughput(base: dict[str, Any], *, epochs: int, hooks_steps: int,
         n = len(train)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tr = build_trainer(cfg, model, n, steps=epochs * steps_per_epoch(n, 1024))
+            tr = build_trainer(cfg, model, n, steps=epochs * steps_per_epoch(n, 1024, poisson=True))
         setups[name] = (cfg, tr, builder)
     times: dict[str, list[tuple[float, int, int]]] = {name: [] for name in modes}
     for _ in range(repeats):
