@@ -166,7 +166,11 @@ class _BookkeepingDPTensor(DPTensorFastGradientClipping):
         # Gradients w.r.t. the embedding tables alone reach every layer's hook (the
         # tables sit below everything) and skip the weight gradients of the rest.
         tables = [m.weight for m in layers if isinstance(m, Embedding) and m.weight.requires_grad]
-        reduced.backward(inputs=tables or None)
+        with warnings.catch_warnings():
+            # PyTorch notes that hooks on embedding layers (integer inputs) fire on output
+            # gradients: that is exactly what the norm samplers use.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            reduced.backward(inputs=tables or None)
         self.optimizer.zero_grad()
         coef = self.module.get_clipping_coef()
         for layer in layers:
