@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedrec.config import FedConfig
+
 
 @dataclass
 class Update:
@@ -63,3 +65,49 @@ def aggregate(updates: Sequence[Update], current: dict[str, np.ndarray],
             avg = (stack * w).sum(0)
         out[key] = (cur + server_lr * (avg - cur)).astype(cur.dtype)
     return out
+
+
+class ServerOptimizer:
+    """The server's step from the averaged update, with state across rounds.
+
+    ``server-opt = "avg"``: ``x + server_lr * (avg - x)`` (FedAvg at ``server-lr`` 1).
+    ``"adam"``: FedAdam (Reddi et al., 2021) on the pseudo-gradient ``avg - x``, betas
+    0.9 / 0.99, tau 1e-3, step ``server-lr``. Its moments are part of a server
+    checkpoint (``state_dict``).
+    """
+
+    BETA1, BETA2, TAU = 0.9, 0.99, 1e-3
+
+    def __init__(self, fed: FedConfig, item_keys: Sequence[str]) -> None:
+        self.kind, self.lr = fed.server_opt, fed.server_lr
+        self.item_keys = list(item_keys)
+        self.m: dict[str, np.ndarray] = {}
+        self.v: dict[str, np.ndarray] = {}
+
+    def step(self, updates: Sequence[Update], current: dict[str, np.ndarray]
+             ) -> dict[str, np.ndarray]:
+        """New global arrays from this round's valid updates."""
+        if not updates:
+            return {k: v.copy() for k, v in current.items()}
+        if self.kind == "avg":
+            return aggregate(updates, current, self.item_keys, self.lr)
+        avg = aggregate(updates, current, self.item_keys, 1.0)
+        out = {}
+        for k, x in current.items():
+            g = avg[k].astype(np.float64) - x
+            m = self.m.get(k, np.zeros_like(g))
+            v = self.v.get(k, np.zeros_like(g))
+            self.m[k] = m = self.BETA1 * m + (1 - self.BETA1) * g
+            self.v[k] = v = self.BETA2 * v + (1 - self.BETA2) * g * g
+            out[k] = (x + self.lr * m / (np.sqrt(v) + self.TAU)).astype(x.dtype)
+        return out
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Moments (FedAdam) for a checkpoint; empty for FedAvg."""
+        return {**{f"m/{k}": v for k, v in self.m.items()},
+                **{f"v/{k}": v for k, v in self.v.items()}}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore moments saved by ``state_dict``."""
+        self.m = {k[2:]: v for k, v in state.items() if k.startswith("m/")}
+        self.v = {k[2:]: v for k, v in state.items() if k.startswith("v/")}

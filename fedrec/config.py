@@ -192,6 +192,7 @@ class FedConfig:
     epsilon_cap: float = 0.0  # > 0: a client that would exceed this epsilon stops training
     item_weighting: str = "auto"  # non-DP aggregation of item rows: "auto", "touched", "uniform"
     server_lr: float = 1.0  # server step on the averaged update (1: FedAvg)
+    server_opt: str = "avg"  # server optimizer: "avg" (FedAvg with server-lr) or "adam"
     num_items: int = 0  # size of the item catalogue (0: read it from the dataset)
     state_dir: str = ".fedrec-state"  # where each client keeps its user embeddings and epsilon
     out_dir: str = ""  # server: results directory ("" writes none)
@@ -211,6 +212,8 @@ class FedConfig:
         _check(self.item_weighting in ("auto", "touched", "uniform"), "item-weighting",
                "'auto', 'touched' or 'uniform'", self.item_weighting)
         _check(self.num_items >= 0, "num-items", "an integer >= 0", self.num_items)
+        _check(self.server_opt in ("avg", "adam"), "server-opt", "'avg' or 'adam'",
+               self.server_opt)
         _check(0 < self.server_lr <= 100, "server-lr", "a number in (0, 100]", self.server_lr)
 
 

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedrec import keys
-from fedrec.aggregate import Update, aggregate
+from fedrec.aggregate import ServerOptimizer, Update
 from fedrec.config import RunConfig
 from fedrec.metrics import finalize, merge_counts
 
@@ -67,6 +67,7 @@ class FedRecStrategy(FedAvg):
             min_available_nodes=num_nodes)
         self.cfg = cfg
         self.item_keys = item_keys
+        self.server_opt = ServerOptimizer(cfg.fed, item_keys)
         self.display = display
         self.current: dict[str, np.ndarray] = {}
         self.rows: list[dict[str, Any]] = []
@@ -126,7 +127,7 @@ class FedRecStrategy(FedAvg):
         if self.cfg.fed.item_weighting == "uniform" or self.cfg.privacy.dp:
             for u in updates:
                 u.touched = None
-        new = aggregate(updates, self.current, self.item_keys, self.cfg.fed.server_lr)
+        new = self.server_opt.step(updates, self.current)
         n_ex = sum(w for _, w in losses)
         summary = {
             "clients": len(updates), "failures": failures, "exhausted": exhausted,

@@ -42,3 +42,22 @@ def test_server_lr_scales_the_averaged_step() -> None:
     out = aggregate([upd], cur, ["item_emb.weight"], server_lr=3.0)
     # touched rows step 3x the averaged change; the untouched row stays put
     assert np.allclose(out["item_emb.weight"], [[4, 4], [4, 4], [1, 1]])
+
+
+def test_server_adam_takes_one_normalised_step_and_checkpoints_its_moments() -> None:
+    from fedrec.aggregate import ServerOptimizer
+    from fedrec.config import FedConfig
+
+    cur = {"w": np.zeros((2, 2), dtype=np.float32)}
+    ups = [Update({"w": np.full((2, 2), 0.5, dtype=np.float32)}, 1.0),
+           Update({"w": np.full((2, 2), 1.5, dtype=np.float32)}, 1.0)]
+    opt = ServerOptimizer(FedConfig(server_opt="adam", server_lr=0.1), item_keys=[])
+    new = opt.step(ups, cur)
+    g = 1.0  # averaged update
+    m, v = 0.1 * g, 0.01 * g * g
+    np.testing.assert_allclose(new["w"], 0.1 * m / (np.sqrt(v) + 1e-3), rtol=1e-6)
+    again = ServerOptimizer(FedConfig(server_opt="adam", server_lr=0.1), item_keys=[])
+    again.load_state_dict(opt.state_dict())
+    np.testing.assert_allclose(again.step(ups, new)["w"], opt.step(ups, new)["w"])
+    plain = ServerOptimizer(FedConfig(server_lr=2.0), item_keys=[])
+    np.testing.assert_allclose(plain.step(ups, cur)["w"], 2.0)

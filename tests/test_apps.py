@@ -139,3 +139,22 @@ def test_core_library_does_not_import_flower() -> None:
             "sys.exit(1 if any(m == 'flwr' or m.startswith('flwr.') for m in sys.modules) "
             "else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_in_process_rounds_equal_the_flower_simulation(tmp_path: Path) -> None:
+    """fedrec.inprocess (used by benchmarks and sweeps) does the arithmetic Flower runs do."""
+    from fedrec.inprocess import run_inprocess
+
+    flat = {**SMALL, "num-clients": 3, "rounds": 2, "dp": True, "target-epsilon": 4.0,
+            "server-opt": "adam", "server-lr": 0.05, "state-dir": str(tmp_path / "state"),
+            "out-dir": str(tmp_path / "run")}
+    _simulate(flat, nodes=3)
+    flower_rows = json.loads((tmp_path / "run" / "rounds.json").read_text())
+    flower_model = torch.load(tmp_path / "run" / "shared_model.pt")
+    shared, rows = run_inprocess(RunConfig.from_flat(flat))
+    assert len(rows) == len(flower_rows) == 2
+    for ours, theirs in zip(rows, flower_rows):
+        for key in ("recall@20", "ndcg@20", "precision@10", "epsilon-max", "train-loss"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), key
+    for key, value in shared.items():
+        np.testing.assert_allclose(value, flower_model[key].numpy(), rtol=1e-5, atol=1e-7)

@@ -1,0 +1,87 @@
+"""Federated rounds in one process, without Flower: for sweeps and quality benchmarks.
+
+Each round calls the same functions the Flower apps call (``fit_client``,
+``aggregate``, ``evaluate_client``) for every client in turn; client state (user
+embeddings, accountant history) is kept in memory instead of state files. With
+``fraction = 1`` the results equal a Flower simulation with the same config
+(``tests/test_apps.py`` checks this); Flower adds messaging and process isolation, not
+arithmetic. Use ``fedrec simulate`` to exercise the real apps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from fedrec.aggregate import ServerOptimizer, Update
+from fedrec.config import RunConfig
+from fedrec.federated import (
+    cached_split,
+    evaluate_client,
+    fit_client,
+    init_shared,
+    item_keys,
+    split_for_users,
+)
+from fedrec.metrics import finalize, merge_counts
+from fedrec.partition import partition_users
+from fedrec.state import ClientState
+
+Arrays = dict[str, np.ndarray]
+
+
+def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None = None,
+                  ) -> tuple[Arrays, list[dict[str, Any]]]:
+    """Run ``rounds`` federated rounds over all partitions; returns (shared, rows).
+
+    Each row holds the round's aggregated metrics, ``epsilon-max``/``epsilon-mean``,
+    ``clients``, ``exhausted`` and ``seconds``, like a ``fedrec simulate`` round row.
+    """
+    split = cached_split(cfg.data)
+    parts = partition_users(cfg.fed.partition, split.n_users, cfg.fed.num_clients,
+                            cfg.data.seed)
+    clients = [split_for_users(split, users) for users in parts]
+    shared = init_shared(cfg, split.n_items)
+    server = ServerOptimizer(cfg.fed, item_keys(cfg, split.n_items))
+    states: list[ClientState | None] = [None] * len(clients)
+    rng = np.random.default_rng(cfg.data.seed)
+    per_row = not cfg.privacy.dp and cfg.fed.item_weighting != "uniform"
+    rows: list[dict[str, Any]] = []
+    for rnd in range(1, cfg.fed.rounds + 1):
+        t0 = time.perf_counter()
+        n_sample = max(min(cfg.fed.min_clients, len(clients)),
+                       int(round(cfg.fed.fraction * len(clients))))
+        chosen = (range(len(clients)) if n_sample >= len(clients)
+                  else sorted(rng.choice(len(clients), n_sample, replace=False)))
+        updates, eps, losses, exhausted = [], [], [], 0
+        for i in chosen:
+            res = fit_client(cfg, clients[i], shared, states[i], seed=cfg.data.seed + i,
+                             server_round=rnd)
+            eps.append(res.epsilon)
+            if res.shared is None:
+                exhausted += int(res.exhausted)
+                continue
+            states[i] = res.state
+            updates.append(Update(res.shared, res.num_examples,
+                                  res.touched if per_row else None))
+            losses.append((res.loss, res.num_examples))
+        shared = server.step(updates, shared)
+        counts = [evaluate_client(cfg, c, shared, states[i], seed=cfg.data.seed + i)
+                  for i, c in enumerate(clients)]
+        n_ex = sum(w for _, w in losses)
+        row: dict[str, Any] = {
+            "round": rnd, "clients": len(updates), "exhausted": exhausted,
+            "train-loss": sum(v * w for v, w in losses) / n_ex if n_ex else math.nan,
+            "epsilon-max": max(eps, default=0.0),
+            "epsilon-mean": float(np.mean(eps)) if eps else 0.0,
+            **finalize(merge_counts(counts), cfg.eval.ks),
+            "seconds": time.perf_counter() - t0,
+        }
+        rows.append(row)
+        if on_round is not None:
+            on_round(row)
+    return shared, rows
