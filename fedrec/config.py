@@ -67,6 +67,7 @@ class DataConfig:
     eval_negatives: int = 0  # 0: full ranking; N: 1 held-out positive + N sampled negatives
     synthetic_users: int = 600  # size of the generated default dataset
     synthetic_items: int = 1000
+    synthetic_activity: float = 60.0  # mean interactions per generated user (ML-1M: 166)
     seed: int = 0  # seeds generation, split ties, sampling and initialisation
 
     def __post_init__(self) -> None:
@@ -85,6 +86,8 @@ class DataConfig:
                self.eval_negatives)
         _check(self.synthetic_users >= 2, "synthetic-users", "an integer >= 2",
                self.synthetic_users)
+        _check(self.synthetic_activity >= 10, "synthetic-activity", "a number >= 10",
+               self.synthetic_activity)
         _check(self.synthetic_items >= 10, "synthetic-items", "an integer >= 10",
                self.synthetic_items)
         _check(len(self.sep) >= 1, "sep", "a non-empty separator", self.sep)

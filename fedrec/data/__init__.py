@@ -33,7 +33,8 @@ def load_dataset(cfg: DataConfig) -> Interactions:
         DataError: a missing path or a malformed file.
     """
     if cfg.dataset == "synthetic":
-        return generate_synthetic(cfg.synthetic_users, cfg.synthetic_items, seed=cfg.seed)
+        return generate_synthetic(cfg.synthetic_users, cfg.synthetic_items,
+                                  mean_activity=cfg.synthetic_activity, seed=cfg.seed)
     if cfg.dataset == "csv":
         if not cfg.data_file:
             raise DataError("dataset 'csv' needs --data-file (config key 'data-file')")
