@@ -18,19 +18,40 @@ from flwr.clientapp import ClientApp
 
 from fedrec import keys
 from fedrec.config import RunConfig
-from fedrec.federated import ClientData, evaluate_client, fit_client, partition_data
-from fedrec.state import load_state, save_state, state_path
+from fedrec.errors import ConfigError
+from fedrec.federated import (
+    ClientData,
+    evaluate_client,
+    fit_client,
+    node_data,
+    partition_data,
+)
+from fedrec.state import global_path, load_state, save_global, save_state, state_path
 
 ARRAYS, METRICS, TOUCHED = "arrays", "metrics", "touched"
 
 
 def _setup(msg: Message, context: Context, overrides: Mapping[str, Any]) -> tuple[
         RunConfig, ClientData, dict[str, np.ndarray], int]:
+    """Config, this node's data, the received shared arrays and the partition id.
+
+    Deployment: node config ``data-file`` (the node's own ratings), ``catalogue-file``
+    (the shared item catalogue) and ``state-dir``. Simulation: ``partition-id`` and
+    ``num-partitions`` select a partition of the configured dataset.
+    """
     torch.set_num_threads(1)
-    cfg = RunConfig.from_flat({**context.run_config, **overrides})
-    pid = int(context.node_config["partition-id"])
-    n_nodes = int(context.node_config["num-partitions"])
-    data = partition_data(cfg, pid, n_nodes)
+    node = context.node_config
+    flat = {**context.run_config, **overrides}
+    if "state-dir" in node:
+        flat["state-dir"] = str(node["state-dir"])
+    cfg = RunConfig.from_flat(flat)
+    pid = int(node.get("partition-id", 0))
+    if "data-file" in node:
+        if "catalogue-file" not in node:
+            raise ConfigError("node config has 'data-file' but no 'catalogue-file'")
+        data = node_data(cfg, str(node["data-file"]), str(node["catalogue-file"]))
+    else:
+        data = partition_data(cfg, pid, int(node["num-partitions"]))
     shared = {k: v.numpy() for k, v in msg.content[ARRAYS].items()}
     return cfg, data, shared, pid
 
@@ -67,6 +88,7 @@ def evaluate_handler(msg: Message, context: Context,
     path = state_path(cfg.fed.state_dir, pid)
     counts = evaluate_client(cfg, data, shared, load_state(path), seed=cfg.data.seed + pid,
                              state_file=path)
+    save_global(global_path(cfg.fed.state_dir, pid), shared)  # for on-device recommend
     counts[keys.NUM_EXAMPLES] = counts.get(keys.NUM_USERS, 0.0)
     return Message(RecordDict({METRICS: MetricRecord(counts)}), reply_to=msg)
 

@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/simulate", help="results directory")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     s.add_argument("--quiet", action="store_true", help="no per-round display")
-    add_config_options(s, exclude=("out_dir", "state_dir", "verbose"))
+    add_config_options(s, exclude=("out_dir", "state_dir", "verbose", "checkpoint_dir",
+                                         "resume"))
     s.set_defaults(func=_cmd_simulate)
 
     data = sub.add_parser("data", help="download or inspect datasets")

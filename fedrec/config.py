@@ -196,6 +196,8 @@ class FedConfig:
     item_weighting: str = "auto"  # non-DP aggregation of item rows: "auto", "touched", "uniform"
     server_lr: float = 1.0  # server step on the averaged update (1: FedAvg)
     server_opt: str = "avg"  # server optimizer: "avg" (FedAvg with server-lr) or "adam"
+    checkpoint_dir: str = ".fedrec-checkpoint"  # server checkpoint, written every round ("": off)
+    resume: bool = False  # continue from the checkpoint in checkpoint-dir up to `rounds`
     num_items: int = 0  # size of the item catalogue (0: read it from the dataset)
     state_dir: str = ".fedrec-state"  # where each client keeps its user embeddings and epsilon
     out_dir: str = ""  # server: results directory ("" writes none)

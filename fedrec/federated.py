@@ -15,14 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from fedrec import privacy
 from fedrec.central import build_trainer, noise_multiplier, rating_offset
 from fedrec.config import DataConfig, RunConfig
-from fedrec.data import ExampleBuilder, Split, load_split
+from fedrec.data import ExampleBuilder, Split, load_file, load_split
 from fedrec.data.interactions import Interactions
-from fedrec.errors import ConfigError, StateError
+from fedrec.data.split import temporal_split, to_feedback
+from fedrec.errors import ConfigError, DataError, StateError
 from fedrec.evaluate import evaluate_counts
 from fedrec.model import RecModel, build_model
 from fedrec.partition import num_partitions, partition_users
@@ -87,6 +89,53 @@ def partition_data(cfg: RunConfig, partition_id: int, num_nodes: int) -> ClientD
             f"has {num_nodes} nodes; set num-supernodes to {expected}")
     parts = partition_users(cfg.fed.partition, split.n_users, n_clients, cfg.data.seed)
     return split_for_users(split, parts[partition_id])
+
+
+def read_catalogue(path: Path) -> pd.DataFrame:
+    """The shared item catalogue (``item`` id column, optional ``title``/``genres``).
+
+    Row order defines the global item index: every node and the server must hold the
+    same file. Raises DataError naming the file on a missing column or duplicate id.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: item catalogue not found (node-config 'catalogue-file')")
+    try:
+        cat = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
+        raise DataError(f"{path}: not a readable CSV catalogue ({err})") from err
+    if "item" not in cat.columns:
+        raise DataError(f"{path}: needs a header with an 'item' column, got {list(cat.columns)}")
+    dup = cat["item"].duplicated()
+    if dup.any():
+        line = int(np.flatnonzero(dup.to_numpy())[0]) + 2
+        raise DataError(f"{path}, line {line}: item id {cat['item'][line - 2]!r} repeated")
+    return cat
+
+
+@functools.lru_cache(maxsize=2)
+def node_data(cfg: RunConfig, data_file: str, catalogue_file: str) -> ClientData:
+    """Deployment: this node's own ratings file, indexed by the shared catalogue.
+
+    The file is read by the core loaders (CSV/TSV/Parquet with a header; columns named
+    by the data config), converted to the configured feedback and split per user by time.
+    """
+    cat = read_catalogue(Path(catalogue_file))
+    d = to_feedback(load_file(cfg.data, Path(data_file)), cfg.data.feedback,
+                    cfg.data.threshold)
+    index = {item: i for i, item in enumerate(cat["item"])}
+    mapped = np.array([index.get(str(i), -1) for i in d.item_ids], dtype=np.int64)
+    if (mapped < 0).any():
+        missing = d.item_ids[mapped < 0][:3].tolist()
+        raise DataError(f"{data_file}: items {missing} are not in the catalogue "
+                        f"{catalogue_file}; every node must use the same catalogue")
+    col = {c: cat[c].tolist() if c in cat.columns else [""] * len(cat)
+           for c in ("title", "genres")}
+    full = Interactions(d.users, mapped[d.items], d.ratings, d.timestamps, d.user_ids,
+                        cat["item"].to_numpy(dtype=object), col["title"], col["genres"],
+                        d.rating_range, d.name, cleaning=d.cleaning)
+    split = temporal_split(full, cfg.data.split, cfg.data.test_fraction, cfg.data.seed)
+    split.implicit = cfg.data.feedback == "implicit"
+    return split_for_users(split, np.arange(full.n_users))
 
 
 def catalogue_size(cfg: RunConfig) -> int:

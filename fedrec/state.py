@@ -40,12 +40,14 @@ def state_path(state_dir: str | Path, partition: int | str) -> Path:
 
 def save_state(path: Path, state: ClientState) -> None:
     """Write atomically; a crash leaves the previous file intact."""
+    _save({"format": FORMAT, "version": VERSION, "local": state.local,
+           "history": [list(h) for h in state.history], "rounds": state.rounds,
+           "user_ids": list(state.user_ids), "last_epsilon": state.last_epsilon}, path)
+
+
+def _save(payload: dict[str, Any], path: Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload: dict[str, Any] = {
-        "format": FORMAT, "version": VERSION, "local": state.local,
-        "history": [list(h) for h in state.history], "rounds": state.rounds,
-        "user_ids": list(state.user_ids), "last_epsilon": state.last_epsilon,
-    }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -86,3 +88,61 @@ def load_state(path: Path) -> ClientState | None:
         )
     except (KeyError, TypeError, ValueError) as err:
         raise StateError(f"{path}: client state is missing or has a bad field ({err})") from None
+
+
+def _load(path: Path, fmt: str, what: str) -> dict[str, Any]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for bad files
+        raise StateError(f"{path}: corrupted {what} ({type(err).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise StateError(f"{path}: not a fedrec {what} file")
+    if payload.get("version") != VERSION:
+        raise StateError(f"{path}: {what} version {payload.get('version')!r}; this fedrec "
+                         f"reads version {VERSION}")
+    return payload
+
+
+GLOBAL_FORMAT = "fedrec-global-model"
+CHECKPOINT_FORMAT = "fedrec-server-checkpoint"
+
+
+def global_path(state_dir: str | Path, partition: int | str) -> Path:
+    """Where a client keeps the last global shared model it received."""
+    return Path(state_dir) / f"global-{partition}.pt"
+
+
+def save_global(path: Path, shared: dict[str, Any]) -> None:
+    """Keep the last global shared model (atomic), for on-device recommendations."""
+    _save({"format": GLOBAL_FORMAT, "version": VERSION,
+           "shared": {k: torch.as_tensor(v) for k, v in shared.items()}}, path)
+
+
+def load_global(path: Path) -> dict[str, torch.Tensor]:
+    """The last global shared model a client received (StateError if absent/bad)."""
+    if not path.exists():
+        raise StateError(f"{path}: no global model yet; it is written when the node "
+                         "first evaluates (after round 1)")
+    return dict(_load(path, GLOBAL_FORMAT, "global model")["shared"])
+
+
+def save_checkpoint(path: Path, round_: int, shared: dict[str, Any],
+                    server_opt: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Server checkpoint: shared model, last completed round, server optimizer, rows."""
+    _save({"format": CHECKPOINT_FORMAT, "version": VERSION, "round": round_,
+           "shared": {k: torch.as_tensor(v) for k, v in shared.items()},
+           "server_opt": {k: torch.as_tensor(v) for k, v in server_opt.items()},
+           "rows": rows}, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A server checkpoint as saved (StateError naming the file if bad)."""
+    if not path.exists():
+        raise StateError(f"{path}: no server checkpoint to resume from")
+    payload = _load(path, CHECKPOINT_FORMAT, "server checkpoint")
+    try:
+        return {"round": int(payload["round"]), "rows": list(payload["rows"]),
+                "shared": {k: v.numpy() for k, v in payload["shared"].items()},
+                "server_opt": {k: v.numpy() for k, v in payload["server_opt"].items()}}
+    except (KeyError, AttributeError, TypeError) as err:
+        raise StateError(f"{path}: server checkpoint has a bad field ({err})") from None

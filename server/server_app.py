@@ -20,9 +20,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedrec import __version__, report
 from fedrec.config import RunConfig
+from fedrec.errors import ConfigError
 from fedrec.federated import cached_split, catalogue_size, init_shared, item_keys
 from fedrec.partition import num_partitions
 from fedrec.privacy import UNIT_OF_PRIVACY
+from fedrec.state import load_checkpoint, save_checkpoint
 from server.strategy import FedRecStrategy, to_numpy, to_record
 
 log = logging.getLogger("fedrec.server")
@@ -77,15 +79,38 @@ def run_server(grid: Grid, cfg: RunConfig,
     nodes = expected_nodes(cfg, grid)
     strategy = FedRecStrategy(cfg, item_keys=item_keys(cfg, n_items), num_nodes=nodes,
                               display=display if cfg.fed.verbose else None)
+    ckpt = Path(cfg.fed.checkpoint_dir) / "server.pt" if cfg.fed.checkpoint_dir else None
+    done = 0
+    if cfg.fed.resume:
+        if ckpt is None:
+            raise ConfigError("resume needs checkpoint-dir")
+        saved = load_checkpoint(ckpt)
+        if set(saved["shared"]) != set(shared) or any(
+                saved["shared"][k].shape != v.shape for k, v in shared.items()):
+            raise ConfigError(f"{ckpt}: checkpoint is of another model/catalogue than "
+                              "this run's config")
+        done, shared = saved["round"], saved["shared"]
+        strategy.resume_from(done, saved["rows"], saved["server_opt"])
+        if display:
+            display(f"resuming from {ckpt}: {done} of {cfg.fed.rounds} rounds done")
+    if ckpt is not None:
+        def checkpoint(round_: int) -> None:
+            save_checkpoint(ckpt, round_, strategy.current, strategy.server_opt.state_dict(),
+                            strategy.rows)
+        strategy.on_round_end = checkpoint
     if display and cfg.fed.verbose:
         mode = (f"DP-SGD per client, unit of privacy: {UNIT_OF_PRIVACY}, delta "
                 f"{cfg.privacy.delta:g}" if cfg.privacy.dp else "no DP")
         display(f"federated {cfg.model.model}: {nodes} clients ({cfg.fed.partition}), "
                 f"{n_items} items, {cfg.fed.rounds} rounds, fraction {cfg.fed.fraction}, "
                 f"{mode}")
-    result = strategy.start(grid=grid, initial_arrays=to_record(shared),
-                            num_rounds=cfg.fed.rounds, train_config=ConfigRecord(),
-                            evaluate_config=ConfigRecord())
+    if done < cfg.fed.rounds:
+        result = strategy.start(grid=grid, initial_arrays=to_record(shared),
+                                num_rounds=cfg.fed.rounds - done, train_config=ConfigRecord(),
+                                evaluate_config=ConfigRecord())
+        final_arrays = to_numpy(result.arrays)
+    else:
+        final_arrays = shared
     metrics = final_metrics(strategy.rows, cfg)
     if cfg.fed.out_dir:
         out = Path(cfg.fed.out_dir)
@@ -98,7 +123,7 @@ def run_server(grid: Grid, cfg: RunConfig,
             writer.add_row(row)
         writer.write_rows("rounds")
         report.write_json_atomic(out / "metrics.json", metrics)
-        final = {k: torch.from_numpy(v) for k, v in to_numpy(result.arrays).items()}
+        final = {k: torch.from_numpy(v) for k, v in final_arrays.items()}
         torch.save(final, out / "shared_model.pt")
     log.info("final metrics: %s", json.dumps(metrics, default=str))
     return metrics

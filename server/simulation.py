@@ -48,6 +48,7 @@ def simulate(cfg: RunConfig, out: Path, *, overwrite: bool = False, quiet: bool 
     try:
         flat = cfg.to_flat()
         flat.update({"out-dir": str(run.path), "state-dir": str(run.path / "client-state"),
+                     "checkpoint-dir": str(run.path / "checkpoint"), "resume": False,
                      "num-clients": n_nodes if cfg.fed.partition == "cross-silo" else 0,
                      "verbose": not quiet})
         os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no network calls home

@@ -73,14 +73,22 @@ class FedRecStrategy(FedAvg):
         self.rows: list[dict[str, Any]] = []
         self._row: dict[str, Any] = {}
         self._t0 = time.perf_counter()
+        self.offset = 0  # rounds done before this run (resume)
+        self.on_round_end: Callable[[int], None] | None = None  # checkpoint hook
+
+    def resume_from(self, done: int, rows: list[dict[str, Any]],
+                    server_opt: dict[str, np.ndarray]) -> None:
+        """Continue after ``done`` completed rounds (from a server checkpoint)."""
+        self.offset, self.rows = done, list(rows)
+        self.server_opt.load_state_dict(server_opt)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Remember the global arrays sent this round (for untouched rows)."""
         self.current = to_numpy(arrays)
-        self._row = {"round": server_round}
+        self._row = {"round": server_round + self.offset}
         self._t0 = time.perf_counter()
-        return super().configure_train(server_round, arrays, config, grid)
+        return super().configure_train(server_round + self.offset, arrays, config, grid)
 
     def _valid_update(self, msg: Message) -> Update | str:
         """An Update, or the reason the reply is left out."""
@@ -138,6 +146,11 @@ class FedRecStrategy(FedAvg):
         }
         self._row.update(summary)
         self.current = new
+        if self.fraction_evaluate == 0:
+            self._row["seconds"] = time.perf_counter() - self._t0
+            self.rows.append(dict(self._row))
+        if self.on_round_end is not None:
+            self.on_round_end(server_round + self.offset)
         return to_record(new), MetricRecord({k: float(v) for k, v in summary.items()
                                              if not (isinstance(v, float) and math.isnan(v))})
 
@@ -157,6 +170,8 @@ class FedRecStrategy(FedAvg):
         self._row["eval-failures"] = failures
         self._row["seconds"] = time.perf_counter() - self._t0
         self.rows.append(dict(self._row))
+        if self.on_round_end is not None:
+            self.on_round_end(server_round + self.offset)
         if self.display is not None:
             self.display(format_round(self._row, self.cfg))
         clean = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}

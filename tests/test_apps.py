@@ -48,6 +48,7 @@ class RecordingStrategy(FedRecStrategy):
 
 
 def _simulate(flat: dict[str, Any], nodes: int) -> dict[str, Any]:
+    flat = {"checkpoint-dir": str(Path(flat["out-dir"]) / "checkpoint"), **flat}
     cached_split(RunConfig.from_flat(flat).data)  # load once, before Ray forks (as simulate does)
     run_simulation(server_app=make_server_app(flat, display=None),
                    client_app=make_client_app(flat), num_supernodes=nodes,

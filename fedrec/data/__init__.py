@@ -16,12 +16,13 @@ from fedrec.data.synthetic import generate_synthetic
 from fedrec.errors import DataError
 
 __all__ = [
-    "ExampleBuilder", "Examples", "Interactions", "PairSet", "Split", "load_dataset",
+    "ExampleBuilder", "Examples", "Interactions", "PairSet", "Split", "load_dataset", "load_file",
     "load_split", "sampled_eval_lists",
 ]
 
 
-def _table(cfg: DataConfig, path: Path) -> Interactions:
+def load_file(cfg: DataConfig, path: Path) -> Interactions:
+    """One ratings file (CSV/TSV/Parquet) read with the configured columns."""
     return load_table(path, sep=cfg.sep, user_col=cfg.user_col, item_col=cfg.item_col,
                       rating_col=cfg.rating_col, time_col=cfg.time_col, encoding=cfg.encoding)
 
@@ -38,7 +39,7 @@ def load_dataset(cfg: DataConfig) -> Interactions:
     if cfg.dataset == "csv":
         if not cfg.data_file:
             raise DataError("dataset 'csv' needs --data-file (config key 'data-file')")
-        return _table(cfg, Path(cfg.data_file))
+        return load_file(cfg, Path(cfg.data_file))
     if not cfg.data_dir:
         raise DataError(f"dataset {cfg.dataset!r} needs --data-dir (config key 'data-dir'), "
                         f"or run 'fedrec data download {cfg.dataset}'")
@@ -50,8 +51,8 @@ def load_dataset(cfg: DataConfig) -> Interactions:
 
 def _load_presplit(cfg: DataConfig) -> tuple[Interactions, np.ndarray]:
     """Train file (data-file) and test file (test-file) over one shared id space."""
-    train = _table(cfg, Path(cfg.data_file))
-    test = _table(cfg, Path(cfg.test_file))
+    train = load_file(cfg, Path(cfg.data_file))
+    test = load_file(cfg, Path(cfg.test_file))
     frames = []
     for part, d in ((0, train), (1, test)):
         frames.append(pd.DataFrame({

@@ -1,0 +1,183 @@
+"""Deployment helpers: certificates, node keys, node data files and Flower commands.
+
+Nothing here imports Flower: the helpers write files and build the ``flower-superlink``
+/ ``flower-supernode`` / ``flwr`` command lines that ``fedrec deploy`` runs or prints.
+See ``docs/DEPLOY.md``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tomllib
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from fedrec.config import DataConfig
+from fedrec.data import load_dataset
+from fedrec.errors import ConfigError
+from fedrec.partition import partition_users
+
+CATALOGUE = "catalogue.csv"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def make_certificates(out: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+                      days: int = 365) -> list[Path]:
+    """A development CA (``ca.crt``/``ca.key``) and a server cert (``server.pem``/``.key``).
+
+    ``hosts`` become the server certificate's subject alternative names (DNS names or
+    IP addresses): the names the SuperNodes and ``flwr`` use to reach the SuperLink.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedrec development CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(minutes=5))
+          .not_valid_after(now + dt.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
+                                       False), critical=True)
+          .sign(ca_key, hashes.SHA384()))
+    sans: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA384()))
+    files = {"ca.key": _pem_key(ca_key), "server.key": _pem_key(key)}
+    for name, data in files.items():
+        _write_private(out / name, data)
+    _write_public(out / "ca.crt", ca.public_bytes(serialization.Encoding.PEM))
+    _write_public(out / "server.pem", cert.public_bytes(serialization.Encoding.PEM))
+    return [out / n for n in ("ca.crt", "ca.key", "server.pem", "server.key")]
+
+
+def make_node_key(out: Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode key pair (EC P-384, OpenSSH format): ``name`` and ``name.pub``."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ConfigError(f"node key name {name!r}: use letters, digits, '_', '.', '-'")
+    out.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                             serialization.NoEncryption())
+    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                        serialization.PublicFormat.OpenSSH)
+    _write_private(out / name, priv)
+    _write_public(out / f"{name}.pub", pub + f" {name}\n".encode())
+    return out / name, out / f"{name}.pub"
+
+
+def write_federation(flwr_home: Path, name: str, address: str, root_certificates: Path
+                     ) -> Path:
+    """Add (or replace) ``[superlink.NAME]`` in ``$FLWR_HOME/config.toml``."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ConfigError(f"federation name {name!r}: use letters, digits, '_', '-'")
+    path = flwr_home / "config.toml"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    text = path.read_text() if path.exists() else ""
+    if text:
+        try:
+            tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML ({err}); fix or move it") from err
+    kept, skip = [], False
+    for line in text.splitlines():
+        header = re.match(r"^\s*\[([^\]]+)\]", line)
+        if header:
+            skip = header.group(1).strip() in (f"superlink.{name}",
+                                               f"superlink.{name}.options")
+        if not skip:
+            kept.append(line)
+    block = (f'\n[superlink.{name}]\naddress = "{address}"\n'
+             f'root-certificates = "{root_certificates.resolve()}"\n')
+    _write_public(path, ("\n".join(kept).rstrip() + "\n" + block).lstrip().encode())
+    return path
+
+
+def superlink_command(certs: Path, host: str = "0.0.0.0", fleet_port: int = 9092,
+                      control_port: int = 9093, serverappio_port: int = 9091,
+                      database: str = ":flwr-in-memory:") -> list[str]:
+    """``flower-superlink`` with TLS, SuperNode authentication, no runtime installs."""
+    return ["flower-superlink", "--ssl-ca-certfile", str(certs / "ca.crt"),
+            "--ssl-certfile", str(certs / "server.pem"),
+            "--ssl-keyfile", str(certs / "server.key"),
+            "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+            "--fleet-api-address", f"{host}:{fleet_port}",
+            "--control-api-address", f"{host}:{control_port}",
+            "--host", "127.0.0.1", "--port", str(serverappio_port),
+            "--database", database]
+
+
+def supernode_command(certs: Path, key: Path, superlink: str, *, data_file: Path,
+                      catalogue: Path, state_dir: Path, partition_id: int = 0,
+                      port: int = 9094) -> list[str]:
+    """``flower-supernode`` for one client machine: its key, data file and state dir."""
+    node_config = (f'data-file="{data_file.resolve()}" catalogue-file="{catalogue.resolve()}" '
+                   f'state-dir="{state_dir.resolve()}" partition-id={partition_id}')
+    return ["flower-supernode", "--root-certificates", str(certs / "ca.crt"),
+            "--superlink", superlink, "--auth-supernode-private-key", str(key),
+            "--host", "127.0.0.1", "--port", str(port),
+            "--node-config", node_config]
+
+
+def split_data(cfg: DataConfig, nodes: int, out: Path) -> list[Path]:
+    """Cut a dataset into one ratings file per node plus the shared item catalogue.
+
+    For trying a deployment on one machine, and for tests: in a real deployment each
+    node already holds its own file. Users are assigned as in cross-silo partitioning.
+    """
+    data = load_dataset(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    cat = pd.DataFrame({"item": data.item_ids, "title": data.titles, "genres": data.genres})
+    cat.to_csv(out / CATALOGUE, index=False)
+    paths = [out / CATALOGUE]
+    for i, users in enumerate(partition_users("cross-silo", data.n_users, nodes, cfg.seed)):
+        mask = np.isin(data.users, users)
+        frame = pd.DataFrame({"user": data.user_ids[data.users[mask]],
+                              "item": data.item_ids[data.items[mask]],
+                              "rating": data.ratings[mask],
+                              "timestamp": data.timestamps[mask]})
+        path = out / f"node-{i}.csv"
+        frame.to_csv(path, index=False)
+        paths.append(path)
+    return paths
