@@ -88,7 +88,8 @@ def evaluate_handler(msg: Message, context: Context,
     path = state_path(cfg.fed.state_dir, pid)
     counts = evaluate_client(cfg, data, shared, load_state(path), seed=cfg.data.seed + pid,
                              state_file=path)
-    save_global(global_path(cfg.fed.state_dir, pid), shared)  # for on-device recommend
+    # the last global model stays on the node, for on-device recommendations
+    save_global(global_path(cfg.fed.state_dir, pid), shared, cfg.to_flat())
     counts[keys.NUM_EXAMPLES] = counts.get(keys.NUM_USERS, 0.0)
     return Message(RecordDict({METRICS: MetricRecord(counts)}), reply_to=msg)
 

@@ -106,6 +106,78 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    from fedrec.federated import node_data, partition_data
+    from fedrec.partition import num_partitions
+    from fedrec.recommend import recommend
+    from fedrec.state import global_path, load_global, load_state, state_path
+
+    shared, flat = load_global(global_path(args.state_dir, args.partition))
+    cfg = RunConfig.from_flat(flat)
+    if args.data_file:
+        if not args.catalogue_file:
+            raise ConfigError("--data-file needs --catalogue-file (the shared item catalogue)")
+        data = node_data(cfg, args.data_file, args.catalogue_file)
+    else:
+        from fedrec.federated import cached_split
+
+        n = num_partitions(cfg.fed.partition, cached_split(cfg.data).n_users,
+                           cfg.fed.num_clients)
+        data = partition_data(cfg, args.partition, n)
+    path = state_path(args.state_dir, args.partition)
+    state = load_state(path)
+    if state is None:
+        raise ConfigError(f"{path}: no client state; train this node first")
+    recs = recommend(cfg, data, state, shared, str(args.user), k=args.k)
+    print(f"top {len(recs)} for user {args.user} (on this device; the server has no user "
+          "embeddings):")
+    for rank, r in enumerate(recs, 1):
+        why = r.explanation()
+        print(f"{rank:>3}. {r.title}  [item {r.item}, score {r.score:.3f}]"
+              + (f"\n     {why}" if why else ""))
+    return 0
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    import os
+    import shlex
+
+    from fedrec import deploy
+
+    act = args.deploy_command
+    if act == "certs":
+        files = deploy.make_certificates(Path(args.dir), hosts=args.host or
+                                         ["localhost", "127.0.0.1"])
+        for i in range(args.nodes):
+            files += deploy.make_node_key(Path(args.dir), f"supernode-{i}")
+        print("written:\n  " + "\n  ".join(str(f) for f in files))
+        print("keep ca.key and the node private keys secret; copy supernode-<i> and ca.crt "
+              "to client machine i, and register supernode-<i>.pub with the SuperLink")
+        return 0
+    if act == "federation":
+        path = deploy.write_federation(Path(args.flwr_home or os.environ.get(
+            "FLWR_HOME", Path.home() / ".flwr")), args.name, args.address,
+            Path(args.dir) / "ca.crt")
+        print(f"federation {args.name!r} -> {args.address} written to {path}")
+        return 0
+    if act == "split-data":
+        paths = deploy.split_data(config_from_args(args).data, args.nodes, Path(args.out))
+        print("written:\n  " + "\n  ".join(str(p) for p in paths))
+        return 0
+    if act == "superlink":
+        cmd = deploy.superlink_command(Path(args.dir), host=args.host, port=args.port)
+    else:
+        cmd = deploy.supernode_command(
+            Path(args.dir), Path(args.key), args.superlink, data_file=Path(args.data_file),
+            catalogue=Path(args.catalogue_file), state_dir=Path(args.state_dir),
+            partition_id=args.partition, port=args.port)
+    print(shlex.join(cmd), flush=True)
+    if args.print_only:
+        return 0
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.execvp(cmd[0], cmd)  # replaces this process: stop it with Ctrl-C or its PID
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (exposed for docs and tests)."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -152,6 +224,64 @@ def build_parser() -> argparse.ArgumentParser:
     i = dsub.add_parser("info", help="load, clean and split a dataset; print statistics")
     add_config_options(i, ("data",))
     i.set_defaults(func=_cmd_info)
+
+    r = sub.add_parser("recommend", help="top-K items for one of this node's users",
+                       description="On a client node: recommend unseen items to one of its "
+                       "users with the node's user embedding and the last global shared "
+                       "model, each with a 'because you liked' explanation. The server "
+                       "cannot do this: user embeddings never leave the node.",
+                       formatter_class=fmt)
+    r.add_argument("--user", required=True, help="original user id (as in the data file)")
+    r.add_argument("--state-dir", required=True,
+                   help="the node's state dir (simulation: RUN/client-state)")
+    r.add_argument("--partition", type=int, default=0, help="partition / node id")
+    r.add_argument("-k", type=int, default=10, help="how many items")
+    r.add_argument("--data-file", default="", help="deployment: the node's ratings file")
+    r.add_argument("--catalogue-file", default="", help="deployment: the item catalogue")
+    r.set_defaults(func=_cmd_recommend)
+
+    dep = sub.add_parser("deploy", help="certificates, keys and commands for a deployment",
+                         description="Helpers for a SuperLink + SuperNodes deployment with "
+                         "TLS and node authentication; see docs/DEPLOY.md.")
+    dsub2 = dep.add_subparsers(dest="deploy_command", required=True, metavar="ACTION")
+    c = dsub2.add_parser("certs", help="dev CA, server certificate, SuperNode key pairs",
+                         formatter_class=fmt)
+    c.add_argument("--dir", default="deploy/certs", help="output folder")
+    c.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs to make")
+    c.add_argument("--host", action="append", help="server name/IP for the certificate "
+                   "(repeatable; default localhost and 127.0.0.1)")
+    c.set_defaults(func=_cmd_deploy)
+    f = dsub2.add_parser("federation", help="add the SuperLink to $FLWR_HOME/config.toml",
+                         formatter_class=fmt)
+    f.add_argument("--name", default="fedrec", help="federation name for flwr run")
+    f.add_argument("--address", default="localhost:8000", help="SuperLink address")
+    f.add_argument("--dir", default="deploy/certs", help="folder with ca.crt")
+    f.add_argument("--flwr-home", default="", help="default: $FLWR_HOME or ~/.flwr")
+    f.set_defaults(func=_cmd_deploy)
+    sl = dsub2.add_parser("superlink", help="start flower-superlink (TLS + node auth)",
+                          formatter_class=fmt)
+    sl.add_argument("--dir", default="deploy/certs", help="folder with the certificates")
+    sl.add_argument("--host", default="0.0.0.0", help="interface to listen on")
+    sl.add_argument("--port", type=int, default=8000, help="the SuperLink's HTTPS port")
+    sl.add_argument("--print-only", action="store_true", help="print the command only")
+    sl.set_defaults(func=_cmd_deploy)
+    sn = dsub2.add_parser("supernode", help="start flower-supernode for this machine",
+                          formatter_class=fmt)
+    sn.add_argument("--dir", default="deploy/certs", help="folder with ca.crt")
+    sn.add_argument("--key", required=True, help="this node's private key")
+    sn.add_argument("--superlink", default="localhost:8000", help="SuperLink address")
+    sn.add_argument("--data-file", required=True, help="this node's ratings file")
+    sn.add_argument("--catalogue-file", required=True, help="the shared item catalogue")
+    sn.add_argument("--state-dir", required=True, help="user embeddings + accountant")
+    sn.add_argument("--partition", type=int, default=0, help="node id used in file names")
+    sn.add_argument("--port", type=int, default=9094, help="local ClientApp API port")
+    sn.add_argument("--print-only", action="store_true", help="print the command only")
+    sn.set_defaults(func=_cmd_deploy)
+    sd = dsub2.add_parser("split-data", help="cut a dataset into per-node files (trials)")
+    sd.add_argument("--nodes", type=int, default=2)
+    sd.add_argument("--out", default="deploy/data", help="output folder")
+    add_config_options(sd, ("data",))
+    sd.set_defaults(func=_cmd_deploy)
     return parser
 
 

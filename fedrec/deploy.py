@@ -134,18 +134,17 @@ def write_federation(flwr_home: Path, name: str, address: str, root_certificates
     return path
 
 
-def superlink_command(certs: Path, host: str = "0.0.0.0", fleet_port: int = 9092,
-                      control_port: int = 9093, serverappio_port: int = 9091,
+def superlink_command(certs: Path, host: str = "0.0.0.0", port: int = 8000,
                       database: str = ":flwr-in-memory:") -> list[str]:
-    """``flower-superlink`` with TLS, SuperNode authentication, no runtime installs."""
+    """``flower-superlink`` with TLS, SuperNode authentication, no runtime installs.
+
+    In Flower 1.42 the Fleet, Control and Runtime APIs share one HTTPS address.
+    """
     return ["flower-superlink", "--ssl-ca-certfile", str(certs / "ca.crt"),
             "--ssl-certfile", str(certs / "server.pem"),
             "--ssl-keyfile", str(certs / "server.key"),
             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-            "--fleet-api-address", f"{host}:{fleet_port}",
-            "--control-api-address", f"{host}:{control_port}",
-            "--host", "127.0.0.1", "--port", str(serverappio_port),
-            "--database", database]
+            "--host", host, "--port", str(port), "--database", database]
 
 
 def supernode_command(certs: Path, key: Path, superlink: str, *, data_file: Path,

@@ -112,18 +112,19 @@ def global_path(state_dir: str | Path, partition: int | str) -> Path:
     return Path(state_dir) / f"global-{partition}.pt"
 
 
-def save_global(path: Path, shared: dict[str, Any]) -> None:
-    """Keep the last global shared model (atomic), for on-device recommendations."""
-    _save({"format": GLOBAL_FORMAT, "version": VERSION,
+def save_global(path: Path, shared: dict[str, Any], config: dict[str, Any]) -> None:
+    """Keep the last global shared model and the run's flat config (atomic)."""
+    _save({"format": GLOBAL_FORMAT, "version": VERSION, "config": dict(config),
            "shared": {k: torch.as_tensor(v) for k, v in shared.items()}}, path)
 
 
-def load_global(path: Path) -> dict[str, torch.Tensor]:
-    """The last global shared model a client received (StateError if absent/bad)."""
+def load_global(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The last global shared model a client received and the run's flat config."""
     if not path.exists():
         raise StateError(f"{path}: no global model yet; it is written when the node "
                          "first evaluates (after round 1)")
-    return dict(_load(path, GLOBAL_FORMAT, "global model")["shared"])
+    payload = _load(path, GLOBAL_FORMAT, "global model")
+    return dict(payload["shared"]), dict(payload.get("config", {}))
 
 
 def save_checkpoint(path: Path, round_: int, shared: dict[str, Any],

@@ -1,0 +1,77 @@
+"""On-device recommendations: the node's user embedding + the last global shared model.
+
+Only a client can do this: the server never holds user embeddings (they never leave
+the node), so it cannot score items for a user.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedrec.config import RunConfig
+from fedrec.errors import ConfigError
+from fedrec.federated import ClientData
+from fedrec.model import build_model
+from fedrec.state import ClientState
+
+
+@dataclass
+class Recommendation:
+    """One recommended item with its score and a short explanation."""
+
+    item: str
+    title: str
+    score: float
+    because: list[str]  # titles of the user's past items closest to it
+
+    def explanation(self) -> str:
+        """'because you liked X and Y' (or empty)."""
+        return ("because you liked " + " and ".join(self.because)) if self.because else ""
+
+
+def recommend(cfg: RunConfig, data: ClientData, state: ClientState,
+              shared: dict[str, torch.Tensor], user: str, k: int = 10,
+              explain: int = 2) -> list[Recommendation]:
+    """Top-``k`` unseen items for ``user`` (an original user id held by this node).
+
+    Explanations: the user's training items with the highest cosine similarity to the
+    recommended item's embedding.
+    """
+    if user not in data.user_ids:
+        shown = ", ".join(data.user_ids[:5])
+        raise ConfigError(f"user {user!r} is not held by this node (its users: {shown}"
+                          f"{', ...' if data.n_users > 5 else ''})")
+    if not state.local:
+        raise ConfigError("this node has not trained yet: no user embedding")
+    uid = data.user_ids.index(user)
+    model = build_model(cfg.model, data.n_users, data.n_items, offset=data.offset)
+    model.load_state_dict({**shared, **state.local}, strict=True)
+    model.eval()
+    scores = model.score_all(torch.tensor([uid]))[0].numpy().astype(np.float64)
+    seen = np.zeros(data.n_items, dtype=bool)
+    seen[data.train.items[data.train.users == uid]] = True
+    seen[data.test.items[data.test.users == uid]] = True
+    scores[seen] = -np.inf
+    top = np.argsort(-scores, kind="stable")[:k]
+    top = top[np.isfinite(scores[top])]
+    vectors = model.item_vectors().numpy()
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    liked = data.train.items[(data.train.users == uid)
+                             & (data.train.ratings >= (cfg.data.threshold or 0))]
+    titles = data.train.titles
+
+    def name(i: int) -> str:
+        return titles[i] or str(data.train.item_ids[i])
+
+    out = []
+    for i in top:
+        because: list[str] = []
+        if len(liked) and explain > 0:
+            sims = unit[liked] @ unit[i]
+            because = [name(int(j)) for j in liked[np.argsort(-sims)[:explain]]]
+        out.append(Recommendation(str(data.train.item_ids[i]), name(int(i)),
+                                  float(scores[i]), because))
+    return out
