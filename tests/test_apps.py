@@ -159,3 +159,28 @@ def test_in_process_rounds_equal_the_flower_simulation(tmp_path: Path) -> None:
             assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), key
     for key, value in shared.items():
         np.testing.assert_allclose(value, flower_model[key].numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_server_checkpoints_every_round_and_a_new_run_resumes(tmp_path: Path) -> None:
+    from fedrec.state import load_checkpoint
+
+    flat = {**SMALL, "rounds": 2, "dp": False, "server-opt": "adam", "server-lr": 0.05,
+            "state-dir": str(tmp_path / "state"), "checkpoint-dir": str(tmp_path / "ckpt"),
+            "out-dir": str(tmp_path / "run1")}
+    _simulate(flat, nodes=2)
+    saved = load_checkpoint(tmp_path / "ckpt" / "server.pt")
+    assert saved["round"] == 2 and len(saved["rows"]) == 2 and saved["server_opt"]
+    model1 = torch.load(tmp_path / "run1" / "shared_model.pt")
+    for key, value in saved["shared"].items():
+        np.testing.assert_array_equal(value, model1[key].numpy())
+
+    resumed = _simulate({**flat, "rounds": 3, "resume": True,
+                         "out-dir": str(tmp_path / "run2")}, nodes=2)
+    rows = json.loads((tmp_path / "run2" / "rounds.json").read_text())
+    assert [r["round"] for r in rows] == [1, 2, 3] and resumed["rounds"] == 3
+    assert load_checkpoint(tmp_path / "ckpt" / "server.pt")["round"] == 3
+    assert all(load_state(state_path(tmp_path / "state", p)).rounds == 3 for p in (0, 1))
+
+    with pytest.raises(Exception, match="another model"):  # a checkpoint of another model
+        _simulate({**flat, "dim": 8, "rounds": 4, "resume": True,
+                   "out-dir": str(tmp_path / "run3")}, nodes=2)
