@@ -11,6 +11,10 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import signal
+import socket
+import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -180,3 +184,68 @@ def split_data(cfg: DataConfig, nodes: int, out: Path) -> list[Path]:
         frame.to_csv(path, index=False)
         paths.append(path)
     return paths
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 60.0) -> None:
+    """Block until something listens on 127.0.0.1:``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+class Processes:
+    """Started processes, each leading its own process group, stopped by PID.
+
+    Used by the loopback test and benchmark: ``stop_all`` (call it in ``finally``)
+    terminates every group (SuperNodes first, then the SuperLink) and kills what is left,
+    including ``flower-superexec`` / ``flwr-clientapp`` children.
+    """
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env, self.logs = env, logs
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        """Start ``cmd`` in a new session; its output goes to ``logs/name.log``."""
+        with open(self.logs / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, cwd=self.logs)
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, name: str) -> None:
+        """SIGTERM the process group, wait, then SIGKILL whatever remains."""
+        proc = self.procs.pop(name)
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=wait)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def stop_all(self) -> None:
+        """Stop SuperNodes first, then everything else."""
+        for name in sorted(self.procs, key=lambda n: n == "superlink"):
+            self.stop(name)
+
+    def log(self, name: str) -> str:
+        """The tail of a process's log."""
+        return (self.logs / f"{name}.log").read_text(errors="replace")[-3000:]

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from fedrec import __version__, report
 from fedrec.config import RunConfig
@@ -25,6 +26,7 @@ from fedrec.federated import cached_split, catalogue_size, init_shared, item_key
 from fedrec.partition import num_partitions
 from fedrec.privacy import UNIT_OF_PRIVACY
 from fedrec.state import load_checkpoint, save_checkpoint
+from server.grid import FastPollGrid
 from server.strategy import FedRecStrategy, to_numpy, to_record
 
 log = logging.getLogger("fedrec.server")
@@ -138,6 +140,8 @@ def make_server_app(overrides: Mapping[str, Any] | None = None,
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = RunConfig.from_flat({**context.run_config, **over})
+        if not isinstance(grid, InMemoryGrid):  # deployment: Flower polls every 3 s
+            grid = FastPollGrid(grid)
         run_server(grid, cfg, display)
 
     return server_app

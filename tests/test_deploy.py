@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,67 +19,13 @@ import torch
 
 from fedrec import deploy
 from fedrec.config import DataConfig
+from fedrec.deploy import Processes, free_port, wait_port
 from fedrec.state import load_checkpoint, load_state, state_path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIG = ("rounds={rounds} dp=true target-epsilon=4.0 partition='cross-silo' num-clients=0 "
               "min-clients=2 num-items={items} dim=4 batch-size=32 negatives=2 "
               "out-dir='{out}' checkpoint-dir='{ckpt}'")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
-
-
-class Processes:
-    """Started processes, each leading its own process group; ``stop_all`` kills them."""
-
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
-        self.env, self.logs, self.procs = env, logs, {}
-
-    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=self.logs)
-        self.procs[name] = proc
-        return proc
-
-    def stop(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        try:  # children (flower-superexec, flwr-clientapp) share the group
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    def stop_all(self) -> None:
-        for name in [n for n in self.procs if n.startswith("node")] + list(self.procs):
-            if name in self.procs:
-                self.stop(name)
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")[-3000:]
 
 
 @pytest.fixture
@@ -116,11 +60,11 @@ def test_tls_authenticated_deployment_trains_refuses_strangers_and_keeps_state(
     keys = [deploy.make_node_key(certs, f"supernode-{i}") for i in range(3)]  # 2 is a stranger
     data = deploy.split_data(DataConfig(synthetic_users=40, synthetic_items=60), 2, tmp / "data")
     catalogue, node_files = data[0], data[1:]
-    port = _free_port()  # Flower 1.42: one HTTPS port for Fleet, Control and Runtime APIs
+    port = free_port()  # Flower 1.42: one HTTPS port for Fleet, Control and Runtime APIs
     deploy.write_federation(tmp / "flwr", "fedrec-test", f"127.0.0.1:{port}",
                             certs / "ca.crt")
     procs.start("superlink", deploy.superlink_command(certs, host="127.0.0.1", port=port))
-    _wait_port(port)
+    wait_port(port)
     for _, pub in keys[:2]:
         reg = subprocess.run(["flwr", "supernode", "register", str(pub), "fedrec-test"],
                              env=procs.env, capture_output=True, text=True, timeout=60)
@@ -130,7 +74,7 @@ def test_tls_authenticated_deployment_trains_refuses_strangers_and_keeps_state(
         return deploy.supernode_command(
             certs, keys[i][0], f"127.0.0.1:{port}", data_file=node_files[i % 2],
             catalogue=catalogue, state_dir=tmp / f"state-{i}", partition_id=i,
-            port=_free_port())
+            port=free_port())
 
     procs.start("node0", node(0))
     procs.start("node1", node(1))
