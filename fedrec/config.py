@@ -150,8 +150,20 @@ class PrivacyConfig:
     delta: float = 1e-5  # delta of the (epsilon, delta) guarantee
     accountant: str = "rdp"  # "rdp" or "prv"
     grad_sample_mode: str = "ghost"  # "ghost" (fedrec's exact fast norms) or "hooks" (Opacus)
+    user_dp: bool = False  # user-level DP-FedAvg on the server (Flower's fixed-clipping wrapper)
+    user_target_epsilon: float = 8.0  # user-level: z calibrated to spend this over `rounds`
+    user_noise_multiplier: float = 0.0  # user-level z, used when user-target-epsilon is 0
+    user_clip: float = 0.5  # user-level: L2 clip of each client's whole update
 
     def __post_init__(self) -> None:
+        _check(self.user_target_epsilon >= 0 and math.isfinite(self.user_target_epsilon),
+               "user-target-epsilon", "a finite number >= 0", self.user_target_epsilon)
+        _check(self.user_noise_multiplier >= 0, "user-noise-multiplier", "a number >= 0",
+               self.user_noise_multiplier)
+        _check(self.user_clip > 0, "user-clip", "a number > 0", self.user_clip)
+        _check(not self.user_dp or self.user_target_epsilon > 0 or
+               self.user_noise_multiplier > 0, "user-noise-multiplier",
+               "> 0 (or user-target-epsilon > 0) with user-dp", self.user_noise_multiplier)
         _check(self.noise_multiplier >= 0, "noise-multiplier", "a number >= 0",
                self.noise_multiplier)
         _check(self.target_epsilon >= 0 and math.isfinite(self.target_epsilon),

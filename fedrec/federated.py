@@ -238,7 +238,7 @@ def fit_client(cfg: RunConfig, data: ClientData, shared: Arrays, state: ClientSt
     shared_out = {k: v.cpu().numpy() for k, v in model.shared_state_dict().items()}
     touched = None
     weighting = cfg.fed.item_weighting
-    if not pcfg.dp and weighting in ("auto", "touched"):
+    if not pcfg.dp and not pcfg.user_dp and weighting in ("auto", "touched"):
         touched = builder.touched.astype(np.float32)
     return FitResult(shared_out, touched, n, res.loss, eps, False,
                      time.perf_counter() - t0, new_state)

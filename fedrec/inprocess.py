@@ -19,6 +19,7 @@ import numpy as np
 
 from fedrec.aggregate import ServerOptimizer, Update
 from fedrec.config import RunConfig
+from fedrec.errors import ConfigError
 from fedrec.federated import (
     cached_split,
     evaluate_client,
@@ -41,6 +42,9 @@ def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | N
     Each row holds the round's aggregated metrics, ``epsilon-max``/``epsilon-mean``,
     ``clients``, ``exhausted`` and ``seconds``, like a ``fedrec simulate`` round row.
     """
+    if cfg.privacy.user_dp:
+        raise ConfigError("user-dp uses Flower's DP wrapper: run it with fedrec simulate "
+                          "(or privacy-sweep, which does)")
     split = cached_split(cfg.data)
     parts = partition_users(cfg.fed.partition, split.n_users, cfg.fed.num_clients,
                             cfg.data.seed)

@@ -52,6 +52,7 @@ from fedrec.config import PrivacyConfig
 from fedrec.model import Embedding, Linear
 
 UNIT_OF_PRIVACY = "one rating (with its sampled negatives)"
+USER_UNIT_OF_PRIVACY = "one client's whole data (one user in cross-device mode)"
 
 History = list[tuple[float, float, int]]  # Opacus accountant history: (sigma, q, steps)
 
@@ -340,3 +341,19 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
 def per_example_norms(model: nn.Module) -> torch.Tensor:
     """Per-example gradient norms of the last ghost-clipped step (for tests/debugging)."""
     return model.per_sample_gradient_norms  # type: ignore[no-any-return,operator]
+
+
+def user_level_noise(target_epsilon: float, noise: float, rounds: int, delta: float) -> float:
+    """Noise multiplier z of user-level DP-FedAvg (Gaussian mechanism once per round).
+
+    Accounted without subsampling amplification (as if every client took part every
+    round), which is exact for fraction 1 and conservative otherwise.
+    """
+    if target_epsilon > 0:
+        return calibrate_noise(target_epsilon, delta, 1.0, rounds, "rdp")
+    return noise
+
+
+def user_level_epsilon(noise: float, rounds: int, delta: float) -> float:
+    """User-level epsilon after ``rounds`` releases with noise multiplier ``noise``."""
+    return epsilon_of([(noise, 1.0, rounds)], delta, "rdp") if rounds > 0 else 0.0

@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-from fedrec import __version__, report
+from fedrec import __version__, privacy, report
 from fedrec.config import RunConfig
 from fedrec.errors import ConfigError
 from fedrec.federated import cached_split, catalogue_size, init_shared, item_keys
@@ -27,7 +27,7 @@ from fedrec.partition import num_partitions
 from fedrec.privacy import UNIT_OF_PRIVACY
 from fedrec.state import load_checkpoint, save_checkpoint
 from server.grid import FastPollGrid
-from server.strategy import FedRecStrategy, to_numpy, to_record
+from server.strategy import FedRecStrategy, UserLevelDP, to_numpy, to_record
 
 log = logging.getLogger("fedrec.server")
 
@@ -52,6 +52,9 @@ def final_metrics(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
     out["dp"] = cfg.privacy.dp
     if cfg.privacy.dp:
         out["unit_of_privacy"] = UNIT_OF_PRIVACY
+    if cfg.privacy.user_dp:
+        out["user_epsilon"] = max((r.get("user-epsilon", 0.0) for r in rows), default=0.0)
+        out["user_unit_of_privacy"] = privacy.USER_UNIT_OF_PRIVACY
     out["exhausted_clients_last_round"] = last.get("exhausted", 0)
     out["seconds_per_round"] = (sum(r.get("seconds", 0.0) for r in rows) / len(rows)
                                 if rows else math.nan)
@@ -81,6 +84,16 @@ def run_server(grid: Grid, cfg: RunConfig,
     nodes = expected_nodes(cfg, grid)
     strategy = FedRecStrategy(cfg, item_keys=item_keys(cfg, n_items), num_nodes=nodes,
                               display=display if cfg.fed.verbose else None)
+    runner: Any = strategy
+    if cfg.privacy.user_dp:
+        z = privacy.user_level_noise(cfg.privacy.user_target_epsilon,
+                                     cfg.privacy.user_noise_multiplier, cfg.fed.rounds,
+                                     cfg.privacy.delta)
+        runner = UserLevelDP(strategy, z, cfg.privacy.user_clip)
+        if display and cfg.fed.verbose:
+            display(f"user-level DP-FedAvg: clip {cfg.privacy.user_clip:g}, noise multiplier "
+                    f"{z:.3f}, {strategy.expected_clients} clients per round; unit: "
+                    f"{privacy.USER_UNIT_OF_PRIVACY}")
     ckpt = Path(cfg.fed.checkpoint_dir) / "server.pt" if cfg.fed.checkpoint_dir else None
     done = 0
     if cfg.fed.resume:
@@ -107,7 +120,7 @@ def run_server(grid: Grid, cfg: RunConfig,
                 f"{n_items} items, {cfg.fed.rounds} rounds, fraction {cfg.fed.fraction}, "
                 f"{mode}")
     if done < cfg.fed.rounds:
-        result = strategy.start(grid=grid, initial_arrays=to_record(shared),
+        result = runner.start(grid=grid, initial_arrays=to_record(shared),
                                 num_rounds=cfg.fed.rounds - done, train_config=ConfigRecord(),
                                 evaluate_config=ConfigRecord())
         final_arrays = to_numpy(result.arrays)

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 
 from fedrec import keys
-from fedrec.aggregate import ServerOptimizer, Update
+from fedrec.aggregate import ServerOptimizer, Update, aggregate
 from fedrec.config import RunConfig
 from fedrec.metrics import finalize, merge_counts
 
@@ -74,6 +74,9 @@ class FedRecStrategy(FedAvg):
         self._row: dict[str, Any] = {}
         self._t0 = time.perf_counter()
         self.offset = 0  # rounds done before this run (resume)
+        self.sent: dict[str, np.ndarray] = {}
+        # clients sampled per round (FedAvg's rule); user-level DP divides by it
+        self.expected_clients = max(int(num_nodes * cfg.fed.fraction), min_train)
         self.on_round_end: Callable[[int], None] | None = None  # checkpoint hook
 
     def resume_from(self, done: int, rows: list[dict[str, Any]],
@@ -86,6 +89,7 @@ class FedRecStrategy(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         """Remember the global arrays sent this round (for untouched rows)."""
         self.current = to_numpy(arrays)
+        self.sent = self.current
         self._row = {"round": server_round + self.offset}
         self._t0 = time.perf_counter()
         return super().configure_train(server_round + self.offset, arrays, config, grid)
@@ -132,10 +136,18 @@ class FedRecStrategy(FedAvg):
                 continue
             updates.append(upd)
             losses.append((float(metrics.get(keys.TRAIN_LOSS, 0.0)), upd.weight))
-        if self.cfg.fed.item_weighting == "uniform" or self.cfg.privacy.dp:
+        user_dp = self.cfg.privacy.user_dp
+        if self.cfg.fed.item_weighting == "uniform" or self.cfg.privacy.dp or user_dp:
             for u in updates:
                 u.touched = None
-        new = self.server_opt.step(updates, self.current)
+        if user_dp:  # plain mean with a fixed denominator; noise and server step: outside
+            for u in updates:
+                u.weight = 1.0
+            avg = aggregate(updates, self.current, self.item_keys, 1.0)
+            scale = len(updates) / max(self.expected_clients, len(updates))
+            new = {k: (v + scale * (avg[k] - v)).astype(v.dtype) for k, v in self.current.items()}
+        else:
+            new = self.server_opt.step(updates, self.current)
         n_ex = sum(w for _, w in losses)
         summary = {
             "clients": len(updates), "failures": failures, "exhausted": exhausted,
@@ -149,7 +161,7 @@ class FedRecStrategy(FedAvg):
         if self.fraction_evaluate == 0:
             self._row["seconds"] = time.perf_counter() - self._t0
             self.rows.append(dict(self._row))
-        if self.on_round_end is not None:
+        if self.on_round_end is not None and not user_dp:
             self.on_round_end(server_round + self.offset)
         return to_record(new), MetricRecord({k: float(v) for k, v in summary.items()
                                              if not (isinstance(v, float) and math.isnan(v))})
@@ -178,6 +190,40 @@ class FedRecStrategy(FedAvg):
         return MetricRecord(clean) if clean else None
 
 
+class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
+    """User-level DP-FedAvg: Flower's server-side fixed-clipping wrapper around fedrec's.
+
+    Flower clips each client's update to ``user-clip``, fedrec averages the clipped
+    updates with a fixed denominator (the sampled count), Flower adds Gaussian noise of
+    std ``z * clip / m``; then fedrec's server optimizer (FedAvg step or FedAdam) runs on
+    the noisy average, which is post-processing. epsilon is accounted per round with
+    Opacus's RDP accountant, without subsampling amplification.
+    """
+
+    def __init__(self, inner: FedRecStrategy, noise: float, clip: float) -> None:
+        super().__init__(inner, noise, clip, inner.expected_clients)
+        self.inner = inner
+        self.noise = noise
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Clip + average + noise (Flower), then the server step; account epsilon."""
+        from fedrec.privacy import user_level_epsilon
+
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        inner = self.inner
+        done = server_round + inner.offset
+        eps = user_level_epsilon(self.noise, done, inner.cfg.privacy.delta)
+        inner._row["user-epsilon"] = eps
+        if arrays is None:
+            return arrays, metrics
+        final = inner.server_opt.step([Update(to_numpy(arrays), 1.0)], inner.sent)
+        inner.current = final
+        if inner.on_round_end is not None:
+            inner.on_round_end(done)
+        return to_record(final), metrics
+
+
 def format_round(row: dict[str, Any], cfg: RunConfig) -> str:
     """One line of the live per-round display."""
     k_small, k_big = min(cfg.eval.ks), max(cfg.eval.ks)
@@ -192,6 +238,8 @@ def format_round(row: dict[str, Any], cfg: RunConfig) -> str:
             f"  NDCG@{k_big} {f(f'ndcg@{k_big}')}")
     if cfg.privacy.dp:
         text += f"  eps max {row.get('epsilon-max', 0):.2f} mean {row.get('epsilon-mean', 0):.2f}"
+    if "user-epsilon" in row:
+        text += f"  user eps {row['user-epsilon']:.2f}"
     if row.get("exhausted"):
         text += f"  exhausted {row['exhausted']}"
     if row.get("failures") or row.get("rejected"):

@@ -184,3 +184,16 @@ def test_server_checkpoints_every_round_and_a_new_run_resumes(tmp_path: Path) ->
     with pytest.raises(Exception, match="another model"):  # a checkpoint of another model
         _simulate({**flat, "dim": 8, "rounds": 4, "resume": True,
                    "out-dir": str(tmp_path / "run3")}, nodes=2)
+
+
+def test_user_level_dp_through_flowers_wrapper_spends_the_target(tmp_path: Path) -> None:
+    flat = {**SMALL, "rounds": 3, "dp": False, "user-dp": True, "user-target-epsilon": 2.0,
+            "server-opt": "adam", "server-lr": 0.05, "state-dir": str(tmp_path / "state"),
+            "out-dir": str(tmp_path / "run")}
+    out = _simulate(flat, nodes=2)
+    rows = json.loads((tmp_path / "run" / "rounds.json").read_text())
+    eps = [r["user-epsilon"] for r in rows]
+    assert eps == sorted(eps) and eps[-1] == pytest.approx(2.0, rel=0.01)
+    assert out["user_epsilon"] == pytest.approx(2.0, rel=0.01)
+    assert out["user_unit_of_privacy"].startswith("one client's whole data")
+    assert all(np.isfinite(out[k]) for k in ("recall@20", "ndcg@20"))
