@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedrec.config import RunConfig
+from fedrec.federated import cached_split, fit_client, item_keys, split_for_users
+from fedrec.partition import partition_users
+
 
 def row_change(sent: np.ndarray, returned: np.ndarray) -> np.ndarray:
     """Per-row L2 norm of the update of an item-indexed table ``[n_items, ...]``."""
@@ -59,3 +63,33 @@ def bias_direction_auc(sent: dict[str, np.ndarray], returned: dict[str, np.ndarr
     labels = np.zeros(len(score), dtype=bool)
     labels[np.asarray(client_items, dtype=np.int64)] = True
     return auc(score, labels)
+
+
+def attack_clients(cfg: RunConfig, shared: dict[str, np.ndarray], n_clients: int = 20,
+                   ) -> dict[str, float]:
+    """Mean attack AUCs over ``n_clients`` fresh clients' uploads from model ``shared``.
+
+    Each client trains one round (as configured: record-level DP or not) from
+    ``shared``; the attack sees exactly what it uploads. User-level DP adds its noise on
+    the server, after aggregation, so it does not change what a client uploads.
+    """
+    split = cached_split(cfg.data)
+    parts = partition_users(cfg.fed.partition, split.n_users, cfg.fed.num_clients,
+                            cfg.data.seed)
+    keys = item_keys(cfg, split.n_items)
+    bias = [k for k in keys if k.endswith("bias.weight")]
+    rng = np.random.default_rng(cfg.data.seed + 17)
+    chosen = rng.choice(len(parts), min(n_clients, len(parts)), replace=False)
+    norm, direction = [], []
+    for i in chosen:
+        client = split_for_users(split, parts[i])
+        res = fit_client(cfg, client, shared, None, seed=cfg.data.seed + int(i),
+                         server_round=1)
+        if res.shared is None or len(client.train) == 0:
+            continue
+        items = np.unique(client.train.items)
+        norm.append(membership_auc(shared, res.shared, keys, items, split.n_items))
+        if bias:
+            direction.append(bias_direction_auc(shared, res.shared, bias[0], items))
+    return {"attack_auc": float(np.nanmean(norm)) if norm else float("nan"),
+            "attack_auc_bias": float(np.nanmean(direction)) if direction else float("nan")}

@@ -1,0 +1,262 @@
+"""``fedrec privacy-sweep``: federated runs over target epsilon x seeds x DP modes.
+
+Modes: ``none``; ``record`` (Opacus DP-SGD on each client, unit: one rating);
+``user`` (Flower's server-side DP-FedAvg wrapper, unit: one client's whole data, i.e. one
+user in cross-device mode); ``both``. ``none`` and ``record`` run through
+``fedrec.inprocess`` (the apps' arithmetic without Flower's messaging, tested equal to a
+Flower simulation); ``user`` and ``both`` need Flower's wrapper and run through
+``fedrec simulate``'s engine. Each finished point is appended to ``points.csv``
+(atomically), so an interrupted sweep resumes where it stopped. Each point also runs
+the update-leakage attack (``fedrec.attack``) on 20 clients' uploads from its final model.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedrec.config import RunConfig
+from fedrec.errors import ConfigError
+from fedrec.privacy import UNIT_OF_PRIVACY, USER_UNIT_OF_PRIVACY
+
+MODES = ("none", "record", "user", "both")
+FIELDS = ["mode", "target_epsilon", "seed", "recall@20", "ndcg@20", "precision@10",
+          "record_epsilon", "user_epsilon", "attack_auc", "attack_auc_bias", "rounds",
+          "engine", "seconds"]
+
+
+def parse_epsilons(text: str) -> list[float]:
+    """'0.5,1,inf' -> [0.5, 1.0, inf] (error naming the bad value)."""
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            value = float(part)
+        except ValueError:
+            raise ConfigError(f"--epsilons: {part!r} is not a number or 'inf'") from None
+        if not value > 0:
+            raise ConfigError(f"--epsilons: {part!r} must be > 0 (or inf)")
+        out.append(value)
+    if not out:
+        raise ConfigError("--epsilons: give at least one value")
+    return out
+
+
+def plan(modes: Sequence[str], epsilons: Sequence[float], seeds: Sequence[int]
+         ) -> list[tuple[str, float, int]]:
+    """The points to run: (mode, target epsilon, seed); 'none' only at epsilon = inf."""
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ConfigError(f"--modes: {bad} not in {list(MODES)}")
+    points = []
+    for mode in modes:
+        for eps in epsilons:
+            if (mode == "none") != math.isinf(eps):
+                continue
+            points += [(mode, eps, seed) for seed in seeds]
+    if "none" in modes and not any(math.isinf(e) for e in epsilons):
+        points += [("none", math.inf, seed) for seed in seeds]
+    return points
+
+
+def point_config(base: RunConfig, mode: str, eps: float, seed: int) -> RunConfig:
+    """The run config of one point."""
+    flat = base.to_flat()
+    flat.update({"seed": seed, "dp": mode in ("record", "both"),
+                 "user-dp": mode in ("user", "both")})
+    if mode in ("record", "both"):
+        flat["target-epsilon"] = eps
+    if mode in ("user", "both"):
+        flat["user-target-epsilon"] = eps
+    return RunConfig.from_flat(flat)
+
+
+def _run_point(cfg: RunConfig, workdir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray],
+                                                       str]:
+    """Train one point; returns (final metrics, final shared model, engine)."""
+    if cfg.privacy.user_dp:
+        import torch
+
+        from server.simulation import simulate
+
+        out = workdir / "run"
+        metrics = simulate(cfg, out, quiet=True, overwrite=True)
+        model = torch.load(out / "shared_model.pt")
+        return metrics, {k: v.numpy() for k, v in model.items()}, "flower"
+    from fedrec.inprocess import run_inprocess
+
+    shared, rows = run_inprocess(cfg)
+    last = dict(rows[-1])
+    last["epsilon"] = max(r["epsilon-max"] for r in rows)
+    last["rounds"] = len(rows)
+    return last, shared, "inprocess"
+
+
+def _write_points(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def read_points(path: Path) -> list[dict[str, Any]]:
+    """Finished points of an earlier (possibly interrupted) sweep."""
+    if not path.exists():
+        return []
+    with path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    if rows and set(rows[0]) != set(FIELDS):
+        raise ConfigError(f"{path}: not a privacy-sweep points file (columns differ); use "
+                          "another --out")
+    for n, r in enumerate(rows, 2):
+        try:
+            for k in FIELDS:
+                if k in ("seed", "rounds"):
+                    r[k] = int(float(r[k]))
+                elif k not in ("mode", "engine"):
+                    r[k] = float(r[k])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}, line {n}: bad value in column {k!r}: {r[k]!r}; fix "
+                              "or delete the line to rerun that point") from None
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds per (mode, epsilon)."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["mode"], float(r["target_epsilon"])), []).append(r)
+    out = []
+    for (mode, eps), rs in sorted(groups.items(), key=lambda kv: (MODES.index(kv[0][0]),
+                                                                   kv[0][1])):
+        row: dict[str, Any] = {"mode": mode, "target_epsilon": eps, "seeds": len(rs)}
+        for k in ("recall@20", "ndcg@20", "record_epsilon", "user_epsilon", "attack_auc",
+                  "attack_auc_bias"):
+            vals = np.array([float(r[k]) for r in rs])
+            row[k] = float(np.mean(vals))
+            row[k + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        out.append(row)
+    return out
+
+
+def markdown(summary: list[dict[str, Any]]) -> str:
+    """The summary as a Markdown table."""
+    lines = ["| mode | target ε | Recall@20 | NDCG@20 | ε record (per rating) | "
+             "ε user (per client) | attack AUC (norm) | attack AUC (bias) | seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary:
+        eps = "∞" if math.isinf(r["target_epsilon"]) else f"{r['target_epsilon']:g}"
+        lines.append(
+            f"| {r['mode']} | {eps} | {r['recall@20']:.4f} ± {r['recall@20_std']:.4f} | "
+            f"{r['ndcg@20']:.4f} ± {r['ndcg@20_std']:.4f} | {r['record_epsilon']:.2f} | "
+            f"{r['user_epsilon']:.2f} | {r['attack_auc']:.3f} | {r['attack_auc_bias']:.3f} | "
+            f"{r['seeds']} |")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict[str, Any]], path: Path) -> None:
+    """Recall@20 and NDCG@20 against epsilon, one line per mode, error bars over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = [r["target_epsilon"] for r in summary if math.isfinite(r["target_epsilon"])]
+    inf_x = (max(finite) * 2.5) if finite else 1.0
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("recall@20", "ndcg@20")):
+        for mode in MODES:
+            rs = [r for r in summary if r["mode"] == mode]
+            if not rs:
+                continue
+            xs = [inf_x if math.isinf(r["target_epsilon"]) else r["target_epsilon"] for r in rs]
+            fmt = "s" if mode == "none" else "o-"
+            ax.errorbar(xs, [r[metric] for r in rs], yerr=[r[metric + "_std"] for r in rs],
+                        fmt=fmt, capsize=3, label=mode)
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        base = [r[metric] for r in summary if r["mode"] == "none"]
+        if base:
+            ax.axhline(base[0], color="grey", ls="--", lw=0.8)
+        ticks = sorted(set(finite)) + [inf_x]
+        ax.set_xticks(ticks, [f"{t:g}" for t in sorted(set(finite))] + ["∞"])
+        ax.set_xlabel("target ε (record: per rating; user: per client)")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(title="DP mode")
+    fig.suptitle("fedrec privacy-utility")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def privacy_sweep(base: RunConfig, out: Path, *, modes: Sequence[str],
+                  epsilons: Sequence[float], seeds: Sequence[int], attack_clients: int = 20,
+                  quiet: bool = False) -> list[dict[str, Any]]:
+    """Run (or resume) the sweep; write points.csv, summary.md/json, privacy_utility.png."""
+    from fedrec.attack import attack_clients as run_attack
+
+    points = plan(modes, epsilons, seeds)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "points.csv"
+    done = read_points(csv_path)
+    have = {(r["mode"], float(r["target_epsilon"]), int(r["seed"])) for r in done}
+    todo = [p for p in points if p not in have]
+    if not quiet:
+        print(f"privacy sweep: {len(points)} points ({len(points) - len(todo)} already done "
+              f"in {csv_path}); record-level unit: {UNIT_OF_PRIVACY}; user-level unit: "
+              f"{USER_UNIT_OF_PRIVACY}", flush=True)
+    t_start = time.perf_counter()
+    for n, (mode, eps, seed) in enumerate(todo, 1):
+        cfg = point_config(base, mode, eps, seed)
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="fedrec-sweep-") as tmp, \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            metrics, shared, engine = _run_point(cfg, Path(tmp))
+            attack = run_attack(cfg, shared, attack_clients)
+        row = {"mode": mode, "target_epsilon": eps, "seed": seed,
+               "recall@20": metrics.get("recall@20", math.nan),
+               "ndcg@20": metrics.get("ndcg@20", math.nan),
+               "precision@10": metrics.get("precision@10", math.nan),
+               "record_epsilon": metrics.get("epsilon", 0.0) if cfg.privacy.dp else 0.0,
+               "user_epsilon": metrics.get("user_epsilon", 0.0), **attack,
+               "rounds": metrics.get("rounds", cfg.fed.rounds), "engine": engine,
+               "seconds": time.perf_counter() - t0}
+        done.append(row)
+        _write_points(csv_path, done)
+        if not quiet:
+            elapsed = time.perf_counter() - t_start
+            eta = elapsed / n * (len(todo) - n)
+            eps_text = "inf" if math.isinf(eps) else f"{eps:g}"
+            print(f"[{len(points) - len(todo) + n}/{len(points)}] {mode:<6} eps {eps_text:<4} "
+                  f"seed {seed}: R@20 {row['recall@20']:.4f} NDCG@20 {row['ndcg@20']:.4f} "
+                  f"attack AUC {row['attack_auc']:.3f} ({row['seconds']:.0f}s, "
+                  f"eta {eta / 60:.1f} min)", flush=True)
+    summary = summarize([r for r in done if (r["mode"], float(r["target_epsilon"]),
+                                             int(r["seed"])) in set(points)])
+    (out / "summary.md").write_text(markdown(summary) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    plot(summary, out / "privacy_utility.png")
+    (out / "config.json").write_text(json.dumps(base.to_flat(), indent=2, default=str) + "\n")
+    if not quiet:
+        print(markdown(summary))
+        print(f"results: {out}")
+    return summary
