@@ -61,6 +61,24 @@ def final_metrics(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
+def resume_point(cfg: RunConfig, shared: dict[str, Any]
+                 ) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """(rounds done, shared arrays, checkpoint) to resume from ``checkpoint-dir``.
+
+    Raises ConfigError when there is no checkpoint dir or the checkpoint holds another
+    model or catalogue than ``shared`` (the initial arrays of this config).
+    """
+    if not cfg.fed.checkpoint_dir:
+        raise ConfigError("resume needs checkpoint-dir")
+    ckpt = Path(cfg.fed.checkpoint_dir) / "server.pt"
+    saved = load_checkpoint(ckpt)
+    if set(saved["shared"]) != set(shared) or any(
+            saved["shared"][k].shape != v.shape for k, v in shared.items()):
+        raise ConfigError(f"{ckpt}: checkpoint is of another model/catalogue than this "
+                          "run's config")
+    return saved["round"], saved["shared"], saved
+
+
 def wait_for_nodes(grid: Grid, minimum: int = 1, timeout: float = 600.0) -> None:
     """Block until ``minimum`` nodes are connected.
 
@@ -97,14 +115,7 @@ def run_server(grid: Grid, cfg: RunConfig,
     ckpt = Path(cfg.fed.checkpoint_dir) / "server.pt" if cfg.fed.checkpoint_dir else None
     done = 0
     if cfg.fed.resume:
-        if ckpt is None:
-            raise ConfigError("resume needs checkpoint-dir")
-        saved = load_checkpoint(ckpt)
-        if set(saved["shared"]) != set(shared) or any(
-                saved["shared"][k].shape != v.shape for k, v in shared.items()):
-            raise ConfigError(f"{ckpt}: checkpoint is of another model/catalogue than "
-                              "this run's config")
-        done, shared = saved["round"], saved["shared"]
+        done, shared, saved = resume_point(cfg, shared)
         strategy.resume_from(done, saved["rows"], saved["server_opt"])
         if display:
             display(f"resuming from {ckpt}: {done} of {cfg.fed.rounds} rounds done")
