@@ -207,6 +207,19 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _check_same_config(path: Path, base: RunConfig) -> None:
+    """A sweep dir holds points of one base config: refuse to mix configs."""
+    flat = json.loads(json.dumps(base.to_flat(), default=str))
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(flat) if old.get(k) != flat.get(k))
+        if diff:
+            raise ConfigError(f"{path}: this sweep dir was made with another config "
+                              f"(differs in {diff}); use another --out or the same options")
+    else:
+        path.write_text(json.dumps(flat, indent=2) + "\n")
+
+
 def privacy_sweep(base: RunConfig, out: Path, *, modes: Sequence[str],
                   epsilons: Sequence[float], seeds: Sequence[int], attack_clients: int = 20,
                   quiet: bool = False) -> list[dict[str, Any]]:
@@ -215,6 +228,7 @@ def privacy_sweep(base: RunConfig, out: Path, *, modes: Sequence[str],
 
     points = plan(modes, epsilons, seeds)
     out.mkdir(parents=True, exist_ok=True)
+    _check_same_config(out / "config.json", base)
     csv_path = out / "points.csv"
     done = read_points(csv_path)
     have = {(r["mode"], float(r["target_epsilon"]), int(r["seed"])) for r in done}
@@ -250,12 +264,10 @@ def privacy_sweep(base: RunConfig, out: Path, *, modes: Sequence[str],
                   f"seed {seed}: R@20 {row['recall@20']:.4f} NDCG@20 {row['ndcg@20']:.4f} "
                   f"attack AUC {row['attack_auc']:.3f} ({row['seconds']:.0f}s, "
                   f"eta {eta / 60:.1f} min)", flush=True)
-    summary = summarize([r for r in done if (r["mode"], float(r["target_epsilon"]),
-                                             int(r["seed"])) in set(points)])
+    summary = summarize(done)  # every point of this sweep dir, this run's and earlier ones
     (out / "summary.md").write_text(markdown(summary) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     plot(summary, out / "privacy_utility.png")
-    (out / "config.json").write_text(json.dumps(base.to_flat(), indent=2, default=str) + "\n")
     if not quiet:
         print(markdown(summary))
         print(f"results: {out}")

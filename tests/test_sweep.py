@@ -61,3 +61,13 @@ def test_sweep_writes_table_plot_and_resumes(tmp_path: Path) -> None:
     again = _rows(out / "points.csv")
     assert again[:2] == kept  # finished points untouched, not rerun
     assert again[2]["mode"] == "user"
+
+
+def test_a_sweep_dir_refuses_points_of_another_config(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    args = [a if a != "2,inf" else "inf" for a in ARGS]
+    args[args.index("none,record,user")] = "none"
+    assert main(["privacy-sweep", "--out", str(out), *args]) == 0
+    changed = [a if a != "4" else "8" for a in args]  # --dim 4 -> 8
+    assert main(["privacy-sweep", "--out", str(out), *changed]) == 2
+    assert len(_rows(out / "points.csv")) == 1
