@@ -56,12 +56,53 @@ def _setup(msg: Message, context: Context, overrides: Mapping[str, Any]) -> tupl
     return cfg, data, shared, pid
 
 
+BAD_KINDS = ("raise", "nan", "inf", "shape", "keys", "dtype", "norm")
+
+
+def injected_fault(cfg: RunConfig, pid: int, server_round: int) -> str | None:
+    """Testing only (``fault-rate`` > 0): the fault this client injects this round.
+
+    Every k-th client misbehaves each round, k = round(1 / fault-rate), rotating with the
+    round; ``mixed`` cycles through every kind.
+    """
+    if cfg.fed.fault_rate <= 0:
+        return None
+    k = max(1, round(1 / cfg.fed.fault_rate))
+    if (pid + server_round + cfg.data.seed) % k:
+        return None
+    if cfg.fed.fault_kind == "mixed":
+        return BAD_KINDS[(3 * server_round + pid) % len(BAD_KINDS)]
+    return cfg.fed.fault_kind
+
+
+def corrupt(arrays: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
+    """A bad update of the given kind (for fault-injection tests)."""
+    out = {k: v.copy() for k, v in arrays.items()}
+    key = next(iter(out))
+    if kind == "nan":
+        out[key].flat[0] = np.nan
+    elif kind == "inf":
+        out[key].flat[0] = np.inf
+    elif kind == "shape":
+        out[key] = out[key][:-1]
+    elif kind == "keys":
+        out[key + ".bogus"] = out.pop(key)
+    elif kind == "dtype":
+        out[key] = out[key].astype(np.float64)
+    elif kind == "norm":
+        out[key] = out[key] * 1e6
+    return out
+
+
 def train_handler(msg: Message, context: Context,
                   overrides: Mapping[str, Any] = {}) -> Message:  # noqa: B006 - read only
     """One round of local training."""
     cfg, data, shared, pid = _setup(msg, context, overrides)
     path = state_path(cfg.fed.state_dir, pid)
     server_round = int(msg.content["config"].get("server-round", 0))
+    fault = injected_fault(cfg, pid, server_round)
+    if fault == "raise":
+        raise RuntimeError(f"injected fault (fault-rate {cfg.fed.fault_rate})")
     res = fit_client(cfg, data, shared, load_state(path), seed=cfg.data.seed + pid,
                      server_round=server_round, state_file=path)
     if res.shared is not None:
@@ -75,7 +116,8 @@ def train_handler(msg: Message, context: Context,
         keys.TRAIN_SECONDS: res.seconds,
     })})
     if res.shared is not None:
-        content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in res.shared.items()})
+        shared_out = corrupt(res.shared, fault) if fault else res.shared
+        content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in shared_out.items()})
     if res.touched is not None:
         content[TOUCHED] = ArrayRecord({"items": Array(res.touched)})
     return Message(content, reply_to=msg)
@@ -85,6 +127,8 @@ def evaluate_handler(msg: Message, context: Context,
                      overrides: Mapping[str, Any] = {}) -> Message:  # noqa: B006
     """Evaluate the global shared model with this client's user embeddings."""
     cfg, data, shared, pid = _setup(msg, context, overrides)
+    if injected_fault(cfg, pid, int(msg.content["config"].get("server-round", 0))) == "raise":
+        raise RuntimeError(f"injected fault (fault-rate {cfg.fed.fault_rate})")
     path = state_path(cfg.fed.state_dir, pid)
     counts = evaluate_client(cfg, data, shared, load_state(path), seed=cfg.data.seed + pid,
                              state_file=path)

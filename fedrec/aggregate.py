@@ -91,7 +91,15 @@ class ServerOptimizer:
             return {k: v.copy() for k, v in current.items()}
         if self.kind == "avg":
             return aggregate(updates, current, self.item_keys, self.lr)
-        avg = aggregate(updates, current, self.item_keys, 1.0)
+        return self.step_from_average(aggregate(updates, current, self.item_keys, 1.0),
+                                      current)
+
+    def step_from_average(self, avg: dict[str, np.ndarray], current: dict[str, np.ndarray]
+                          ) -> dict[str, np.ndarray]:
+        """The server step given an already aggregated model ``avg`` (robust rules)."""
+        if self.kind == "avg":
+            return {k: (x + self.lr * (avg[k].astype(np.float64) - x)).astype(x.dtype)
+                    for k, x in current.items()}
         out = {}
         for k, x in current.items():
             g = avg[k].astype(np.float64) - x
@@ -111,3 +119,20 @@ class ServerOptimizer:
         """Restore moments saved by ``state_dict``."""
         self.m = {k[2:]: v for k, v in state.items() if k.startswith("m/")}
         self.v = {k[2:]: v for k, v in state.items() if k.startswith("v/")}
+
+
+def update_norm(arrays: dict[str, np.ndarray], current: dict[str, np.ndarray]) -> float:
+    """L2 norm of a client's update (its arrays minus the global ones), all keys."""
+    return float(np.sqrt(sum(np.sum((arrays[k].astype(np.float64) - v) ** 2)
+                             for k, v in current.items())))
+
+
+def clip_update(arrays: dict[str, np.ndarray], current: dict[str, np.ndarray],
+                max_norm: float) -> dict[str, np.ndarray]:
+    """Scale the update down to ``max_norm`` (unchanged when already within it)."""
+    norm = update_norm(arrays, current)
+    if norm <= max_norm or norm == 0:
+        return arrays
+    scale = max_norm / norm
+    return {k: (v + scale * (arrays[k].astype(np.float64) - v)).astype(v.dtype)
+            for k, v in current.items()}

@@ -19,6 +19,7 @@ from typing import Any
 
 from fedrec.errors import ConfigError
 
+FAULT_KINDS = ("raise", "nan", "inf", "shape", "keys", "dtype", "norm", "mixed")
 DATASETS = ("synthetic", "ml-100k", "ml-1m", "ml-latest-small", "movietweetings", "csv")
 MODELS = ("mf", "neumf", "mlp")
 OBJECTIVES = ("bce", "bpr", "mse")
@@ -208,6 +209,13 @@ class FedConfig:
     item_weighting: str = "auto"  # non-DP aggregation of item rows: "auto", "touched", "uniform"
     server_lr: float = 1.0  # server step on the averaged update (1: FedAvg)
     server_opt: str = "avg"  # server optimizer: "avg" (FedAvg with server-lr) or "adam"
+    aggregation: str = "mean"  # "mean" (fedrec FedAvg), or robust: "median", "trimmed-mean", "krum"
+    trim_fraction: float = 0.1  # trimmed-mean: share cut at each end, per coordinate
+    krum_malicious: int = 1  # krum: assumed number of malicious clients per round
+    max_update_norm: float = 1e4  # drop a client update whose L2 norm exceeds this (0: off)
+    clip_update_norm: float = 0.0  # > 0: scale each client update down to this L2 norm
+    fault_rate: float = 0.0  # testing: every round(1/rate)-th client misbehaves each round
+    fault_kind: str = "raise"  # testing: raise, nan, inf, shape, keys, dtype, norm, mixed
     checkpoint_dir: str = ".fedrec-checkpoint"  # server checkpoint, written every round ("": off)
     resume: bool = False  # continue from the checkpoint in checkpoint-dir up to `rounds`
     num_items: int = 0  # size of the item catalogue (0: read it from the dataset)
@@ -229,6 +237,19 @@ class FedConfig:
         _check(self.item_weighting in ("auto", "touched", "uniform"), "item-weighting",
                "'auto', 'touched' or 'uniform'", self.item_weighting)
         _check(self.num_items >= 0, "num-items", "an integer >= 0", self.num_items)
+        _check(self.aggregation in ("mean", "median", "trimmed-mean", "krum"), "aggregation",
+               "'mean', 'median', 'trimmed-mean' or 'krum'", self.aggregation)
+        _check(0 <= self.trim_fraction < 0.5, "trim-fraction", "a number in [0, 0.5)",
+               self.trim_fraction)
+        _check(self.krum_malicious >= 0, "krum-malicious", "an integer >= 0",
+               self.krum_malicious)
+        _check(self.max_update_norm >= 0, "max-update-norm", "a number >= 0",
+               self.max_update_norm)
+        _check(self.clip_update_norm >= 0, "clip-update-norm", "a number >= 0",
+               self.clip_update_norm)
+        _check(0 <= self.fault_rate <= 1, "fault-rate", "a number in [0, 1]", self.fault_rate)
+        _check(self.fault_kind in FAULT_KINDS, "fault-kind", f"one of {FAULT_KINDS}",
+               self.fault_kind)
         _check(self.server_opt in ("avg", "adam"), "server-opt", "'avg' or 'adam'",
                self.server_opt)
         _check(0 < self.server_lr <= 100, "server-lr", "a number in (0, 100]", self.server_lr)

@@ -18,9 +18,11 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+from flwr.serverapp.strategy.multikrum import compute_distances
 
 from fedrec import keys
-from fedrec.aggregate import ServerOptimizer, Update, aggregate
+from fedrec.aggregate import ServerOptimizer, Update, aggregate, clip_update, update_norm
 from fedrec.config import RunConfig
 from fedrec.metrics import finalize, merge_counts
 
@@ -105,14 +107,44 @@ class FedRecStrategy(FedAvg):
         for k, v in arrays.items():
             if v.shape != self.current[k].shape:
                 return f"{k} has shape {v.shape}, expected {self.current[k].shape}"
+            if v.dtype != self.current[k].dtype:
+                return f"{k} has dtype {v.dtype}, expected {self.current[k].dtype}"
             if not np.all(np.isfinite(v)):
                 return f"{k} has non-finite values"
+        limit = self.cfg.fed.max_update_norm
+        if limit > 0:
+            norm = update_norm(arrays, self.current)
+            if norm > limit:
+                return f"update norm {norm:.3g} exceeds max-update-norm {limit:g}"
+        if self.cfg.fed.clip_update_norm > 0:
+            arrays = clip_update(arrays, self.current, self.cfg.fed.clip_update_norm)
         metrics = content[METRICS]
         weight = float(metrics.get(keys.NUM_EXAMPLES, 0))
         touched = None
         if TOUCHED in content:
             touched = content[TOUCHED]["items"].numpy()
         return Update(arrays, weight, touched)
+
+    def _robust(self, updates: list[Update]) -> dict[str, np.ndarray]:
+        """Flower's robust rules over the (validated, possibly clipped) updates.
+
+        Coordinate-wise median (as FedMedian), trimmed mean (FedTrimmedAvg's
+        ``trim_mean``) or Krum (MultiKrum's distance rule, one update selected). They
+        ignore example weights and item-row masks.
+        """
+        fed = self.cfg.fed
+        if fed.aggregation == "krum":
+            dist = compute_distances([to_record(u.arrays) for u in updates])
+            closest = max(1, len(updates) - fed.krum_malicious - 2)
+            scores = [np.sort(row)[1:closest + 1].sum() for row in dist]
+            return dict(updates[int(np.argmin(scores))].arrays)
+        out = {}
+        for key in self.current:
+            stack = np.stack([u.arrays[key] for u in updates]).astype(np.float64)
+            agg = (np.median(stack, axis=0) if fed.aggregation == "median"
+                   else trim_mean(stack, fed.trim_fraction))
+            out[key] = agg.astype(self.current[key].dtype)
+        return out
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -146,6 +178,8 @@ class FedRecStrategy(FedAvg):
             avg = aggregate(updates, self.current, self.item_keys, 1.0)
             scale = len(updates) / max(self.expected_clients, len(updates))
             new = {k: (v + scale * (avg[k] - v)).astype(v.dtype) for k, v in self.current.items()}
+        elif self.cfg.fed.aggregation != "mean" and updates:
+            new = self.server_opt.step_from_average(self._robust(updates), self.current)
         else:
             new = self.server_opt.step(updates, self.current)
         n_ex = sum(w for _, w in losses)
@@ -204,6 +238,27 @@ class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
         super().__init__(inner, noise, clip, inner.expected_clients)
         self.inner = inner
         self.noise = noise
+
+    def _robust(self, updates: list[Update]) -> dict[str, np.ndarray]:
+        """Flower's robust rules over the (validated, possibly clipped) updates.
+
+        Coordinate-wise median (as FedMedian), trimmed mean (FedTrimmedAvg's
+        ``trim_mean``) or Krum (MultiKrum's distance rule, one update selected). They
+        ignore example weights and item-row masks.
+        """
+        fed = self.cfg.fed
+        if fed.aggregation == "krum":
+            dist = compute_distances([to_record(u.arrays) for u in updates])
+            closest = max(1, len(updates) - fed.krum_malicious - 2)
+            scores = [np.sort(row)[1:closest + 1].sum() for row in dist]
+            return dict(updates[int(np.argmin(scores))].arrays)
+        out = {}
+        for key in self.current:
+            stack = np.stack([u.arrays[key] for u in updates]).astype(np.float64)
+            agg = (np.median(stack, axis=0) if fed.aggregation == "median"
+                   else trim_mean(stack, fed.trim_fraction))
+            out[key] = agg.astype(self.current[key].dtype)
+        return out
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
