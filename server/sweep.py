@@ -212,7 +212,10 @@ def _check_same_config(path: Path, base: RunConfig) -> None:
     flat = json.loads(json.dumps(base.to_flat(), default=str))
     if path.exists():
         old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(flat) if old.get(k) != flat.get(k))
+        defaults = json.loads(json.dumps(RunConfig().to_flat(), default=str))
+        diff = sorted(k for k in set(old) | set(flat) if old.get(k) != flat.get(k)
+                      # keys added by a newer fedrec, at their default, change nothing
+                      and not (k not in old and flat.get(k) == defaults.get(k)))
         if diff:
             raise ConfigError(f"{path}: this sweep dir was made with another config "
                               f"(differs in {diff}); use another --out or the same options")

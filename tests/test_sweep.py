@@ -71,3 +71,20 @@ def test_a_sweep_dir_refuses_points_of_another_config(tmp_path: Path) -> None:
     changed = [a if a != "4" else "8" for a in args]  # --dim 4 -> 8
     assert main(["privacy-sweep", "--out", str(out), *changed]) == 2
     assert len(_rows(out / "points.csv")) == 1
+
+
+def test_keys_added_later_at_their_default_do_not_split_a_sweep(tmp_path: Path) -> None:
+    import json
+
+    from fedrec.config import RunConfig
+    from server.sweep import _check_same_config
+
+    path = tmp_path / "config.json"
+    base = RunConfig.from_flat({"rounds": 3})
+    _check_same_config(path, base)
+    old = json.loads(path.read_text())
+    del old["max-update-norm"]  # a sweep dir made before this key existed
+    path.write_text(json.dumps(old))
+    _check_same_config(path, base)  # same behaviour: accepted
+    with pytest.raises(ConfigError, match="max-update-norm"):
+        _check_same_config(path, RunConfig.from_flat({"rounds": 3, "max-update-norm": 5.0}))
