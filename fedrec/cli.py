@@ -23,6 +23,9 @@ from fedrec.errors import ConfigError, FedrecError
 
 log = logging.getLogger("fedrec")
 
+# Keys a simulation/sweep sets itself (per run directory), so they are not options there.
+RUN_MANAGED = ("out_dir", "state_dir", "verbose", "checkpoint_dir", "resume")
+
 
 def _field_help(cls: type) -> dict[str, str]:
     """Field name -> the comment written after it in the dataclass source."""
@@ -220,8 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/simulate", help="results directory")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     s.add_argument("--quiet", action="store_true", help="no per-round display")
-    add_config_options(s, exclude=("out_dir", "state_dir", "verbose", "checkpoint_dir",
-                                         "resume"))
+    add_config_options(s, exclude=RUN_MANAGED)
     s.set_defaults(func=_cmd_simulate)
 
     ps = sub.add_parser("privacy-sweep", help="federated runs over epsilon x seeds x DP modes",
@@ -238,8 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--attack-clients", type=int, default=20,
                     help="clients whose uploads the leakage attack inspects per point")
     ps.add_argument("--quiet", action="store_true", help="no progress lines")
-    add_config_options(ps, exclude=("out_dir", "state_dir", "verbose", "checkpoint_dir",
-                                    "resume", "dp", "user_dp", "seed"))
+    add_config_options(ps, exclude=(*RUN_MANAGED, "dp", "user_dp", "seed"))
     ps.set_defaults(func=_cmd_sweep)
 
     data = sub.add_parser("data", help="download or inspect datasets")

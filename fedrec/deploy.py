@@ -30,22 +30,17 @@ from fedrec.config import DataConfig
 from fedrec.data import load_dataset
 from fedrec.errors import ConfigError
 from fedrec.partition import partition_users
+from fedrec.report import write_bytes_atomic
 
 CATALOGUE = "catalogue.csv"
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data, mode=0o600)
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data, mode=0o644)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -53,7 +53,6 @@ def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | N
     server = ServerOptimizer(cfg.fed, item_keys(cfg, split.n_items))
     states: list[ClientState | None] = [None] * len(clients)
     rng = np.random.default_rng(cfg.data.seed)
-    per_row = not cfg.privacy.dp and cfg.fed.item_weighting != "uniform"
     rows: list[dict[str, Any]] = []
     for rnd in range(1, cfg.fed.rounds + 1):
         t0 = time.perf_counter()
@@ -70,8 +69,8 @@ def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | N
                 exhausted += int(res.exhausted)
                 continue
             states[i] = res.state
-            updates.append(Update(res.shared, res.num_examples,
-                                  res.touched if per_row else None))
+            # fit_client sends no mask under DP or with uniform weighting
+            updates.append(Update(res.shared, res.num_examples, res.touched))
             losses.append((res.loss, res.num_examples))
         shared = server.step(updates, shared)
         counts = [evaluate_client(cfg, c, shared, states[i], seed=cfg.data.seed + i)

@@ -68,17 +68,9 @@ def load_state(path: Path) -> ClientState | None:
     """
     if not path.exists():
         return None
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for bad files
-        raise StateError(f"{path}: corrupted client state ({type(err).__name__}); refusing "
-                         "to start over, which would reset this client's epsilon. Restore "
-                         "the file or remove it deliberately") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise StateError(f"{path}: not a fedrec client state file")
-    if payload.get("version") != VERSION:
-        raise StateError(f"{path}: client state version {payload.get('version')!r}; this "
-                         f"fedrec reads version {VERSION}")
+    payload = _load(path, FORMAT, "client state",
+                    hint="; refusing to start over, which would reset this client's epsilon. "
+                    "Restore the file or remove it deliberately")
     try:
         return ClientState(
             local=dict(payload["local"]),
@@ -90,11 +82,12 @@ def load_state(path: Path) -> ClientState | None:
         raise StateError(f"{path}: client state is missing or has a bad field ({err})") from None
 
 
-def _load(path: Path, fmt: str, what: str) -> dict[str, Any]:
+def _load(path: Path, fmt: str, what: str, hint: str = "") -> dict[str, Any]:
+    """A fedrec file of format ``fmt``: StateError naming it if unreadable or foreign."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for bad files
-        raise StateError(f"{path}: corrupted {what} ({type(err).__name__})") from None
+        raise StateError(f"{path}: corrupted {what} ({type(err).__name__}){hint}") from None
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         raise StateError(f"{path}: not a fedrec {what} file")
     if payload.get("version") != VERSION:

@@ -239,27 +239,6 @@ class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
         self.inner = inner
         self.noise = noise
 
-    def _robust(self, updates: list[Update]) -> dict[str, np.ndarray]:
-        """Flower's robust rules over the (validated, possibly clipped) updates.
-
-        Coordinate-wise median (as FedMedian), trimmed mean (FedTrimmedAvg's
-        ``trim_mean``) or Krum (MultiKrum's distance rule, one update selected). They
-        ignore example weights and item-row masks.
-        """
-        fed = self.cfg.fed
-        if fed.aggregation == "krum":
-            dist = compute_distances([to_record(u.arrays) for u in updates])
-            closest = max(1, len(updates) - fed.krum_malicious - 2)
-            scores = [np.sort(row)[1:closest + 1].sum() for row in dist]
-            return dict(updates[int(np.argmin(scores))].arrays)
-        out = {}
-        for key in self.current:
-            stack = np.stack([u.arrays[key] for u in updates]).astype(np.float64)
-            agg = (np.median(stack, axis=0) if fed.aggregation == "median"
-                   else trim_mean(stack, fed.trim_fraction))
-            out[key] = agg.astype(self.current[key].dtype)
-        return out
-
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Clip + average + noise (Flower), then the server step; account epsilon."""

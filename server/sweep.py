@@ -29,6 +29,7 @@ import numpy as np
 from fedrec.config import RunConfig
 from fedrec.errors import ConfigError
 from fedrec.privacy import UNIT_OF_PRIVACY, USER_UNIT_OF_PRIVACY
+from fedrec.report import write_bytes_atomic
 
 MODES = ("none", "record", "user", "both")
 FIELDS = ["mode", "target_epsilon", "seed", "recall@20", "ndcg@20", "precision@10",
@@ -107,10 +108,7 @@ def _write_points(path: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=FIELDS)
     writer.writeheader()
     writer.writerows(rows)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(buf.getvalue())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buf.getvalue().encode())
 
 
 def read_points(path: Path) -> list[dict[str, Any]]:
@@ -220,7 +218,7 @@ def _check_same_config(path: Path, base: RunConfig) -> None:
             raise ConfigError(f"{path}: this sweep dir was made with another config "
                               f"(differs in {diff}); use another --out or the same options")
     else:
-        path.write_text(json.dumps(flat, indent=2) + "\n")
+        write_bytes_atomic(path, (json.dumps(flat, indent=2) + "\n").encode())
 
 
 def privacy_sweep(base: RunConfig, out: Path, *, modes: Sequence[str],
@@ -268,8 +266,9 @@ def privacy_sweep(base: RunConfig, out: Path, *, modes: Sequence[str],
                   f"attack AUC {row['attack_auc']:.3f} ({row['seconds']:.0f}s, "
                   f"eta {eta / 60:.1f} min)", flush=True)
     summary = summarize(done)  # every point of this sweep dir, this run's and earlier ones
-    (out / "summary.md").write_text(markdown(summary) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_bytes_atomic(out / "summary.md", (markdown(summary) + "\n").encode())
+    write_bytes_atomic(out / "summary.json",
+                       (json.dumps(summary, indent=2, default=str) + "\n").encode())
     plot(summary, out / "privacy_utility.png")
     if not quiet:
         print(markdown(summary))
