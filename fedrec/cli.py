@@ -191,6 +191,15 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     print(shlex.join(cmd), flush=True)
     if args.print_only:
         return 0
+    need = [Path(args.dir) / "ca.crt"]
+    if act == "superlink":
+        need += [Path(args.dir) / "server.pem", Path(args.dir) / "server.key"]
+    else:
+        need += [Path(args.key), Path(args.data_file), Path(args.catalogue_file)]
+    missing = [str(p) for p in need if not p.is_file()]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: not found (run 'fedrec deploy certs' / "
+                          "'fedrec deploy split-data', or check the paths)")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.execvp(cmd[0], cmd)  # replaces this process: stop it with Ctrl-C or its PID
 

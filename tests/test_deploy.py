@@ -103,3 +103,16 @@ def test_tls_authenticated_deployment_trains_refuses_strangers_and_keeps_state(
     assert after.last_epsilon > before.last_epsilon
     assert second["epsilon"] >= after.last_epsilon - 1e-9
     assert not torch.equal(after.local["user_emb.weight"], before.local["user_emb.weight"])
+
+
+def test_deploy_commands_name_missing_files_before_starting_flower(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from fedrec.cli import main
+
+    assert main(["deploy", "superlink", "--dir", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'ca.crt'}" in capsys.readouterr().err
+    deploy.make_certificates(tmp_path)
+    assert main(["deploy", "supernode", "--dir", str(tmp_path), "--key", str(tmp_path / "k"),
+                 "--data-file", "d.csv", "--catalogue-file", "c.csv",
+                 "--state-dir", str(tmp_path / "s")]) == 2
+    assert "k, d.csv, c.csv: not found" in capsys.readouterr().err
