@@ -8,6 +8,7 @@ node's state directory and data.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -75,6 +76,16 @@ def injected_fault(cfg: RunConfig, pid: int, server_round: int) -> str | None:
     return cfg.fed.fault_kind
 
 
+def act_on_fault(cfg: RunConfig, fault: str | None) -> None:
+    """Raise for ``raise``; for ``timeout`` reply (with an error) only after the deadline."""
+    if fault == "timeout":
+        time.sleep(cfg.fed.round_timeout + 5.0)
+        raise RuntimeError(f"injected timeout: replied after round-timeout "
+                           f"{cfg.fed.round_timeout:g} s")
+    if fault == "raise":
+        raise RuntimeError(f"injected fault (fault-rate {cfg.fed.fault_rate})")
+
+
 def corrupt(arrays: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
     """A bad update of the given kind (for fault-injection tests)."""
     out = {k: v.copy() for k, v in arrays.items()}
@@ -101,8 +112,7 @@ def train_handler(msg: Message, context: Context,
     path = state_path(cfg.fed.state_dir, pid)
     server_round = int(msg.content["config"].get("server-round", 0))
     fault = injected_fault(cfg, pid, server_round)
-    if fault == "raise":
-        raise RuntimeError(f"injected fault (fault-rate {cfg.fed.fault_rate})")
+    act_on_fault(cfg, fault)
     res = fit_client(cfg, data, shared, load_state(path), seed=cfg.data.seed + pid,
                      server_round=server_round, state_file=path)
     if res.shared is not None:
@@ -127,8 +137,8 @@ def evaluate_handler(msg: Message, context: Context,
                      overrides: Mapping[str, Any] = {}) -> Message:  # noqa: B006
     """Evaluate the global shared model with this client's user embeddings."""
     cfg, data, shared, pid = _setup(msg, context, overrides)
-    if injected_fault(cfg, pid, int(msg.content["config"].get("server-round", 0))) == "raise":
-        raise RuntimeError(f"injected fault (fault-rate {cfg.fed.fault_rate})")
+    fault = injected_fault(cfg, pid, int(msg.content["config"].get("server-round", 0)))
+    act_on_fault(cfg, fault if fault in ("raise", "timeout") else None)
     path = state_path(cfg.fed.state_dir, pid)
     counts = evaluate_client(cfg, data, shared, load_state(path), seed=cfg.data.seed + pid,
                              state_file=path)

@@ -29,6 +29,63 @@ class Update:
     touched: np.ndarray | None = None  # [n_items] 0/1, item rows trained on
 
 
+class MeanAccumulator:
+    """Weighted FedAvg, one update at a time, in memory the size of one model.
+
+    ``add`` folds an update into float64 running sums and keeps nothing of it, so a
+    round of thousands of clients never holds their updates together. Item rows are
+    averaged over the clients that trained them when every update added has a mask.
+    """
+
+    def __init__(self, current: dict[str, np.ndarray], item_keys: Sequence[str]) -> None:
+        self.current = current
+        self.count, self.weight, self.masked = 0, 0.0, True
+        # weighted and (for example counts of 0) unweighted sums, whole arrays and per row
+        self.sums = {k: np.zeros((2,) + v.shape, np.float64) for k, v in current.items()}
+        self.rows = {k: np.zeros((2,) + current[k].shape, np.float64) for k in item_keys}
+        self.dens = {k: np.zeros((2, current[k].shape[0]), np.float64) for k in item_keys}
+
+    def add(self, update: Update) -> None:
+        """Fold one valid update (same keys and shapes as ``current``) into the sums."""
+        w = float(update.weight)
+        self.count += 1
+        self.weight += w
+        self.masked = self.masked and update.touched is not None
+        for key in self.current:  # keys outside the global model are never aggregated
+            x = update.arrays[key].astype(np.float64)
+            self.sums[key][0] += w * x
+            self.sums[key][1] += x
+            if key in self.rows and self.masked:
+                m = update.touched.astype(np.float64)  # type: ignore[union-attr]
+                mx = x * m.reshape(m.shape + (1,) * (x.ndim - 1))
+                self.rows[key][0] += w * mx
+                self.rows[key][1] += mx
+                self.dens[key][0] += w * m
+                self.dens[key][1] += m
+
+    def average(self) -> dict[str, np.ndarray]:
+        """The (float64) average; ``current`` when nothing was added."""
+        if not self.count:
+            return {k: v.astype(np.float64) for k, v in self.current.items()}
+        i = 0 if self.weight > 0 else 1  # no example counts: every update weighs the same
+        total = self.weight if i == 0 else float(self.count)
+        out = {}
+        for key, cur in self.current.items():
+            if key in self.rows and self.masked:
+                den = self.dens[key][i].reshape((-1,) + (1,) * (cur.ndim - 1))
+                out[key] = np.where(den > 0, self.rows[key][i] / np.maximum(den, 1e-300),
+                                    cur)
+            else:
+                out[key] = self.sums[key][i] / total
+        return out
+
+    def step(self, server_lr: float = 1.0) -> dict[str, np.ndarray]:
+        """``current + server_lr * (average - current)`` in ``current``'s dtypes."""
+        avg = self.average()
+        return {k: (cur + server_lr * (avg[k] - cur)).astype(cur.dtype)
+                for k, cur in self.current.items()}
+
+
 def aggregate(updates: Sequence[Update], current: dict[str, np.ndarray],
               item_keys: Sequence[str], server_lr: float = 1.0) -> dict[str, np.ndarray]:
     """New global shared arrays.
@@ -43,28 +100,10 @@ def aggregate(updates: Sequence[Update], current: dict[str, np.ndarray],
     Returns:
         Aggregated arrays (``current`` unchanged if there are no updates).
     """
-    if not updates:
-        return {k: v.copy() for k, v in current.items()}
-    weights = np.array([u.weight for u in updates], dtype=np.float64)
-    if weights.sum() <= 0:
-        weights = np.ones_like(weights)
-    per_row = all(u.touched is not None for u in updates)
-    out: dict[str, np.ndarray] = {}
-    for key, cur in current.items():
-        stack = np.stack([u.arrays[key] for u in updates]).astype(np.float64)
-        if per_row and key in item_keys:
-            mask = np.stack([u.touched for u in updates]).astype(np.float64)  # [C, items]
-            w = mask * weights[:, None]
-            total = w.sum(0)  # [items]
-            w = w.reshape(w.shape + (1,) * (stack.ndim - 2))
-            num = (stack * w).sum(0)
-            den = total.reshape(total.shape + (1,) * (stack.ndim - 2))
-            avg = np.where(den > 0, num / np.maximum(den, 1e-300), cur)
-        else:
-            w = (weights / weights.sum()).reshape((-1,) + (1,) * (stack.ndim - 1))
-            avg = (stack * w).sum(0)
-        out[key] = (cur + server_lr * (avg - cur)).astype(cur.dtype)
-    return out
+    acc = MeanAccumulator(current, item_keys)
+    for u in updates:
+        acc.add(u)
+    return acc.step(server_lr)
 
 
 class ServerOptimizer:
@@ -87,12 +126,19 @@ class ServerOptimizer:
     def step(self, updates: Sequence[Update], current: dict[str, np.ndarray]
              ) -> dict[str, np.ndarray]:
         """New global arrays from this round's valid updates."""
-        if not updates:
+        acc = MeanAccumulator(current, self.item_keys)
+        for u in updates:
+            acc.add(u)
+        return self.step_accumulated(acc)
+
+    def step_accumulated(self, acc: MeanAccumulator) -> dict[str, np.ndarray]:
+        """New global arrays from updates already folded into ``acc`` (streaming)."""
+        current = acc.current
+        if not acc.count:
             return {k: v.copy() for k, v in current.items()}
         if self.kind == "avg":
-            return aggregate(updates, current, self.item_keys, self.lr)
-        return self.step_from_average(aggregate(updates, current, self.item_keys, 1.0),
-                                      current)
+            return acc.step(self.lr)
+        return self.step_from_average(acc.step(1.0), current)
 
     def step_from_average(self, avg: dict[str, np.ndarray], current: dict[str, np.ndarray]
                           ) -> dict[str, np.ndarray]:

@@ -82,7 +82,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from server.simulation import simulate  # Flower is imported only here
 
     simulate(config_from_args(args), Path(args.out), overwrite=args.overwrite,
-             quiet=args.quiet, verbose=args.verbose)
+             quiet=args.quiet, verbose=args.verbose, resume=args.resume)
     return 0
 
 
@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/simulate", help="results directory")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     s.add_argument("--quiet", action="store_true", help="no per-round display")
+    s.add_argument("--resume", action="store_true",
+                   help="continue a killed or interrupted run of this --out from its last "
+                        "server checkpoint (same options; --rounds may grow)")
     add_config_options(s, exclude=RUN_MANAGED)
     s.set_defaults(func=_cmd_simulate)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from fedrec.errors import ConfigError
 
-FAULT_KINDS = ("raise", "nan", "inf", "shape", "keys", "dtype", "norm", "mixed")
+FAULT_KINDS = ("raise", "nan", "inf", "shape", "keys", "dtype", "norm", "mixed", "timeout")
 DATASETS = ("synthetic", "ml-100k", "ml-1m", "ml-latest-small", "movietweetings", "csv")
 MODELS = ("mf", "neumf", "mlp")
 OBJECTIVES = ("bce", "bpr", "mse")
@@ -215,7 +215,8 @@ class FedConfig:
     max_update_norm: float = 1e4  # drop a client update whose L2 norm exceeds this (0: off)
     clip_update_norm: float = 0.0  # > 0: scale each client update down to this L2 norm
     fault_rate: float = 0.0  # testing: every round(1/rate)-th client misbehaves each round
-    fault_kind: str = "raise"  # testing: raise, nan, inf, shape, keys, dtype, norm, mixed
+    fault_kind: str = "raise"  # testing: raise, nan, inf, shape, keys, dtype, norm, mixed, timeout
+    round_timeout: float = 3600.0  # seconds the server waits for replies per train/evaluate step
     checkpoint_dir: str = ".fedrec-checkpoint"  # server checkpoint, written every round ("": off)
     resume: bool = False  # continue from the checkpoint in checkpoint-dir up to `rounds`
     num_items: int = 0  # size of the item catalogue (0: read it from the dataset)
@@ -247,6 +248,8 @@ class FedConfig:
                self.max_update_norm)
         _check(self.clip_update_norm >= 0, "clip-update-norm", "a number >= 0",
                self.clip_update_norm)
+        _check(self.round_timeout > 0, "round-timeout", "a number of seconds > 0",
+               self.round_timeout)
         _check(0 <= self.fault_rate <= 1, "fault-rate", "a number in [0, 1]", self.fault_rate)
         _check(self.fault_kind in FAULT_KINDS, "fault-kind", f"one of {FAULT_KINDS}",
                self.fault_kind)

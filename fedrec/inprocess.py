@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fedrec.aggregate import ServerOptimizer, Update
+from fedrec.aggregate import MeanAccumulator, ServerOptimizer, Update
 from fedrec.config import RunConfig
 from fedrec.errors import ConfigError
 from fedrec.federated import (
@@ -45,12 +45,19 @@ def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | N
     if cfg.privacy.user_dp:
         raise ConfigError("user-dp uses Flower's DP wrapper: run it with fedrec simulate "
                           "(or privacy-sweep, which does)")
+    if cfg.fed.aggregation != "mean":
+        raise ConfigError(f"aggregation {cfg.fed.aggregation!r}: robust rules run through "
+                          "Flower's strategies; use fedrec simulate")
+    if cfg.fed.fault_rate > 0:
+        raise ConfigError("fault-rate: fault injection runs through Flower's messaging; use "
+                          "fedrec simulate")
     split = cached_split(cfg.data)
     parts = partition_users(cfg.fed.partition, split.n_users, cfg.fed.num_clients,
                             cfg.data.seed)
     clients = [split_for_users(split, users) for users in parts]
     shared = init_shared(cfg, split.n_items)
-    server = ServerOptimizer(cfg.fed, item_keys(cfg, split.n_items))
+    keys = item_keys(cfg, split.n_items)
+    server = ServerOptimizer(cfg.fed, keys)
     states: list[ClientState | None] = [None] * len(clients)
     rng = np.random.default_rng(cfg.data.seed)
     rows: list[dict[str, Any]] = []
@@ -60,7 +67,8 @@ def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | N
                        int(round(cfg.fed.fraction * len(clients))))
         chosen = (range(len(clients)) if n_sample >= len(clients)
                   else sorted(rng.choice(len(clients), n_sample, replace=False)))
-        updates, eps, losses, exhausted = [], [], [], 0
+        acc = MeanAccumulator(shared, keys)
+        eps, losses, exhausted = [], [], 0
         for i in chosen:
             res = fit_client(cfg, clients[i], shared, states[i], seed=cfg.data.seed + i,
                              server_round=rnd)
@@ -70,14 +78,14 @@ def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | N
                 continue
             states[i] = res.state
             # fit_client sends no mask under DP or with uniform weighting
-            updates.append(Update(res.shared, res.num_examples, res.touched))
+            acc.add(Update(res.shared, res.num_examples, res.touched))
             losses.append((res.loss, res.num_examples))
-        shared = server.step(updates, shared)
+        shared = server.step_accumulated(acc)
         counts = [evaluate_client(cfg, c, shared, states[i], seed=cfg.data.seed + i)
                   for i, c in enumerate(clients)]
         n_ex = sum(w for _, w in losses)
         row: dict[str, Any] = {
-            "round": rnd, "clients": len(updates), "exhausted": exhausted,
+            "round": rnd, "clients": acc.count, "exhausted": exhausted,
             "train-loss": sum(v * w for v, w in losses) / n_ex if n_ex else math.nan,
             "epsilon-max": max(eps, default=0.0),
             "epsilon-mean": float(np.mean(eps)) if eps else 0.0,

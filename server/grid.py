@@ -1,23 +1,27 @@
-"""A Grid wrapper that polls for replies more often than Flower's deployment Grid.
+"""A Grid wrapper that hands replies over as they arrive, polling every 0.1 s.
 
-Flower 1.42's ``HttpGrid.send_and_receive`` (deployment) sleeps 3 s between pulls, so a
-round waits up to 3 s after the last reply, twice (train, evaluate). This wrapper uses
-the same public ``push_messages`` / ``pull_messages`` calls with a shorter interval. In
-simulation (``InMemoryGrid``, already polling quickly) it is not used.
+Flower 1.42's ``send_and_receive`` collects every reply of a round in a list before the
+strategy sees any: with thousands of clients that is thousands of full item tables in
+the server's memory at once (about 3 GB per round for 6,040 ML-1M-shaped clients). This
+wrapper pushes the messages, then yields replies as it pulls them, so the strategy can
+fold each into running sums and drop it (``FedRecStrategy.aggregate_train``). It uses
+the Grid's public ``push_messages`` / ``pull_messages`` calls. In deployment it also
+replaces ``HttpGrid``'s 3 s pull interval, which made a round wait up to 3 s after the
+last reply, twice (train, evaluate).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 
-class FastPollGrid(Grid):
-    """Delegates everything to ``inner``; ``send_and_receive`` polls every ``interval`` s."""
+class StreamingGrid(Grid):
+    """Delegates to ``inner``; ``send_and_receive`` yields replies as they are pulled."""
 
     def __init__(self, inner: Grid, interval: float = 0.1) -> None:
         self.inner, self.interval = inner, interval
@@ -49,14 +53,19 @@ class FastPollGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
-        """Push, then pull every ``interval`` s until all replies came or ``timeout``."""
+        """Push now; the returned iterator pulls every ``interval`` s until all replies
+        came or ``timeout`` s passed, yielding each reply as soon as it is pulled."""
         pending = set(self.push_messages(messages))
+        return self._replies(pending, timeout)
+
+    def _replies(self, pending: set[str], timeout: float | None) -> Iterator[Message]:
         end = time.monotonic() + (timeout or 0.0)
-        replies: list[Message] = []
         while pending and (timeout is None or time.monotonic() < end):
             got = list(self.pull_messages(pending))
-            replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            if pending:
+            idle = not got
+            got.reverse()
+            while got:
+                yield got.pop()  # the caller drops each reply before the next
+            if pending and idle:
                 time.sleep(self.interval)
-        return replies

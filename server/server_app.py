@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from fedrec import __version__, privacy, report
 from fedrec.config import RunConfig
@@ -26,7 +25,7 @@ from fedrec.federated import cached_split, catalogue_size, init_shared, item_key
 from fedrec.partition import num_partitions
 from fedrec.privacy import UNIT_OF_PRIVACY
 from fedrec.state import load_checkpoint, save_checkpoint
-from server.grid import FastPollGrid
+from server.grid import StreamingGrid
 from server.strategy import FedRecStrategy, UserLevelDP, to_numpy, to_record
 
 log = logging.getLogger("fedrec.server")
@@ -133,7 +132,8 @@ def run_server(grid: Grid, cfg: RunConfig,
     if done < cfg.fed.rounds:
         result = runner.start(grid=grid, initial_arrays=to_record(shared),
                                 num_rounds=cfg.fed.rounds - done, train_config=ConfigRecord(),
-                                evaluate_config=ConfigRecord())
+                                evaluate_config=ConfigRecord(),
+                                timeout=cfg.fed.round_timeout)
         final_arrays = to_numpy(result.arrays)
     else:
         final_arrays = shared
@@ -164,8 +164,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None,
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = RunConfig.from_flat({**context.run_config, **over})
-        if not isinstance(grid, InMemoryGrid):  # deployment: Flower polls every 3 s
-            grid = FastPollGrid(grid)
+        grid = StreamingGrid(grid)  # replies one at a time; deployment: no 3 s polls
         run_server(grid, cfg, display)
 
     return server_app

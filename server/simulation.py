@@ -2,7 +2,9 @@
 
 One virtual SuperNode per client partition (Ray backend, one CPU each). The run config
 is the same flat mapping ``flwr run`` would pass; results go to a hidden temporary
-folder that becomes ``--out`` only when the run has finished.
+folder that becomes ``--out`` only when the run has finished. The server checkpoint and
+the clients' state live in ``.<out>.work`` next to ``--out`` while the run is going, so
+a run that was killed or interrupted continues with ``resume=True`` (``--resume``).
 """
 
 from __future__ import annotations
@@ -10,15 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 from fedrec.config import RunConfig
-from fedrec.errors import FedrecError
+from fedrec.errors import ConfigError, FedrecError
 from fedrec.federated import cached_split
 from fedrec.partition import num_partitions
-from fedrec.report import RunDir
+from fedrec.report import RunDir, write_json_atomic
 
 
 def _quiet_flower() -> None:
@@ -30,9 +33,51 @@ def _quiet_flower() -> None:
     warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
 
 
+# run-config keys a resumed run may change (the rest must match the interrupted run)
+RESUMABLE_CHANGES = ("rounds",)
+_RUN_KEYS = ("out-dir", "state-dir", "checkpoint-dir", "resume", "verbose")  # set by simulate
+
+
+def work_dir(out: Path) -> Path:
+    """Where a running simulation keeps its server checkpoint and client state."""
+    return out.parent / f".{out.name}.work"
+
+
+def _prepare_work(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool) -> Path:
+    """Create, reuse (``resume``) or refuse the work directory of ``out``."""
+    work = work_dir(out)
+    flat = {k: v for k, v in cfg.to_flat().items()
+            if k not in RESUMABLE_CHANGES + _RUN_KEYS}
+    saved_cfg = work / "config.json"
+    if resume:
+        if not (work / "checkpoint" / "server.pt").is_file() or not saved_cfg.is_file():
+            raise FedrecError(f"{out}: nothing to resume (no checkpoint in {work}); run "
+                              "without --resume")
+        saved = json.loads(saved_cfg.read_text())
+        changed = sorted(k for k in flat if json.dumps(flat[k], default=str)
+                         != json.dumps(saved.get(k), default=str))
+        if changed:
+            raise ConfigError(f"{out}: --resume with other settings than the interrupted run "
+                              f"({', '.join(changed)}); only {', '.join(RESUMABLE_CHANGES)} "
+                              "may change")
+        return work
+    if work.exists():
+        if not overwrite:
+            raise FedrecError(f"{out}: an interrupted run left {work}; pass --resume to "
+                              "continue it, or --overwrite to start over")
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    write_json_atomic(saved_cfg, json.loads(json.dumps(flat, default=str)))
+    return work
+
+
 def simulate(cfg: RunConfig, out: Path, *, overwrite: bool = False, quiet: bool = False,
-             verbose: bool = False) -> dict[str, Any]:
-    """Run a federated simulation; return the final metrics (also in ``out``)."""
+             verbose: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Run a federated simulation; return the final metrics (also in ``out``).
+
+    ``resume`` continues an interrupted run of the same ``out`` from its last server
+    checkpoint (clients keep their state and privacy spend).
+    """
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
@@ -45,10 +90,12 @@ def simulate(cfg: RunConfig, out: Path, *, overwrite: bool = False, quiet: bool 
         if split.train.synthetic:
             print("note: this is synthetic data; pass --dataset/--data-dir for real data")
     run = RunDir(out, overwrite=overwrite)
+    work = work_dir(out)
     try:
+        _prepare_work(cfg, out, resume=resume, overwrite=overwrite)
         flat = cfg.to_flat()
-        flat.update({"out-dir": str(run.path), "state-dir": str(run.path / "client-state"),
-                     "checkpoint-dir": str(run.path / "checkpoint"), "resume": False,
+        flat.update({"out-dir": str(run.path), "state-dir": str(work / "client-state"),
+                     "checkpoint-dir": str(work / "checkpoint"), "resume": resume,
                      "num-clients": n_nodes if cfg.fed.partition == "cross-silo" else 0,
                      "verbose": not quiet})
         os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no network calls home
@@ -66,9 +113,16 @@ def simulate(cfg: RunConfig, out: Path, *, overwrite: bool = False, quiet: bool 
             raise FedrecError("the simulation ended without results; rerun with --verbose "
                               "to see Flower's log")
         metrics = json.loads(metrics_file.read_text())
+        for name in ("client-state", "checkpoint"):
+            if (work / name).exists():
+                os.replace(work / name, run.path / name)
         path = run.commit()
+        shutil.rmtree(work)
     except BaseException:
         run.abort()
+        if (work / "checkpoint" / "server.pt").is_file() and not quiet:
+            print(f"interrupted: continue with the same options and --resume "
+                  f"(checkpoint in {work})")
         raise
     if not quiet:
         from fedrec.commands import format_table

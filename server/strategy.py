@@ -22,7 +22,14 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import compute_distances
 
 from fedrec import keys
-from fedrec.aggregate import ServerOptimizer, Update, aggregate, clip_update, update_norm
+from fedrec.aggregate import (
+    MeanAccumulator,
+    ServerOptimizer,
+    Update,
+    aggregate,
+    clip_update,
+    update_norm,
+)
 from fedrec.config import RunConfig
 from fedrec.metrics import finalize, merge_counts
 
@@ -41,19 +48,14 @@ def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-def split_failures(replies: Iterable[Message], server_round: int, what: str
-                   ) -> tuple[list[Message], int]:
-    """Replies with content, and the count of failed ones (logged with the node id)."""
-    ok, failures = [], 0
-    for msg in replies:
-        if msg.has_error() or METRICS not in msg.content:
-            failures += 1
-            reason = msg.error.reason if msg.has_error() else "no metrics in the reply"
-            log.warning("round %d: %s on node %d failed: %s", server_round, what,
-                        msg.metadata.src_node_id, reason)
-        else:
-            ok.append(msg)
-    return ok, failures
+def failed(msg: Message, server_round: int, what: str) -> bool:
+    """Whether a reply is an error (or has no metrics); logged with the node id."""
+    if msg.has_error() or METRICS not in msg.content:
+        reason = msg.error.reason if msg.has_error() else "no metrics in the reply"
+        log.warning("round %d: %s on node %d failed: %s", server_round, what,
+                    msg.metadata.src_node_id, reason)
+        return True
+    return False
 
 
 class FedRecStrategy(FedAvg):
@@ -80,6 +82,7 @@ class FedRecStrategy(FedAvg):
         # clients sampled per round (FedAvg's rule); user-level DP divides by it
         self.expected_clients = max(int(num_nodes * cfg.fed.fraction), min_train)
         self.on_round_end: Callable[[int], None] | None = None  # checkpoint hook
+        self._asked = {"train": 0, "evaluate": 0}  # messages sent this round (for timeouts)
 
     def resume_from(self, done: int, rows: list[dict[str, Any]],
                     server_opt: dict[str, np.ndarray]) -> None:
@@ -94,7 +97,17 @@ class FedRecStrategy(FedAvg):
         self.sent = self.current
         self._row = {"round": server_round + self.offset}
         self._t0 = time.perf_counter()
-        return super().configure_train(server_round + self.offset, arrays, config, grid)
+        msgs = list(super().configure_train(server_round + self.offset, arrays, config, grid))
+        self._asked["train"] = len(msgs)
+        return msgs
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Count the evaluation messages sent (replies missing at the deadline = timeouts)."""
+        msgs = list(super().configure_evaluate(server_round + self.offset, arrays, config,
+                                               grid))
+        self._asked["evaluate"] = len(msgs)
+        return msgs
 
     def _valid_update(self, msg: Message) -> Update | str:
         """An Update, or the reason the reply is left out."""
@@ -148,13 +161,27 @@ class FedRecStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Check replies, aggregate the shared arrays, summarize training metrics."""
-        updates: list[Update] = []
+        """Check replies, aggregate the shared arrays, summarize training metrics.
+
+        Replies are taken one at a time as the grid yields them; with the default mean
+        each valid update is folded into running sums and dropped, so the server holds
+        one model's worth of sums, not every client's update (robust rules and
+        user-level DP need them all).
+        """
         eps: list[float] = []
         losses: list[tuple[float, float]] = []
-        exhausted = rejected = 0
-        ok, failures = split_failures(replies, server_round, "training")
-        for msg in ok:
+        exhausted = rejected = failures = received = 0
+        user_dp = self.cfg.privacy.user_dp
+        no_masks = (self.cfg.fed.item_weighting == "uniform" or self.cfg.privacy.dp
+                    or user_dp)
+        stream = self.cfg.fed.aggregation == "mean" and not user_dp
+        acc = MeanAccumulator(self.current, self.item_keys)
+        updates: list[Update] = []
+        for msg in replies:
+            received += 1
+            if failed(msg, server_round, "training"):
+                failures += 1
+                continue
             metrics = msg.content[METRICS]
             eps.append(float(metrics.get(keys.EPSILON, 0.0)))
             if int(metrics.get(keys.EXHAUSTED, 0)):
@@ -166,25 +193,31 @@ class FedRecStrategy(FedAvg):
                 log.warning("round %d: update of node %d dropped: %s", server_round,
                             msg.metadata.src_node_id, upd)
                 continue
-            updates.append(upd)
+            if no_masks:
+                upd.touched = None
             losses.append((float(metrics.get(keys.TRAIN_LOSS, 0.0)), upd.weight))
-        user_dp = self.cfg.privacy.user_dp
-        if self.cfg.fed.item_weighting == "uniform" or self.cfg.privacy.dp or user_dp:
-            for u in updates:
-                u.touched = None
+            if stream:
+                acc.add(upd)
+            else:
+                updates.append(upd)
+        timeouts = max(0, self._asked["train"] - received)
+        if timeouts:
+            log.warning("round %d: %d training replies missing after round-timeout %g s",
+                        server_round + self.offset, timeouts, self.cfg.fed.round_timeout)
         if user_dp:  # plain mean with a fixed denominator; noise and server step: outside
             for u in updates:
                 u.weight = 1.0
             avg = aggregate(updates, self.current, self.item_keys, 1.0)
             scale = len(updates) / max(self.expected_clients, len(updates))
             new = {k: (v + scale * (avg[k] - v)).astype(v.dtype) for k, v in self.current.items()}
-        elif self.cfg.fed.aggregation != "mean" and updates:
+        elif not stream and updates:
             new = self.server_opt.step_from_average(self._robust(updates), self.current)
         else:
-            new = self.server_opt.step(updates, self.current)
+            new = self.server_opt.step_accumulated(acc)
         n_ex = sum(w for _, w in losses)
         summary = {
-            "clients": len(updates), "failures": failures, "exhausted": exhausted,
+            "clients": len(losses), "failures": failures, "timeouts": timeouts,
+            "exhausted": exhausted,
             "rejected": rejected, keys.NUM_EXAMPLES: n_ex,
             "train-loss": sum(v * w for v, w in losses) / n_ex if n_ex else math.nan,
             "epsilon-max": max(eps) if eps else 0.0,
@@ -192,11 +225,11 @@ class FedRecStrategy(FedAvg):
         }
         self._row.update(summary)
         self.current = new
-        if self.fraction_evaluate == 0:
+        if self.fraction_evaluate == 0:  # the round's row is complete: checkpoint it
             self._row["seconds"] = time.perf_counter() - self._t0
             self.rows.append(dict(self._row))
-        if self.on_round_end is not None and not user_dp:
-            self.on_round_end(server_round + self.offset)
+            if self.on_round_end is not None and not user_dp:
+                self.on_round_end(server_round + self.offset)
         return to_record(new), MetricRecord({k: float(v) for k, v in summary.items()
                                              if not (isinstance(v, float) and math.isnan(v))})
 
@@ -204,16 +237,25 @@ class FedRecStrategy(FedAvg):
                            ) -> MetricRecord | None:
         """Sum per-user counts from the clients into global metrics."""
         parts = []
-        ok, failures = split_failures(replies, server_round, "evaluation")
-        for msg in ok:
+        failures = received = 0
+        for msg in replies:
+            received += 1
+            if failed(msg, server_round, "evaluation"):
+                failures += 1
+                continue
             counts = dict(msg.content[METRICS])
             counts.pop(keys.NUM_EXAMPLES, None)
             parts.append(counts)
+        timeouts = max(0, self._asked["evaluate"] - received)
+        if timeouts:
+            log.warning("round %d: %d evaluation replies missing after round-timeout %g s",
+                        server_round + self.offset, timeouts, self.cfg.fed.round_timeout)
         total = merge_counts(parts)
         metrics = finalize(total, self.cfg.eval.ks)
         self._row.update(metrics)
         self._row["eval-clients"] = len(parts)
         self._row["eval-failures"] = failures
+        self._row["eval-timeouts"] = timeouts
         self._row["seconds"] = time.perf_counter() - self._t0
         self.rows.append(dict(self._row))
         if self.on_round_end is not None:
@@ -253,8 +295,8 @@ class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
             return arrays, metrics
         final = inner.server_opt.step([Update(to_numpy(arrays), 1.0)], inner.sent)
         inner.current = final
-        if inner.on_round_end is not None:
-            inner.on_round_end(done)
+        if inner.on_round_end is not None and inner.fraction_evaluate == 0:
+            inner.on_round_end(done)  # else at evaluation, when the round's row is complete
         return to_record(final), metrics
 
 
@@ -276,6 +318,7 @@ def format_round(row: dict[str, Any], cfg: RunConfig) -> str:
         text += f"  user eps {row['user-epsilon']:.2f}"
     if row.get("exhausted"):
         text += f"  exhausted {row['exhausted']}"
-    if row.get("failures") or row.get("rejected"):
-        text += f"  failed {row.get('failures', 0)} rejected {row.get('rejected', 0)}"
+    if row.get("failures") or row.get("rejected") or row.get("timeouts"):
+        text += (f"  failed {row.get('failures', 0)} timed out {row.get('timeouts', 0)}"
+                 f" rejected {row.get('rejected', 0)}")
     return text + f"  ({row.get('seconds', 0):.1f}s)"

@@ -39,8 +39,9 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Processes, Path]]:
         procs.stop_all()
 
 
-def _flwr_run(procs: Processes, tmp: Path, out: Path, rounds: int, items: int) -> dict:
-    cfg = RUN_CONFIG.format(rounds=rounds, items=items, out=out, ckpt=tmp / "ckpt")
+def _flwr_run(procs: Processes, tmp: Path, out: Path, rounds: int, items: int,
+              extra: str = "") -> dict:
+    cfg = RUN_CONFIG.format(rounds=rounds, items=items, out=out, ckpt=tmp / "ckpt") + extra
     res = subprocess.run(["flwr", "run", str(ROOT), "fedrec-test", "--run-config", cfg],
                          env=procs.env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -103,6 +104,15 @@ def test_tls_authenticated_deployment_trains_refuses_strangers_and_keeps_state(
     assert after.last_epsilon > before.last_epsilon
     assert second["epsilon"] >= after.last_epsilon - 1e-9
     assert not torch.equal(after.local["user_emb.weight"], before.local["user_emb.weight"])
+
+    # A node that does not answer within round-timeout: the round goes on without it.
+    # (fault-rate 0.5: node 1 sleeps past the deadline in round 1, train and evaluate)
+    third = _flwr_run(procs, tmp, tmp / "run3", rounds=1, items=60,
+                      extra=" fault-rate=0.5 fault-kind='timeout' round-timeout=20.0")
+    row = json.loads((tmp / "run3" / "rounds.json").read_text())[0]
+    assert (row["clients"], row["timeouts"], row["failures"]) == (1, 1, 0), row
+    assert (row["eval-clients"], row["eval-timeouts"]) == (1, 1), row
+    assert math.isfinite(third["recall@20"]) and row["seconds"] < 120
 
 
 def test_deploy_commands_name_missing_files_before_starting_flower(

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +19,7 @@ from client.client_app import BAD_KINDS, corrupt, injected_fault
 from fedrec.config import RunConfig
 from tests.test_apps import _simulate
 
+ROOT = Path(__file__).resolve().parents[1]
 BASE = {"synthetic-users": 300, "synthetic-items": 300, "dim": 16, "batch-size": 256,
         "negatives": 4, "lr": 0.01, "dp": False, "seed": 3, "partition": "cross-silo",
         "num-clients": 10, "min-clients": 10, "rounds": 4, "local-epochs": 2,
@@ -81,3 +87,55 @@ def test_robust_rules_ignore_two_scaled_updates_in_ten(rule: str) -> None:
                  for _ in range(2)]
     out = strategy._robust(honest + attackers)["w"]
     assert np.abs(out - 1.0).max() < 0.5  # the plain mean would be ~2e5
+
+
+def test_a_killed_simulation_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
+    """SIGKILL ``fedrec simulate`` mid-run; ``--resume`` continues; epsilon never resets."""
+    from fedrec.errors import ConfigError, FedrecError
+    from fedrec.state import load_checkpoint, load_state, state_path
+    from server.simulation import simulate, work_dir
+
+    out = tmp_path / "run"
+    opts = {"synthetic-users": 30, "synthetic-items": 50, "dim": 4, "batch-size": 32,
+            "negatives": 2, "partition": "cross-silo", "num-clients": 2,
+            "target-epsilon": 4.0, "rounds": 8}
+    argv = [sys.executable, "-m", "fedrec", "simulate", "--out", str(out)]
+    for key, value in opts.items():
+        argv += [f"--{key}", str(value)]
+    ckpt = work_dir(out) / "checkpoint" / "server.pt"
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not (ckpt.is_file() and load_checkpoint(ckpt)["round"] >= 2):
+                assert proc.poll() is None, (tmp_path / "log.txt").read_text()
+                assert time.monotonic() < deadline, (tmp_path / "log.txt").read_text()
+                time.sleep(0.05)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the server and its Ray workers
+            proc.wait(timeout=60)
+    saved = load_checkpoint(ckpt)
+    done = saved["round"]
+    assert 2 <= done < 8 and not out.exists()
+    state_dir = work_dir(out) / "client-state"
+    before = {p: load_state(state_path(state_dir, p)) for p in (0, 1)}
+
+    cfg = RunConfig.from_flat(opts)
+    with pytest.raises(FedrecError, match="--resume"):  # a fresh run would lose the old one
+        simulate(cfg, out, quiet=True)
+    with pytest.raises(ConfigError, match="dim"):
+        simulate(RunConfig.from_flat({**opts, "dim": 8}), out, quiet=True, resume=True)
+    metrics = simulate(cfg, out, quiet=True, resume=True)
+
+    rows = json.loads((out / "rounds.json").read_text())
+    assert [r["round"] for r in rows] == list(range(1, 9)) and metrics["rounds"] == 8
+    assert rows[:done] == json.loads(json.dumps(saved["rows"]))  # kept, not rerun
+    assert np.isfinite(metrics["recall@20"]) and not work_dir(out).exists()
+    assert load_checkpoint(out / "checkpoint" / "server.pt")["round"] == 8
+    for p, old in before.items():
+        new = load_state(state_path(out / "client-state", p))
+        # the accountant carries on: rounds the server lost are spent again, never reset
+        assert new.rounds == old.rounds + (8 - done), (old.rounds, new.rounds, done)
+        assert sum(h[-1] for h in new.history) > sum(h[-1] for h in old.history)
+        assert new.last_epsilon > old.last_epsilon
