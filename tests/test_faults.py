@@ -139,3 +139,30 @@ def test_a_killed_simulation_resumes_from_its_last_checkpoint(tmp_path: Path) ->
         assert new.rounds == old.rounds + (8 - done), (old.rounds, new.rounds, done)
         assert sum(h[-1] for h in new.history) > sum(h[-1] for h in old.history)
         assert new.last_epsilon > old.last_epsilon
+
+
+def test_a_server_error_mid_run_stops_the_simulation_and_the_run_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception in the ServerApp ends the simulation (no hang) and loses nothing."""
+    from server.simulation import simulate, work_dir
+    from server.strategy import FedRecStrategy
+
+    original = FedRecStrategy.aggregate_train
+
+    def failing(self: FedRecStrategy, server_round: int, replies: Any) -> Any:
+        if server_round == 2:
+            raise RuntimeError("server failure in round 2")
+        return original(self, server_round, replies)
+
+    cfg = RunConfig.from_flat({"synthetic-users": 30, "synthetic-items": 50, "dim": 4,
+                               "batch-size": 32, "negatives": 2, "partition": "cross-silo",
+                               "num-clients": 2, "dp": False, "rounds": 3})
+    out = tmp_path / "run"
+    monkeypatch.setattr(FedRecStrategy, "aggregate_train", failing)
+    with pytest.raises(RuntimeError, match="round 2"):
+        simulate(cfg, out, quiet=True)
+    assert not out.exists() and (work_dir(out) / "checkpoint" / "server.pt").is_file()
+    monkeypatch.setattr(FedRecStrategy, "aggregate_train", original)
+    metrics = simulate(cfg, out, quiet=True, resume=True)
+    rows = json.loads((out / "rounds.json").read_text())
+    assert [r["round"] for r in rows] == [1, 2, 3] and np.isfinite(metrics["recall@20"])
