@@ -51,12 +51,12 @@ class MeanAccumulator:
         self.count += 1
         self.weight += w
         self.masked = self.masked and update.touched is not None
+        m = update.touched.astype(np.float64) if self.masked else None  # type: ignore[union-attr]
         for key in self.current:  # keys outside the global model are never aggregated
             x = update.arrays[key].astype(np.float64)
             self.sums[key][0] += w * x
             self.sums[key][1] += x
-            if key in self.rows and self.masked:
-                m = update.touched.astype(np.float64)  # type: ignore[union-attr]
+            if key in self.rows and m is not None:
                 mx = x * m.reshape(m.shape + (1,) * (x.ndim - 1))
                 self.rows[key][0] += w * mx
                 self.rows[key][1] += mx

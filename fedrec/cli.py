@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from fedrec import __version__
-from fedrec.config import SECTIONS, RunConfig
+from fedrec.config import RUN_MANAGED_KEYS, SECTIONS, RunConfig
 from fedrec.errors import ConfigError, FedrecError
 
 log = logging.getLogger("fedrec")
 
 # Keys a simulation/sweep sets itself (per run directory), so they are not options there.
-RUN_MANAGED = ("out_dir", "state_dir", "verbose", "checkpoint_dir", "resume")
+RUN_MANAGED = tuple(k.replace("-", "_") for k in RUN_MANAGED_KEYS)
 
 
 def _field_help(cls: type) -> dict[str, str]:

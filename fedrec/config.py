@@ -12,8 +12,9 @@ used by the CLI, by ``[tool.flwr.app.config]`` and by experiment TOML files.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -363,6 +364,26 @@ class RunConfig:
         merged = self.to_flat()
         merged.update(flat)
         return RunConfig.from_flat(merged)
+
+
+# Keys a run sets itself per results directory (simulate, privacy-sweep), not user options.
+RUN_MANAGED_KEYS = ("out-dir", "state-dir", "verbose", "checkpoint-dir", "resume")
+
+
+def changed_keys(saved: dict[str, Any], cfg: RunConfig, ignore: Sequence[str] = ()
+                 ) -> list[str]:
+    """Keys whose value in ``cfg`` differs from ``saved`` (a flat config read from JSON).
+
+    Keys a newer fedrec added, absent from ``saved`` and at their default in ``cfg``,
+    change nothing.
+    """
+    def norm(flat: dict[str, Any]) -> dict[str, Any]:
+        return json.loads(json.dumps(flat, default=str))
+
+    flat, defaults = norm(cfg.to_flat()), norm(RunConfig().to_flat())
+    return sorted(k for k in set(saved) | set(flat) if k not in ignore
+                  and saved.get(k) != flat.get(k)
+                  and not (k not in saved and flat.get(k) == defaults.get(k)))
 
 
 def flat_defaults() -> dict[str, Any]:

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from fedrec.config import RunConfig
+from fedrec.config import RUN_MANAGED_KEYS, RunConfig, changed_keys
 from fedrec.errors import ConfigError, FedrecError
 from fedrec.federated import cached_split
 from fedrec.partition import num_partitions
@@ -35,7 +35,6 @@ def _quiet_flower() -> None:
 
 # run-config keys a resumed run may change (the rest must match the interrupted run)
 RESUMABLE_CHANGES = ("rounds",)
-_RUN_KEYS = ("out-dir", "state-dir", "checkpoint-dir", "resume", "verbose")  # set by simulate
 
 
 def work_dir(out: Path) -> Path:
@@ -43,32 +42,28 @@ def work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
 
 
-def _prepare_work(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool) -> Path:
+def _prepare_work(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool) -> None:
     """Create, reuse (``resume``) or refuse the work directory of ``out``."""
     work = work_dir(out)
-    flat = {k: v for k, v in cfg.to_flat().items()
-            if k not in RESUMABLE_CHANGES + _RUN_KEYS}
+    skip = RESUMABLE_CHANGES + RUN_MANAGED_KEYS
     saved_cfg = work / "config.json"
     if resume:
         if not (work / "checkpoint" / "server.pt").is_file() or not saved_cfg.is_file():
             raise FedrecError(f"{out}: nothing to resume (no checkpoint in {work}); run "
                               "without --resume")
-        saved = json.loads(saved_cfg.read_text())
-        changed = sorted(k for k in flat if json.dumps(flat[k], default=str)
-                         != json.dumps(saved.get(k), default=str))
+        changed = changed_keys(json.loads(saved_cfg.read_text()), cfg, ignore=skip)
         if changed:
             raise ConfigError(f"{out}: --resume with other settings than the interrupted run "
                               f"({', '.join(changed)}); only {', '.join(RESUMABLE_CHANGES)} "
                               "may change")
-        return work
+        return
     if work.exists():
         if not overwrite:
             raise FedrecError(f"{out}: an interrupted run left {work}; pass --resume to "
                               "continue it, or --overwrite to start over")
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    write_json_atomic(saved_cfg, json.loads(json.dumps(flat, default=str)))
-    return work
+    write_json_atomic(saved_cfg, {k: v for k, v in cfg.to_flat().items() if k not in skip})
 
 
 def simulate(cfg: RunConfig, out: Path, *, overwrite: bool = False, quiet: bool = False,

@@ -109,6 +109,14 @@ class FedRecStrategy(FedAvg):
         self._asked["evaluate"] = len(msgs)
         return msgs
 
+    def _timeouts(self, phase: str, received: int, server_round: int) -> int:
+        """Messages of ``phase`` sent this round whose reply did not come in time."""
+        missing = max(0, self._asked[phase] - received)
+        if missing:
+            log.warning("round %d: %d %s replies missing after round-timeout %g s",
+                        server_round + self.offset, missing, phase, self.cfg.fed.round_timeout)
+        return missing
+
     def _valid_update(self, msg: Message) -> Update | str:
         """An Update, or the reason the reply is left out."""
         content = msg.content
@@ -200,10 +208,7 @@ class FedRecStrategy(FedAvg):
                 acc.add(upd)
             else:
                 updates.append(upd)
-        timeouts = max(0, self._asked["train"] - received)
-        if timeouts:
-            log.warning("round %d: %d training replies missing after round-timeout %g s",
-                        server_round + self.offset, timeouts, self.cfg.fed.round_timeout)
+        timeouts = self._timeouts("train", received, server_round)
         if user_dp:  # plain mean with a fixed denominator; noise and server step: outside
             for u in updates:
                 u.weight = 1.0
@@ -246,10 +251,7 @@ class FedRecStrategy(FedAvg):
             counts = dict(msg.content[METRICS])
             counts.pop(keys.NUM_EXAMPLES, None)
             parts.append(counts)
-        timeouts = max(0, self._asked["evaluate"] - received)
-        if timeouts:
-            log.warning("round %d: %d evaluation replies missing after round-timeout %g s",
-                        server_round + self.offset, timeouts, self.cfg.fed.round_timeout)
+        timeouts = self._timeouts("evaluate", received, server_round)
         total = merge_counts(parts)
         metrics = finalize(total, self.cfg.eval.ks)
         self._row.update(metrics)

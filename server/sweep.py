@@ -16,7 +16,6 @@ import csv
 import io
 import json
 import math
-import os
 import tempfile
 import time
 import warnings
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fedrec.config import RunConfig
+from fedrec.config import RunConfig, changed_keys
 from fedrec.errors import ConfigError
 from fedrec.privacy import UNIT_OF_PRIVACY, USER_UNIT_OF_PRIVACY
 from fedrec.report import write_bytes_atomic
@@ -198,26 +197,21 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
     axes[0].legend(title="DP mode")
     fig.suptitle("fedrec privacy-utility")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, png.getvalue())
 
 
 def _check_same_config(path: Path, base: RunConfig) -> None:
     """A sweep dir holds points of one base config: refuse to mix configs."""
-    flat = json.loads(json.dumps(base.to_flat(), default=str))
     if path.exists():
-        old = json.loads(path.read_text())
-        defaults = json.loads(json.dumps(RunConfig().to_flat(), default=str))
-        diff = sorted(k for k in set(old) | set(flat) if old.get(k) != flat.get(k)
-                      # keys added by a newer fedrec, at their default, change nothing
-                      and not (k not in old and flat.get(k) == defaults.get(k)))
+        diff = changed_keys(json.loads(path.read_text()), base)
         if diff:
             raise ConfigError(f"{path}: this sweep dir was made with another config "
                               f"(differs in {diff}); use another --out or the same options")
     else:
+        flat = json.loads(json.dumps(base.to_flat(), default=str))
         write_bytes_atomic(path, (json.dumps(flat, indent=2) + "\n").encode())
 
 
