@@ -1,35 +1,94 @@
 """ClientApp: unpack a Message, call fedrec, reply with shared parameters and scalars.
 
-What a reply carries: the shared parameters (``arrays``), scalar metrics, and, without
-DP and with touched weighting only, a 0/1 mask of the item rows trained on
-(``touched``). Never user embeddings, user ids or interactions: those stay in the
-node's state directory and data.
+What a reply carries (README, "What leaves a device"): the shared parameters
+(``arrays``) and scalar metrics. Under record-level DP the scalars are data-independent
+(``num-examples`` 1, epsilon, delta, exhausted); no loss, no timing, no exact count, and
+evaluation counts only with accounted noise (``eval-noise-multiplier``). Without DP,
+also the example count, the train loss, exact evaluation counts and, with touched
+weighting, a 0/1 mask of the item rows trained on (``touched``). Never user embeddings,
+user ids or interactions. A failure replies with a fedrec error code only; the details
+go to the node's own log.
+
+Deployment: the node's config pins how its private file is parsed and its privacy floor
+(``NODE_DATA_KEYS``, ``NODE_PRIVACY_KEYS``); the run config cannot change either.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrec import keys
-from fedrec.config import RunConfig
-from fedrec.errors import ConfigError
+from fedrec.config import DataConfig, RunConfig
+from fedrec.errors import ConfigError, PrivacyError, error_code
 from fedrec.federated import (
     ClientData,
     evaluate_client,
     fit_client,
     node_data,
     partition_data,
+    release_counts,
 )
-from fedrec.state import global_path, load_state, save_global, save_state, state_path
+from fedrec.privacy import noise_is_secret
+from fedrec.state import (
+    global_path,
+    ledger_path,
+    load_ledger,
+    load_state,
+    save_global,
+    save_ledger,
+    save_state,
+    state_path,
+)
 
 ARRAYS, METRICS, TOUCHED = "arrays", "metrics", "touched"
+log = logging.getLogger("fedrec.client")
+
+# How a node's private file is parsed: node config only (defaults: DataConfig's).
+NODE_DATA_KEYS = ("sep", "user-col", "item-col", "rating-col", "time-col", "encoding",
+                  "feedback", "threshold")
+# A node's privacy floor: dp (required on), target-epsilon / epsilon-cap / delta (maxima).
+NODE_PRIVACY_KEYS = ("dp", "target-epsilon", "epsilon-cap", "delta")
+
+
+def _node_value(node: Mapping[str, Any], key: str) -> Any:
+    value = node[key]
+    return value.strip('"') if isinstance(value, str) else value
+
+
+def enforce_node_floor(cfg: RunConfig, node: Mapping[str, Any]) -> None:
+    """Refuse a run config that would weaken this node's privacy floor.
+
+    Raises:
+        PrivacyError: naming the key, the node's value and the run's.
+    """
+    floor = RunConfig.from_flat({k: _node_value(node, k) for k in NODE_PRIVACY_KEYS
+                                 if k in node})
+    p, f = cfg.privacy, floor.privacy
+    if not noise_is_secret(p):
+        raise PrivacyError("insecure-noise-seed is set: a deployed node never uses "
+                           "reproducible DP noise")
+    if "dp" in node and f.dp and not p.dp:
+        raise PrivacyError("this node requires dp=true; the run config has dp=false")
+    if not p.dp:
+        return
+    if "delta" in node and p.delta > f.delta:
+        raise PrivacyError(f"run delta {p.delta:g} exceeds this node's delta {f.delta:g}")
+    node_cap = floor.fed.epsilon_cap or (f.target_epsilon if "target-epsilon" in node else 0)
+    if "target-epsilon" in node and p.target_epsilon > f.target_epsilon:
+        raise PrivacyError(f"run target-epsilon {p.target_epsilon:g} exceeds this node's "
+                           f"{f.target_epsilon:g}")
+    if node_cap > 0 and not 0 < cfg.epsilon_cap <= node_cap:
+        raise PrivacyError(f"run epsilon cap {cfg.epsilon_cap:g} (epsilon-cap, else "
+                           f"target-epsilon) exceeds this node's cap {node_cap:g}")
 
 
 def _setup(msg: Message, context: Context, overrides: Mapping[str, Any]) -> tuple[
@@ -37,7 +96,8 @@ def _setup(msg: Message, context: Context, overrides: Mapping[str, Any]) -> tupl
     """Config, this node's data, the received shared arrays and the partition id.
 
     Deployment: node config ``data-file`` (the node's own ratings), ``catalogue-file``
-    (the shared item catalogue) and ``state-dir``. Simulation: ``partition-id`` and
+    (the shared item catalogue), ``state-dir``, the parsing keys ``NODE_DATA_KEYS`` and
+    the privacy floor ``NODE_PRIVACY_KEYS``. Simulation: ``partition-id`` and
     ``num-partitions`` select a partition of the configured dataset.
     """
     torch.set_num_threads(1)
@@ -45,9 +105,16 @@ def _setup(msg: Message, context: Context, overrides: Mapping[str, Any]) -> tupl
     flat = {**context.run_config, **overrides}
     if "state-dir" in node:
         flat["state-dir"] = str(node["state-dir"])
+    deployed = "data-file" in node
+    if deployed:  # the node, not the run, decides how its private file is read
+        defaults = DataConfig()
+        for key in NODE_DATA_KEYS:
+            flat[key] = (_node_value(node, key) if key in node
+                         else getattr(defaults, key.replace("-", "_")))
     cfg = RunConfig.from_flat(flat)
     pid = int(node.get("partition-id", 0))
-    if "data-file" in node:
+    if deployed:
+        enforce_node_floor(cfg, node)
         if "catalogue-file" not in node:
             raise ConfigError("node config has 'data-file' but no 'catalogue-file'")
         data = node_data(cfg, str(node["data-file"]), str(node["catalogue-file"]))
@@ -55,6 +122,24 @@ def _setup(msg: Message, context: Context, overrides: Mapping[str, Any]) -> tupl
         data = partition_data(cfg, pid, int(node["num-partitions"]))
     shared = {k: v.numpy() for k, v in msg.content[ARRAYS].items()}
     return cfg, data, shared, pid
+
+
+def _guarded(handler: Callable[[Message, Context, Mapping[str, Any]], Message]
+             ) -> Callable[[Message, Context, Mapping[str, Any]], Message]:
+    """Run a handler; on any exception reply with a fedrec error code, log the details
+    (which may quote private data) only on this node."""
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context,
+            overrides: Mapping[str, Any] = {}) -> Message:  # noqa: B006 - read only
+        try:
+            return handler(msg, context, overrides)
+        except Exception as err:  # noqa: BLE001 - every failure becomes a code
+            code, name = error_code(err)
+            log.error("%s failed (fedrec error %d, %s)", msg.metadata.message_type, code,
+                      name, exc_info=True)
+            return Message(Error(code=code, reason=f"fedrec client error {code} ({name}); "
+                                 "details are in the node's log"), reply_to=msg)
+    return run
 
 
 BAD_KINDS = ("raise", "nan", "inf", "shape", "keys", "dtype", "norm")
@@ -105,26 +190,35 @@ def corrupt(arrays: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
     return out
 
 
+@_guarded
 def train_handler(msg: Message, context: Context,
                   overrides: Mapping[str, Any] = {}) -> Message:  # noqa: B006 - read only
     """One round of local training."""
     cfg, data, shared, pid = _setup(msg, context, overrides)
     path = state_path(cfg.fed.state_dir, pid)
+    lpath = ledger_path(cfg.fed.state_dir, pid)
     server_round = int(msg.content["config"].get("server-round", 0))
     fault = injected_fault(cfg, pid, server_round)
     act_on_fault(cfg, fault)
-    res = fit_client(cfg, data, shared, load_state(path), seed=cfg.data.seed + pid,
+    res = fit_client(cfg, data, shared, load_state(path),
+                     load_ledger(lpath, trained_evidence=path), seed=cfg.data.seed + pid,
                      server_round=server_round, state_file=path)
     if res.shared is not None:
+        save_ledger(lpath, res.ledger)  # the spend first: a crash never loses it
         save_state(path, res.state)
-    content = RecordDict({METRICS: MetricRecord({
-        keys.NUM_EXAMPLES: res.num_examples,
-        keys.TRAIN_LOSS: float(res.loss) if np.isfinite(res.loss) else 0.0,
+    # the model as received, kept on the node for on-device recommendations
+    save_global(global_path(cfg.fed.state_dir, pid), shared, cfg.to_flat())
+    dp = cfg.privacy.dp
+    metrics: dict[str, Any] = {
+        keys.NUM_EXAMPLES: res.weight,  # 1 under DP: uniform weights
         keys.EPSILON: float(res.epsilon),
-        keys.DELTA: cfg.privacy.delta if cfg.privacy.dp else 0.0,
+        keys.DELTA: cfg.privacy.delta if dp else 0.0,
         keys.EXHAUSTED: int(res.exhausted),
-        keys.TRAIN_SECONDS: res.seconds,
-    })})
+    }
+    if not dp:  # data-dependent scalars: only without a DP claim to break
+        metrics[keys.TRAIN_LOSS] = float(res.loss) if np.isfinite(res.loss) else 0.0
+        metrics[keys.TRAIN_SECONDS] = res.seconds
+    content = RecordDict({METRICS: MetricRecord(metrics)})
     if res.shared is not None:
         shared_out = corrupt(res.shared, fault) if fault else res.shared
         content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in shared_out.items()})
@@ -133,18 +227,38 @@ def train_handler(msg: Message, context: Context,
     return Message(content, reply_to=msg)
 
 
+@_guarded
 def evaluate_handler(msg: Message, context: Context,
                      overrides: Mapping[str, Any] = {}) -> Message:  # noqa: B006
-    """Evaluate the global shared model with this client's user embeddings."""
+    """Evaluate the global shared model with this client's user embeddings.
+
+    Under DP the counts leave only with accounted noise (``release_counts``); with
+    ``eval-noise-multiplier`` 0 the node refuses to evaluate for the server.
+    """
     cfg, data, shared, pid = _setup(msg, context, overrides)
-    fault = injected_fault(cfg, pid, int(msg.content["config"].get("server-round", 0)))
+    server_round = int(msg.content["config"].get("server-round", 0))
+    fault = injected_fault(cfg, pid, server_round)
     act_on_fault(cfg, fault if fault in ("raise", "timeout") else None)
     path = state_path(cfg.fed.state_dir, pid)
+    lpath = ledger_path(cfg.fed.state_dir, pid)
+    if cfg.privacy.dp and cfg.privacy.eval_noise_multiplier <= 0:
+        raise PrivacyError("evaluation counts are not released under DP unless "
+                           "eval-noise-multiplier > 0")
     counts = evaluate_client(cfg, data, shared, load_state(path), seed=cfg.data.seed + pid,
                              state_file=path)
     # the last global model stays on the node, for on-device recommendations
     save_global(global_path(cfg.fed.state_dir, pid), shared, cfg.to_flat())
-    counts[keys.NUM_EXAMPLES] = counts.get(keys.NUM_USERS, 0.0)
+    if cfg.privacy.dp:
+        ledger = load_ledger(lpath, trained_evidence=path)
+        if ledger is None:
+            raise PrivacyError("no privacy ledger yet: a node evaluates after it trained")
+        counts, ledger = release_counts(cfg, data, counts, ledger, seed=cfg.data.seed + pid,
+                                        server_round=server_round)
+        save_ledger(lpath, ledger)
+        counts[keys.NUM_EXAMPLES] = 1.0
+        counts[keys.EPSILON] = ledger.epsilon
+    else:
+        counts[keys.NUM_EXAMPLES] = counts.get(keys.NUM_USERS, 0.0)
     return Message(RecordDict({METRICS: MetricRecord(counts)}), reply_to=msg)
 
 

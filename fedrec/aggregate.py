@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from fedrec.config import FedConfig
 
@@ -182,3 +183,42 @@ def clip_update(arrays: dict[str, np.ndarray], current: dict[str, np.ndarray],
     scale = max_norm / norm
     return {k: (v + scale * (arrays[k].astype(np.float64) - v)).astype(v.dtype)
             for k, v in current.items()}
+
+
+class ClippedSum:
+    """User-level DP: the sum of client updates, each clipped to L2 norm ``clip``.
+
+    Streaming like ``MeanAccumulator``. The clip is applied to the whole update (every
+    shared key, taken in ``current``'s key order, so a reply cannot dodge it by ordering
+    its arrays differently). ``noisy_mean`` adds Gaussian noise of std ``z * clip`` to the
+    sum and divides by a fixed denominator (the number of clients sampled), which keeps
+    one client's influence at ``clip / denominator`` whether or not others drop out.
+    """
+
+    def __init__(self, current: dict[str, np.ndarray], clip: float) -> None:
+        if clip <= 0:
+            raise ValueError(f"clip must be > 0, got {clip}")
+        self.current, self.clip, self.count = current, float(clip), 0
+        self.sums = {k: np.zeros(v.shape, np.float64) for k, v in current.items()}
+
+    def add(self, arrays: dict[str, np.ndarray]) -> float:
+        """Fold one update in (clipped); returns its norm before clipping."""
+        deltas = {k: arrays[k].astype(np.float64) - cur.astype(np.float64)
+                  for k, cur in self.current.items()}
+        norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in deltas.values())))
+        scale = min(1.0, self.clip / norm) if norm > 0 else 1.0
+        for k, d in deltas.items():
+            self.sums[k] += scale * d
+        self.count += 1
+        return norm
+
+    def noisy_mean(self, z: float, denominator: int, generator: torch.Generator
+                   ) -> dict[str, np.ndarray]:
+        """``current + (sum + N(0, (z clip)^2 I)) / denominator`` in float64."""
+        if denominator < 1:
+            raise ValueError(f"denominator must be >= 1, got {denominator}")
+        out = {}
+        for k, cur in self.current.items():
+            noise = torch.randn(cur.shape, generator=generator, dtype=torch.float64).numpy()
+            out[k] = cur.astype(np.float64) + (self.sums[k] + z * self.clip * noise) / denominator
+        return out

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -74,7 +75,9 @@ def noise_multiplier(cfg: RunConfig, sample_rate: float, steps: int) -> float:
 
 def build_trainer(cfg: RunConfig, model: RecModel, n_examples: int, *, steps: int,
                   history: privacy.History | None = None,
-                  sample_rate: float | None = None) -> Trainer:
+                  sample_rate: float | None = None, sigma: float | None = None,
+                  normalizer: float | None = None,
+                  generator: torch.Generator | None = None) -> Trainer:
     """Optimizer and loss for ``model``; with DP, the Opacus-wrapped versions.
 
     Args:
@@ -83,18 +86,27 @@ def build_trainer(cfg: RunConfig, model: RecModel, n_examples: int, *, steps: in
         n_examples: training examples (for the sampling rate q = batch / n).
         steps: DP steps of the whole planned run (for target-epsilon calibration).
         history: accountant history to continue.
-        sample_rate: Poisson rate q (default batch / n).
+        sample_rate: Poisson rate q (default ``sample-rate``, else batch / n).
+        sigma: noise multiplier (default: calibrated by ``noise_multiplier``).
+        normalizer: what the noisy gradient sum is divided by (default q * n).
+        generator: the noise source (default: a fresh OS-seeded one).
     """
     optimizer = build_optimizer(model.parameters(), cfg.train)
     criterion = privacy.RowLoss(cfg.train.objective)
     if not cfg.privacy.dp:
         return Trainer(model, model, optimizer, criterion, None, 0.0)
-    q = sample_rate or min(1.0, cfg.train.batch_size / max(1, n_examples))
-    sigma = noise_multiplier(cfg, q, steps)
+    q = sample_rate or dp_sample_rate(cfg, n_examples)
+    if sigma is None:
+        sigma = noise_multiplier(cfg, q, steps)
     po = privacy.make_private(model, optimizer, criterion, cfg.privacy, sample_rate=q,
-                              noise_multiplier=sigma, history=history)
-    privacy.set_expected_batch_size(po.optimizer, n_examples, q)
+                              noise_multiplier=sigma, history=history, generator=generator)
+    privacy.set_expected_batch_size(po.optimizer, normalizer or q * n_examples)
     return Trainer(model, po.model, po.optimizer, po.criterion, po, sigma)
+
+
+def dp_sample_rate(cfg: RunConfig, n_examples: int) -> float:
+    """Centralized Poisson rate: ``sample-rate``, else batch-size / n (n public)."""
+    return cfg.privacy.sample_rate or min(1.0, cfg.train.batch_size / max(1, n_examples))
 
 
 def run_centralized(
@@ -112,11 +124,19 @@ def run_centralized(
     device = resolve_device(cfg.train.device)
     model = build_model(cfg.model, split.n_users, split.n_items,
                         offset=rating_offset(split), seed=cfg.data.seed).to(device)
+    dp = cfg.privacy.dp
+    pc = cfg.privacy
+    neg_rng = (np.random.default_rng(privacy.dp_seed(pc, 0, privacy.NEGATIVES)) if dp
+               else np.random.default_rng(cfg.data.seed))
     builder = ExampleBuilder(split.train, implicit=split.implicit,
-                             negatives=cfg.data.negatives, seed=cfg.data.seed)
+                             negatives=cfg.data.negatives, seed=neg_rng,
+                             uniform=cfg.uniform_negatives)
     n = len(split.train)
-    trainer = build_trainer(cfg, model, n, steps=cfg.train.epochs * steps_per_epoch(
-        n, cfg.train.batch_size, poisson=True))
+    q = dp_sample_rate(cfg, n)
+    trainer = build_trainer(cfg, model, n, sample_rate=q, steps=cfg.train.epochs * steps_per_epoch(
+        n, cfg.train.batch_size, poisson=True, sample_rate=q),
+        generator=privacy.dp_generator(pc, 0, privacy.NOISE, device=device) if dp else None)
+    sampler = privacy.dp_generator(pc, 0, privacy.SAMPLING) if dp else None
     ks = cfg.eval.ks
     rows: list[dict[str, Any]] = []
     metrics: dict[str, float] = {}
@@ -130,9 +150,10 @@ def run_centralized(
     start = time.perf_counter()
     for epoch in range(cfg.train.epochs):
         res: TrainResult = train_epochs(trainer.model, trainer.optimizer, trainer.criterion,
-                                        builder, cfg.train, poisson=cfg.privacy.dp,
+                                        builder, cfg.train, poisson=dp,
                                         epochs=1, seed=cfg.data.seed * 1000 + epoch,
-                                        on_step=on_step)
+                                        on_step=on_step, sample_rate=q if dp else None,
+                                        generator=sampler)
         row: dict[str, Any] = {"epoch": epoch + 1, "loss": res.loss,
                                "seconds": time.perf_counter() - start,
                                "examples_per_s": res.examples / max(res.seconds, 1e-9)}
@@ -152,4 +173,6 @@ def run_centralized(
         metrics["epsilon"] = trainer.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
         metrics["delta"] = cfg.privacy.delta
         metrics["noise_multiplier"] = trainer.noise_multiplier
+        metrics["sample_rate"] = q
+        metrics["noise_secret"] = privacy.noise_is_secret(cfg.privacy)
     return model, metrics, rows

@@ -66,6 +66,7 @@ class DataConfig:
     split: str = "fraction"  # "fraction" (last test-fraction per user) or "leave-last-out"
     test_fraction: float = 0.2  # share of each user's latest interactions held out
     negatives: int = 4  # sampled negatives per positive for implicit training
+    negative_sampling: str = "auto"  # "unseen", "uniform" (any item); auto: uniform under DP
     eval_negatives: int = 0  # 0: full ranking; N: 1 held-out positive + N sampled negatives
     synthetic_users: int = 600  # size of the generated default dataset
     synthetic_items: int = 1000
@@ -84,6 +85,8 @@ class DataConfig:
         _check(self.min_interactions >= 0, "min-interactions", "an integer >= 0",
                self.min_interactions)
         _check(self.negatives >= 1, "negatives", "an integer >= 1", self.negatives)
+        _check(self.negative_sampling in ("auto", "unseen", "uniform"), "negative-sampling",
+               "'auto', 'unseen' or 'uniform'", self.negative_sampling)
         _check(self.eval_negatives >= 0, "eval-negatives", "an integer >= 0",
                self.eval_negatives)
         _check(self.synthetic_users >= 2, "synthetic-users", "an integer >= 2",
@@ -149,6 +152,7 @@ class PrivacyConfig:
     noise_multiplier: float = 1.0  # sigma, used when target-epsilon is 0
     target_epsilon: float = 8.0  # > 0: sigma is calibrated to spend exactly this over the run
     max_grad_norm: float = 1.0  # per-example clipping norm C
+    sample_rate: float = 0.0  # DP-SGD Poisson rate q; 0: batch-size/n centrally, 1/8 on clients
     delta: float = 1e-5  # delta of the (epsilon, delta) guarantee
     accountant: str = "rdp"  # "rdp" or "prv"
     grad_sample_mode: str = "ghost"  # "ghost" (fedrec's exact fast norms) or "hooks" (Opacus)
@@ -156,6 +160,8 @@ class PrivacyConfig:
     user_target_epsilon: float = 8.0  # user-level: z calibrated to spend this over `rounds`
     user_noise_multiplier: float = 0.0  # user-level z, used when user-target-epsilon is 0
     user_clip: float = 0.5  # user-level: L2 clip of each client's whole update
+    eval_noise_multiplier: float = 0.0  # DP clients release eval counts with this noise; 0: none
+    insecure_noise_seed: int = -1  # >= 0: reproducible, NOT secret DP noise (experiments only)
 
     def __post_init__(self) -> None:
         _check(self.user_target_epsilon >= 0 and math.isfinite(self.user_target_epsilon),
@@ -171,6 +177,12 @@ class PrivacyConfig:
         _check(self.target_epsilon >= 0 and math.isfinite(self.target_epsilon),
                "target-epsilon", "a finite number >= 0", self.target_epsilon)
         _check(self.max_grad_norm > 0, "max-grad-norm", "a number > 0", self.max_grad_norm)
+        _check(0 <= self.sample_rate <= 1, "sample-rate", "a number in [0, 1]",
+               self.sample_rate)
+        _check(self.eval_noise_multiplier >= 0, "eval-noise-multiplier", "a number >= 0",
+               self.eval_noise_multiplier)
+        _check(self.insecure_noise_seed >= -1, "insecure-noise-seed",
+               "-1 (secret noise) or a seed >= 0", self.insecure_noise_seed)
         _check(0 < self.delta < 1, "delta", "a number in (0, 1)", self.delta)
         _check(self.accountant in ACCOUNTANTS, "accountant", f"one of {ACCOUNTANTS}",
                self.accountant)
@@ -206,7 +218,7 @@ class FedConfig:
     fraction: float = 1.0  # share of clients sampled for training each round
     min_clients: int = 2  # at least this many clients train each round
     fraction_evaluate: float = 1.0  # share of clients evaluated each round
-    epsilon_cap: float = 0.0  # > 0: a client that would exceed this epsilon stops training
+    epsilon_cap: float = 0.0  # a client never trains past this epsilon; 0: target-epsilon
     item_weighting: str = "auto"  # non-DP aggregation of item rows: "auto", "touched", "uniform"
     server_lr: float = 1.0  # server step on the averaged update (1: FedAvg)
     server_opt: str = "avg"  # server optimizer: "avg" (FedAvg with server-lr) or "adam"
@@ -326,6 +338,28 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     fed: FedConfig = field(default_factory=FedConfig)
+
+    def __post_init__(self) -> None:
+        _check(not (self.privacy.dp and self.data.negative_sampling == "unseen"),
+               "negative-sampling", "'uniform' or 'auto' with dp (negatives drawn from the "
+               "items a user did not rate depend on the user's other ratings)",
+               self.data.negative_sampling)
+
+        _check(not (self.privacy.user_dp and self.fed.aggregation != "mean"), "aggregation",
+               "'mean' with user-dp (robust rules would change the clipped sum's "
+               "sensitivity)", self.fed.aggregation)
+
+    @property
+    def uniform_negatives(self) -> bool:
+        """Whether negatives are drawn from the whole catalogue (always under DP)."""
+        mode = self.data.negative_sampling
+        return mode == "uniform" or (mode == "auto" and self.privacy.dp)
+
+    @property
+    def epsilon_cap(self) -> float:
+        """The epsilon a client never exceeds: ``epsilon-cap``, else ``target-epsilon``
+        (0, no cap, when sigma is given explicitly and no cap is set)."""
+        return self.fed.epsilon_cap or self.privacy.target_epsilon
 
     @classmethod
     def from_flat(cls, values: Mapping[str, Any], *, ignore: tuple[str, ...] = ()) -> RunConfig:

@@ -81,10 +81,13 @@ def sampled_counts(model: RecModel, train: Interactions, test: Interactions,
 
 @torch.no_grad()
 def rating_error_counts(model: RecModel, test: Interactions) -> dict[str, float]:
-    """Summed squared/absolute errors of predicted ratings on test pairs."""
+    """Summed squared/absolute errors of predicted ratings on test pairs (predictions are
+    clipped to the dataset's rating scale, which also bounds each rating's error)."""
     device = next(model.parameters()).device
     pred = model(torch.from_numpy(test.users).to(device),
                  torch.from_numpy(test.items).to(device).unsqueeze(1)).squeeze(1).cpu()
+    lo, hi = test.rating_range
+    pred = pred.clamp(min=lo, max=hi if np.isfinite(hi) else None)
     return metrics.rating_counts(pred, torch.from_numpy(test.ratings))
 
 

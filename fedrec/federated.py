@@ -10,6 +10,7 @@ parameters only.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,17 +19,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedrec import privacy
-from fedrec.central import build_trainer, noise_multiplier, rating_offset
+from fedrec import keys, privacy
+from fedrec.central import build_trainer, rating_offset
 from fedrec.config import DataConfig, RunConfig
 from fedrec.data import ExampleBuilder, Split, load_file, load_split
 from fedrec.data.interactions import Interactions
 from fedrec.data.split import temporal_split, to_feedback
-from fedrec.errors import ConfigError, DataError, StateError
+from fedrec.errors import ConfigError, DataError, PrivacyError, StateError
 from fedrec.evaluate import evaluate_counts
+from fedrec.metrics import finalize, merge_counts
 from fedrec.model import RecModel, build_model
 from fedrec.partition import num_partitions, partition_users
-from fedrec.state import ClientState
+from fedrec.state import ClientState, Ledger, load_state, state_path
 from fedrec.train import resolve_device, steps_per_epoch, train_epochs
 
 Arrays = dict[str, np.ndarray]
@@ -43,6 +45,7 @@ class ClientData:
     user_ids: list[str]  # original ids of the local users, by local id
     implicit: bool
     offset: float  # fixed score offset (see fedrec.central.rating_offset)
+    rating_span: float = 1.0  # width of the declared rating scale (explicit; 1 if implicit)
 
     @property
     def n_users(self) -> int:
@@ -74,8 +77,10 @@ def _local(data: Interactions, users: np.ndarray) -> Interactions:
 def split_for_users(split: Split, users: np.ndarray) -> ClientData:
     """The client view of a global split restricted to ``users``."""
     train, test = _local(split.train, users), _local(split.test, users)
+    lo, hi = split.train.rating_range
     return ClientData(train, test, [str(u) for u in split.train.user_ids[users]],
-                      split.implicit, rating_offset(split))
+                      split.implicit, rating_offset(split),
+                      1.0 if split.implicit else float(hi - lo))
 
 
 def partition_data(cfg: RunConfig, partition_id: int, num_nodes: int) -> ClientData:
@@ -165,12 +170,15 @@ def _model(cfg: RunConfig, data: ClientData, shared: Arrays, state: ClientState 
     if state is not None:
         if state.user_ids != data.user_ids:
             raise StateError(f"{path}: holds users {state.user_ids[:3]}..., but this client "
-                             f"has {data.user_ids[:3]}...; use a state dir per dataset/node")
+                             f"has {data.user_ids[:3]}...; this state file belongs to other "
+                             "data (move it aside to start the user embeddings afresh; "
+                             "the privacy ledger is kept)")
         want = model.local_state_dict()
         bad = [k for k in want if k not in state.local or state.local[k].shape != want[k].shape]
         if bad:
             raise StateError(f"{path}: local tensors {bad} missing or of another shape; "
-                             "the model config changed: use a fresh state dir")
+                             "the model config changed (move the file aside to start the "
+                             "user embeddings afresh; the privacy ledger is kept)")
         tensors.update(state.local)
     else:
         tensors.update(model.local_state_dict())
@@ -178,79 +186,213 @@ def _model(cfg: RunConfig, data: ClientData, shared: Arrays, state: ClientState 
     return model
 
 
+# A federated client's DP-SGD sampling rate when ``sample-rate`` is 0: a public
+# constant, because a rate derived from the client's own data size would reveal it.
+CLIENT_SAMPLE_RATE = 0.125
+
+
+@dataclass
+class DPPlan:
+    """A client's DP-SGD parameters for one round (none of them depends on its data)."""
+
+    sample_rate: float  # Poisson rate q
+    steps: int  # DP steps this round
+    sigma: float  # noise multiplier
+    epsilon_after: float  # epsilon once this round is spent
+
+
+def client_dp_plan(cfg: RunConfig, ledger: Ledger, server_round: int) -> DPPlan | None:
+    """The round's DP parameters, or None when the budget does not allow the round.
+
+    q is ``sample-rate`` (else ``CLIENT_SAMPLE_RATE``), the steps ``local-epochs`` x
+    round(1/q); sigma is calibrated so that what the ledger has spent plus every round
+    still planned (``rounds`` - ``server_round`` + 1, with their noised evaluations)
+    spends at most ``target-epsilon``: a resume with more rounds spreads the budget that
+    remains instead of overshooting it. A round past ``rounds`` is refused, and
+    ``epsilon_cap`` (default: the target) is never crossed, whatever the server asks.
+    """
+    p = cfg.privacy
+    if server_round > cfg.fed.rounds:
+        return None
+    q = p.sample_rate or CLIENT_SAMPLE_RATE
+    steps = cfg.fed.local_epochs * steps_per_epoch(0, cfg.train.batch_size, poisson=True,
+                                                   sample_rate=q)
+    remaining = max(1, cfg.fed.rounds - server_round + 1)
+    history = list(ledger.history)
+    evals = []
+    if p.eval_noise_multiplier > 0 and cfg.fed.fraction_evaluate > 0:
+        evals = [(p.eval_noise_multiplier, 1.0, remaining)]
+    if p.target_epsilon > 0:
+        try:
+            sigma = privacy.calibrate_remaining(p.target_epsilon, p.delta, history, q,
+                                                steps * remaining, p.accountant, evals)
+        except privacy.BudgetError:
+            return None
+    else:
+        sigma = p.noise_multiplier
+    after = privacy.epsilon_of(history + [(sigma, q, steps)], p.delta, p.accountant)
+    cap = cfg.epsilon_cap
+    if cap > 0 and after > cap * (1 + 1e-9):
+        return None
+    return DPPlan(q, steps, sigma, after)
+
+
 @dataclass
 class FitResult:
-    """A client's training outcome (what may be sent is ``shared`` and the scalars)."""
+    """A client's training outcome (what may be sent is decided by the ClientApp)."""
 
     shared: Arrays | None  # None when the client did not train (budget exhausted)
     touched: np.ndarray | None  # item rows trained on (non-DP, touched weighting only)
-    num_examples: int
-    loss: float
+    num_examples: int  # training examples (never sent under DP)
+    loss: float  # mean training loss (never sent under DP)
     epsilon: float
     exhausted: bool
     seconds: float
     state: ClientState
+    ledger: Ledger
+    weight: float = 0.0  # aggregation weight sent: 1 under DP (a count would reveal n), else n
 
 
 def fit_client(cfg: RunConfig, data: ClientData, shared: Arrays, state: ClientState | None,
-               *, seed: int, server_round: int, state_file: Path | None = None) -> FitResult:
+               ledger: Ledger | None = None, *, seed: int, server_round: int,
+               state_file: Path | None = None) -> FitResult:
     """Train one client for ``local-epochs`` on its data.
 
     With DP, one example is one rating with its negatives (epsilon per rating), the user
-    embeddings train under the same DP optimizer, and the accountant continues the
-    state's history. ``target-epsilon`` calibrates sigma for the whole planned run
-    (rounds x local epochs); ``epsilon-cap`` stops a client whose next round would cross
-    the cap.
+    embeddings train under the same DP optimizer, and the ledger continues. The sampling
+    rate, steps and noise come from ``client_dp_plan`` and do not depend on the client's
+    data (a client with no ratings takes the same noisy steps); noise, batches and
+    negatives are drawn from OS entropy (``fedrec.privacy.dp_generator``).
     """
     t0 = time.perf_counter()
-    torch.manual_seed(seed * 1_000_003 + server_round)
-    state = state or ClientState(user_ids=list(data.user_ids))
-    model = _model(cfg, data, shared, state if state.local else None, seed, state_file)
-    model.to(resolve_device(cfg.train.device))
-    n = len(data.train)
     pcfg = cfg.privacy
-    q = privacy.quantize_rate(min(1.0, cfg.train.batch_size / max(1, n)))
-    per_round = cfg.fed.local_epochs * steps_per_epoch(n, cfg.train.batch_size, poisson=True,
-                                                       sample_rate=q)
-    planned = cfg.fed.rounds * per_round  # sigma is calibrated for the whole run
-    history = list(state.history)
-    if pcfg.dp and n > 0 and cfg.fed.epsilon_cap > 0:
-        sigma = noise_multiplier(cfg, q, planned)
-        nxt = privacy.epsilon_of(history + [(sigma, q, per_round)], pcfg.delta,
-                                 pcfg.accountant)
-        if nxt > cfg.fed.epsilon_cap:
-            return FitResult(None, None, 0, float("nan"), state.last_epsilon, True,
-                             time.perf_counter() - t0, state)
-    if n == 0:
-        return FitResult(None, None, 0, float("nan"), state.last_epsilon, False,
-                         time.perf_counter() - t0, state)
+    ledger = ledger or Ledger(delta=pcfg.delta if pcfg.dp else 0.0,
+                              unit=privacy.UNIT_OF_PRIVACY if pcfg.dp else "")
+    state = state or ClientState(user_ids=list(data.user_ids))
+    n = len(data.train)
+    plan = client_dp_plan(cfg, ledger, server_round) if pcfg.dp else None
+    if pcfg.dp and plan is None:
+        return FitResult(None, None, 0, float("nan"), ledger.epsilon, True,
+                         time.perf_counter() - t0, state, ledger)
+    if n == 0 and not pcfg.dp:
+        return FitResult(None, None, 0, float("nan"), ledger.epsilon, False,
+                         time.perf_counter() - t0, state, ledger)
+    device = resolve_device(cfg.train.device)
+    model = _model(cfg, data, shared, state if state.local else None, seed, state_file)
+    model.to(device)
+    if plan is not None:
+        stream = (seed, server_round)
+        neg_rng: int | np.random.Generator = np.random.default_rng(
+            privacy.dp_seed(pcfg, *stream, privacy.NEGATIVES))
+        trainer = build_trainer(cfg, model, n, steps=plan.steps, history=ledger.history,
+                                sample_rate=plan.sample_rate, sigma=plan.sigma,
+                                normalizer=cfg.train.batch_size,
+                                generator=privacy.dp_generator(pcfg, *stream, privacy.NOISE,
+                                                               device=device))
+        sampler: torch.Generator | None = privacy.dp_generator(pcfg, *stream,
+                                                               privacy.SAMPLING)
+    else:
+        neg_rng = seed * 7919 + server_round
+        trainer = build_trainer(cfg, model, n, steps=1)
+        sampler = torch.Generator().manual_seed(seed * 104729 + server_round)
     builder = ExampleBuilder(data.train, implicit=data.implicit, negatives=cfg.data.negatives,
-                             seed=seed * 7919 + server_round)
-    trainer = build_trainer(cfg, model, n, steps=planned, history=history, sample_rate=q)
+                             seed=neg_rng, uniform=cfg.uniform_negatives)
     res = train_epochs(trainer.model, trainer.optimizer, trainer.criterion, builder,
                        cfg.train, poisson=pcfg.dp, epochs=cfg.fed.local_epochs,
-                       seed=seed * 104729 + server_round, sample_rate=q if pcfg.dp else None)
-    eps = trainer.epsilon(pcfg.delta, pcfg.accountant)
-    new_state = ClientState(
-        local=model.local_state_dict(),
-        history=list(trainer.private.accountant.history) if trainer.private else history,
-        rounds=state.rounds + 1, user_ids=list(data.user_ids), last_epsilon=eps)
+                       sample_rate=plan.sample_rate if plan else None, generator=sampler)
+    new_ledger = Ledger(history=list(ledger.history), rounds=ledger.rounds + 1,
+                        evaluations=ledger.evaluations, epsilon=ledger.epsilon,
+                        delta=ledger.delta, unit=ledger.unit, resets=list(ledger.resets))
+    if trainer.private is not None:
+        new_ledger.history = [tuple(h) for h in trainer.private.accountant.history]
+        new_ledger.epsilon = trainer.epsilon(pcfg.delta, pcfg.accountant)
+    new_state = ClientState(local=model.local_state_dict(), rounds=state.rounds + 1,
+                            user_ids=list(data.user_ids))
     shared_out = {k: v.cpu().numpy() for k, v in model.shared_state_dict().items()}
     touched = None
     weighting = cfg.fed.item_weighting
     if not pcfg.dp and not pcfg.user_dp and weighting in ("auto", "touched"):
         touched = builder.touched.astype(np.float32)
-    return FitResult(shared_out, touched, n, res.loss, eps, False,
-                     time.perf_counter() - t0, new_state)
+    return FitResult(shared_out, touched, n, res.loss, new_ledger.epsilon, False,
+                     time.perf_counter() - t0, new_state, new_ledger,
+                     weight=1.0 if pcfg.dp else float(n))
 
 
 def evaluate_client(cfg: RunConfig, data: ClientData, shared: Arrays,
                     state: ClientState | None, *, seed: int,
                     state_file: Path | None = None) -> dict[str, float]:
-    """Summable evaluation counts of one client on its held-out interactions."""
+    """Summable evaluation counts of one client on its held-out interactions (exact:
+    a ClientApp releases them under DP only through ``release_counts``)."""
     model = _model(cfg, data, shared, state if state and state.local else None, seed,
                    state_file)
     model.to(resolve_device(cfg.train.device))
     return evaluate_counts(model, data.train, data.test, ks=cfg.eval.ks,
                            implicit=data.implicit, eval_negatives=cfg.data.eval_negatives,
                            seed=seed)
+
+
+class ExperimenterEvaluation:
+    """The experimenter's metrics of a global model over every partition (simulation).
+
+    Reads each client's user embeddings from its state file in ``state_dir`` and its
+    held-out data from the dataset, as an experimenter with access to everything would:
+    nothing here is released by a client, so no privacy budget is involved.
+    """
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        split = cached_split(cfg.data)
+        parts = partition_users(cfg.fed.partition, split.n_users, cfg.fed.num_clients,
+                                cfg.data.seed)
+        self.clients = [split_for_users(split, users) for users in parts]
+
+    def __call__(self, shared: Arrays) -> dict[str, float]:
+        """Exact metrics of ``shared`` with the clients' current user embeddings."""
+        counts = []
+        for pid, data in enumerate(self.clients):
+            path = state_path(self.cfg.fed.state_dir, pid)
+            counts.append(evaluate_client(self.cfg, data, shared, load_state(path),
+                                          seed=self.cfg.data.seed + pid, state_file=path))
+        return finalize(merge_counts(counts), self.cfg.eval.ks)
+
+
+def release_counts(cfg: RunConfig, data: ClientData, counts: dict[str, float],
+                   ledger: Ledger, *, seed: int, server_round: int
+                   ) -> tuple[dict[str, float], Ledger]:
+    """Evaluation counts as a DP client may send them: Gaussian noise, charged to the ledger.
+
+    Each count is divided by how much one rating can change it (1 for per-user metric sums
+    and user/rating counts; the rating range, squared for squared errors), so the vector
+    has L2 sensitivity sqrt(m) for m counts; noise of std ``eval-noise-multiplier`` x
+    sqrt(m) x that scale is added. One release is one Gaussian mechanism, ``(sigma, 1, 1)``
+    in the ledger.
+
+    Raises:
+        PrivacyError: no release is allowed (``eval-noise-multiplier`` 0) or the cap
+            would be crossed.
+    """
+    p = cfg.privacy
+    sigma = p.eval_noise_multiplier
+    if sigma <= 0:
+        raise PrivacyError("evaluation counts are not released under DP unless "
+                           "eval-noise-multiplier > 0")
+    history = privacy.add_entry(ledger.history, (sigma, 1.0, 1))
+    after = privacy.epsilon_of(history, p.delta, p.accountant)
+    cap = cfg.epsilon_cap
+    if cap > 0 and after > cap * (1 + 1e-9):
+        raise PrivacyError(f"a noised evaluation would raise epsilon to {after:.3f}, past the "
+                           f"cap {cap:g}")
+    span = data.rating_span
+    if not math.isfinite(span):
+        raise PrivacyError("evaluation counts of explicit ratings without a bounded rating "
+                           "scale cannot be released with DP (unbounded errors)")
+    scale = {k: (span ** 2 if k == keys.SUM_SQ_ERR else span if k == keys.SUM_ABS_ERR
+                 else 1.0) for k in sorted(counts)}
+    gen = privacy.dp_generator(p, seed, server_round, privacy.EVAL_NOISE)
+    std = sigma * math.sqrt(len(scale))
+    noise = torch.randn(len(scale), generator=gen, dtype=torch.float64).numpy() * std
+    out = {k: float(counts[k] + noise[i] * scale[k]) for i, k in enumerate(scale)}
+    new = Ledger(history=history, rounds=ledger.rounds,
+                 evaluations=ledger.evaluations + 1, epsilon=after, delta=p.delta,
+                 unit=ledger.unit or privacy.UNIT_OF_PRIVACY, resets=list(ledger.resets))
+    return out, new

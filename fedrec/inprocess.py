@@ -2,10 +2,13 @@
 
 Each round calls the same functions the Flower apps call (``fit_client``,
 ``aggregate``, ``evaluate_client``) for every client in turn; client state (user
-embeddings, accountant history) is kept in memory instead of state files. With
-``fraction = 1`` the results equal a Flower simulation with the same config
+embeddings, privacy ledgers) is kept in memory instead of state files. With
+``fraction = 1`` and no DP the results equal a Flower simulation with the same config
 (``tests/test_apps.py`` checks this); Flower adds messaging and process isolation, not
 arithmetic. Use ``fedrec simulate`` to exercise the real apps.
+
+Metrics here are the experimenter's: exact counts from every client's held-out data,
+computed in this process (nothing is released by a client), also under DP.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from fedrec.federated import (
 )
 from fedrec.metrics import finalize, merge_counts
 from fedrec.partition import partition_users
-from fedrec.state import ClientState
+from fedrec.state import ClientState, Ledger
 
 Arrays = dict[str, np.ndarray]
 
@@ -59,6 +62,7 @@ def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | N
     keys = item_keys(cfg, split.n_items)
     server = ServerOptimizer(cfg.fed, keys)
     states: list[ClientState | None] = [None] * len(clients)
+    ledgers: list[Ledger | None] = [None] * len(clients)
     rng = np.random.default_rng(cfg.data.seed)
     rows: list[dict[str, Any]] = []
     for rnd in range(1, cfg.fed.rounds + 1):
@@ -70,15 +74,15 @@ def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | N
         acc = MeanAccumulator(shared, keys)
         eps, losses, exhausted = [], [], 0
         for i in chosen:
-            res = fit_client(cfg, clients[i], shared, states[i], seed=cfg.data.seed + i,
-                             server_round=rnd)
+            res = fit_client(cfg, clients[i], shared, states[i], ledgers[i],
+                             seed=cfg.data.seed + i, server_round=rnd)
             eps.append(res.epsilon)
             if res.shared is None:
                 exhausted += int(res.exhausted)
                 continue
-            states[i] = res.state
+            states[i], ledgers[i] = res.state, res.ledger
             # fit_client sends no mask under DP or with uniform weighting
-            acc.add(Update(res.shared, res.num_examples, res.touched))
+            acc.add(Update(res.shared, res.weight, res.touched))
             losses.append((res.loss, res.num_examples))
         shared = server.step_accumulated(acc)
         counts = [evaluate_client(cfg, c, shared, states[i], seed=cfg.data.seed + i)

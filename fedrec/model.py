@@ -80,9 +80,21 @@ class RecModel(nn.Module):
         raise NotImplementedError
 
 
-def _init(emb: nn.Embedding, std: float) -> nn.Embedding:
-    nn.init.normal_(emb.weight, 0.0, std)
+def _init(emb: nn.Embedding, std: float, gen: torch.Generator | None) -> nn.Embedding:
+    with torch.no_grad():
+        emb.weight.normal_(0.0, std, generator=gen)
     return emb
+
+
+def _init_linear(model: nn.Module, gen: torch.Generator) -> None:
+    """PyTorch's default linear initialisation, drawn from ``gen``."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_uniform_(m.weight, a=5 ** 0.5, generator=gen)
+                if m.bias is not None:
+                    bound = 1 / m.in_features ** 0.5
+                    m.bias.uniform_(-bound, bound, generator=gen)
 
 
 class MF(RecModel):
@@ -95,12 +107,12 @@ class MF(RecModel):
     LOCAL_MODULES = ("user_emb", "user_bias")
 
     def __init__(self, n_users: int, n_items: int, dim: int, init_std: float = 0.1,
-                 offset: float = 0.0) -> None:
+                 offset: float = 0.0, gen: torch.Generator | None = None) -> None:
         super().__init__()
         self.n_users, self.n_items, self.offset = n_users, n_items, offset
-        self.user_emb = _init(Embedding(n_users, dim), init_std)
+        self.user_emb = _init(Embedding(n_users, dim), init_std, gen)
         self.user_bias = Embedding(n_users, 1)
-        self.item_emb = _init(Embedding(n_items, dim), init_std)
+        self.item_emb = _init(Embedding(n_items, dim), init_std, gen)
         self.item_bias = Embedding(n_items, 1)
         nn.init.zeros_(self.user_bias.weight)
         nn.init.zeros_(self.item_bias.weight)
@@ -141,13 +153,14 @@ class NeuMF(RecModel):
     LOCAL_MODULES = ("user_gmf", "user_mlp")
 
     def __init__(self, n_users: int, n_items: int, dim: int, hidden: tuple[int, ...],
-                 init_std: float = 0.1, offset: float = 0.0) -> None:
+                 init_std: float = 0.1, offset: float = 0.0,
+                 gen: torch.Generator | None = None) -> None:
         super().__init__()
         self.n_users, self.n_items, self.offset = n_users, n_items, offset
-        self.user_gmf = _init(Embedding(n_users, dim), init_std)
-        self.user_mlp = _init(Embedding(n_users, dim), init_std)
-        self.item_gmf = _init(Embedding(n_items, dim), init_std)
-        self.item_mlp = _init(Embedding(n_items, dim), init_std)
+        self.user_gmf = _init(Embedding(n_users, dim), init_std, gen)
+        self.user_mlp = _init(Embedding(n_users, dim), init_std, gen)
+        self.item_gmf = _init(Embedding(n_items, dim), init_std, gen)
+        self.item_mlp = _init(Embedding(n_items, dim), init_std, gen)
         self.mlp = _mlp(hidden, 2 * dim)
         self.predict = Linear(dim + hidden[-1], 1)
 
@@ -171,11 +184,12 @@ class EmbeddingMLP(RecModel):
     LOCAL_MODULES = ("user_emb",)
 
     def __init__(self, n_users: int, n_items: int, dim: int, hidden: tuple[int, ...],
-                 init_std: float = 0.1, offset: float = 0.0) -> None:
+                 init_std: float = 0.1, offset: float = 0.0,
+                 gen: torch.Generator | None = None) -> None:
         super().__init__()
         self.n_users, self.n_items, self.offset = n_users, n_items, offset
-        self.user_emb = _init(Embedding(n_users, dim), init_std)
-        self.item_emb = _init(Embedding(n_items, dim), init_std)
+        self.user_emb = _init(Embedding(n_users, dim), init_std, gen)
+        self.item_emb = _init(Embedding(n_items, dim), init_std, gen)
         self.mlp = _mlp(hidden, 2 * dim)
         self.out = Linear(hidden[-1], 1)
 
@@ -194,15 +208,25 @@ class EmbeddingMLP(RecModel):
 
 def build_model(cfg: ModelConfig, n_users: int, n_items: int, *, offset: float = 0.0,
                 seed: int = 0) -> RecModel:
-    """Instantiate the configured model with a seeded initialisation.
+    """Instantiate the configured model, initialised from its own generator seeded with
+    ``seed`` (the global torch generator is neither used nor re-seeded).
 
     >>> m = build_model(ModelConfig(model="mf", dim=8), n_users=3, n_items=5)
     >>> m(torch.tensor([0, 2]), torch.tensor([[1, 4], [0, 3]])).shape
     torch.Size([2, 2])
     """
-    torch.manual_seed(seed)
-    if cfg.model == "mf":
-        return MF(n_users, n_items, cfg.dim, cfg.init_std, offset)
-    if cfg.model == "neumf":
-        return NeuMF(n_users, n_items, cfg.dim, cfg.hidden_sizes, cfg.init_std, offset)
-    return EmbeddingMLP(n_users, n_items, cfg.dim, cfg.hidden_sizes, cfg.init_std, offset)
+    gen = torch.Generator().manual_seed(seed)
+    model: RecModel
+    # layer constructors draw PyTorch's default init from the global generator before
+    # fedrec redraws it from ``gen``: fork it so the global stream is left as it was
+    with torch.random.fork_rng(devices=[]):
+        if cfg.model == "mf":
+            model = MF(n_users, n_items, cfg.dim, cfg.init_std, offset, gen)
+        elif cfg.model == "neumf":
+            model = NeuMF(n_users, n_items, cfg.dim, cfg.hidden_sizes, cfg.init_std, offset,
+                          gen)
+        else:
+            model = EmbeddingMLP(n_users, n_items, cfg.dim, cfg.hidden_sizes, cfg.init_std,
+                                 offset, gen)
+    _init_linear(model, gen)
+    return model

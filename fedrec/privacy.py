@@ -23,12 +23,21 @@ documented places, and uses its machinery for everything else:
 
 Unit of privacy: one training example, which is one rating together with its sampled
 negatives. Epsilon is therefore per rating (record-level DP).
+
+Randomness on the DP path (Gaussian noise, Poisson sampling, DP negatives) comes from
+``dp_generator``: a generator seeded with 64 bits from the operating system
+(``os.urandom``) on every call, never from configuration, so nobody who knows the run
+config (the server included) can regenerate a client's noise. Noise is drawn in Opacus's
+``secure_mode`` (four draws summed, robust to floating-point attacks). A reproducible
+stream exists for experiments only (``insecure-noise-seed`` >= 0); its outputs say the
+noise is not secret and deployment refuses it.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +64,45 @@ UNIT_OF_PRIVACY = "one rating (with its sampled negatives)"
 USER_UNIT_OF_PRIVACY = "one client's whole data (one user in cross-device mode)"
 
 History = list[tuple[float, float, int]]  # Opacus accountant history: (sigma, q, steps)
+
+NOT_SECRET = ("NOT SECRET: insecure-noise-seed is set, so anyone who knows the run config "
+              "can regenerate the DP noise (experiments only)")
+
+
+# purposes of DP random streams (part of the stream key of an insecure seed)
+NOISE, SAMPLING, NEGATIVES, EVAL_NOISE, USER_NOISE = 1, 2, 3, 4, 5
+
+
+class BudgetError(ValueError):
+    """The privacy budget left cannot pay for the planned steps."""
+
+
+def noise_is_secret(cfg: PrivacyConfig) -> bool:
+    """False when ``insecure-noise-seed`` makes DP randomness reproducible."""
+    return cfg.insecure_noise_seed < 0
+
+
+def dp_seed(cfg: PrivacyConfig, *stream: int) -> int:
+    """64-bit seed for one DP random stream.
+
+    OS entropy by default. With ``insecure-noise-seed`` >= 0 (experiments only) a
+    deterministic function of that seed and ``stream`` (e.g. partition, round, purpose).
+    """
+    if noise_is_secret(cfg):
+        return int.from_bytes(os.urandom(8), "little")
+    import numpy as np
+
+    seq = np.random.SeedSequence([cfg.insecure_noise_seed, *[int(x) & 0xFFFFFFFF
+                                                             for x in stream]])
+    return int(seq.generate_state(1, np.uint64)[0])
+
+
+def dp_generator(cfg: PrivacyConfig, *stream: int,
+                 device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator for DP noise or sampling (see ``dp_seed``)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(dp_seed(cfg, *stream))
+    return gen
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
@@ -188,9 +236,13 @@ class _BookkeepingDPLoss(DPLossFastGradientClipping):
 
 
 def supports_bookkeeping(model: nn.Module) -> bool:
-    """True if every module holding trainable parameters is a fedrec Embedding/Linear."""
-    return all(isinstance(m, _BK_TYPES) for m in model.modules()
-               if any(p.requires_grad for p in m.parameters(recurse=False)))
+    """True if every module holding trainable parameters is a fedrec Embedding/Linear and
+    no embedding table is frozen (book-keeping back-propagates to the tables only, so a
+    frozen one would leave the layers above it without output gradients)."""
+    frozen = any(isinstance(m, Embedding) and not m.weight.requires_grad
+                 for m in model.modules())
+    return not frozen and all(isinstance(m, _BK_TYPES) for m in model.modules()
+                              if any(p.requires_grad for p in m.parameters(recurse=False)))
 
 
 class RowLoss(nn.Module):
@@ -244,6 +296,7 @@ def make_private(
     sample_rate: float,
     noise_multiplier: float,
     history: History | None = None,
+    generator: torch.Generator | None = None,
 ) -> PrivateObjects:
     """Wrap model, optimizer and loss for DP-SGD with Poisson sampling at ``sample_rate``.
 
@@ -255,12 +308,18 @@ def make_private(
         sample_rate: Poisson sampling rate q; expected batch = q * n.
         noise_multiplier: sigma (see ``calibrate_noise`` for a target epsilon).
         history: an earlier accountant history to continue (restarts never reset epsilon).
+        generator: source of the Gaussian noise (``dp_generator``); default: a fresh
+            OS-seeded one (Opacus alone would draw from the global generator, which code
+            may have seeded).
 
     Returns:
         PrivateObjects whose model/optimizer/criterion replace the originals.
     """
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
+    if generator is None:  # never Opacus's default, the global (possibly seeded) generator
+        generator = torch.Generator(device=_device_of(model))
+        generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
     if noise_multiplier < 0.3:
         warnings.warn(f"noise multiplier {noise_multiplier} is very small: epsilon will be "
                       "large", stacklevel=2)
@@ -271,7 +330,8 @@ def make_private(
             loss_reduction="mean")
         dp_opt: DPOptimizer = DPOptimizerFastGradientClipping(
             optimizer, noise_multiplier=noise_multiplier, max_grad_norm=cfg.max_grad_norm,
-            expected_batch_size=n_examples_hint, loss_reduction="mean")
+            expected_batch_size=n_examples_hint, loss_reduction="mean",
+            generator=generator, secure_mode=True)
         loss_cls = (_BookkeepingDPLoss if supports_bookkeeping(model)
                     else DPLossFastGradientClipping)
         dp_crit: nn.Module | DPLossFastGradientClipping = loss_cls(
@@ -280,7 +340,8 @@ def make_private(
         gsm = GradSampleModule(model, loss_reduction="mean")
         dp_opt = DPOptimizer(optimizer, noise_multiplier=noise_multiplier,
                              max_grad_norm=cfg.max_grad_norm,
-                             expected_batch_size=n_examples_hint, loss_reduction="mean")
+                             expected_batch_size=n_examples_hint, loss_reduction="mean",
+                             generator=generator, secure_mode=True)
         dp_crit = criterion
     accountant = create_accountant(cfg.accountant)
     accountant.history = list(history or [])
@@ -288,9 +349,26 @@ def make_private(
     return PrivateObjects(gsm, dp_opt, dp_crit, accountant, sample_rate)
 
 
-def set_expected_batch_size(optimizer: DPOptimizer, n_examples: int, sample_rate: float) -> None:
-    """Opacus divides the noisy sum by the expected batch size ``q * n``."""
-    optimizer.expected_batch_size = max(1, round(sample_rate * n_examples))
+def set_expected_batch_size(optimizer: DPOptimizer, size: float) -> None:
+    """Opacus divides the noisy sum by this (the expected batch size).
+
+    Centralized: ``q * n``, with the dataset size n treated as public. Federated clients
+    pass the configured batch size, a constant: dividing by their own ``q * n`` would
+    scale the whole noisy update by their data size and reveal it.
+    """
+    optimizer.expected_batch_size = max(1, round(size))
+
+
+def add_entry(history: Sequence[tuple[float, float, int]], entry: tuple[float, float, int]
+              ) -> History:
+    """``history`` + ``entry``, joined to the last entry when (sigma, q) match (as Opacus's
+    accountant does)."""
+    out = [(float(s), float(q), int(n)) for s, q, n in history]
+    if out and out[-1][:2] == (float(entry[0]), float(entry[1])):
+        out[-1] = (out[-1][0], out[-1][1], out[-1][2] + int(entry[2]))
+    else:
+        out.append((float(entry[0]), float(entry[1]), int(entry[2])))
+    return out
 
 
 def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float,
@@ -313,17 +391,6 @@ def _epsilon_cached(history: tuple[tuple[float, float, int], ...], delta: float,
     return float(acc.get_epsilon(delta=delta))
 
 
-def quantize_rate(q: float) -> float:
-    """Round a sampling rate down to the grid 2^(-k/4), k = 0, 1, ...
-
-    Clients with similar data sizes then share one rate, so sigma calibration and epsilon
-    computations (seconds each) are shared instead of repeated per client.
-    """
-    if q >= 1.0:
-        return 1.0
-    return float(2.0 ** (math.floor(4 * math.log2(q)) / 4))
-
-
 @functools.lru_cache(maxsize=1024)
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str = "rdp") -> float:
@@ -338,22 +405,82 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
                                       accountant=accountant))
 
 
+Entries = tuple[tuple[float, float, int], ...]
+
+
+@functools.lru_cache(maxsize=1024)
+def _calibrate_remaining(target: float, delta: float, history: Entries, extra: Entries,
+                         sample_rate: float, steps: int, accountant: str) -> float:
+    fixed = list(history) + list(extra)
+    spent = epsilon_of(fixed, delta, accountant)
+    if spent >= target * (1 - 1e-3):  # the last 0.1% would buy only noise
+        raise BudgetError(f"epsilon already spent or committed ({spent:.3f}) reaches the "
+                          f"target {target:g}")
+
+    def eps(sigma: float) -> float:
+        return epsilon_of(fixed + [(sigma, sample_rate, steps)], delta, accountant)
+
+    lo, hi = 0.05, 1.0
+    while eps(hi) > target:
+        lo, hi = hi, hi * 2
+        if hi > 1e6:
+            raise BudgetError(f"no noise multiplier spends at most {target:g} over {steps} "
+                              "steps")
+    if eps(lo) <= target:
+        return lo
+    for _ in range(60):  # eps decreases in sigma; keep eps(hi) <= target
+        mid = (lo + hi) / 2
+        if eps(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-4 * hi:
+            break
+    return hi
+
+
+def calibrate_remaining(target_epsilon: float, delta: float,
+                        history: Sequence[tuple[float, float, int]], sample_rate: float,
+                        steps: int, accountant: str = "rdp",
+                        extra: Sequence[tuple[float, float, int]] = ()) -> float:
+    """Noise multiplier for ``steps`` more steps at ``sample_rate`` so that the total
+    (``history`` + ``extra`` + these steps) spends at most ``target_epsilon``.
+
+    ``history`` is what was spent already (e.g. before a resume), ``extra`` other planned
+    releases (e.g. noised evaluations). Cached per argument set.
+
+    Raises:
+        BudgetError: the history and ``extra`` alone reach the target.
+    """
+    if target_epsilon <= 0 or not math.isfinite(target_epsilon):
+        raise ValueError(f"target epsilon must be a finite number > 0, got {target_epsilon}")
+    key = tuple((float(s), float(q), int(n)) for s, q, n in history)
+    ext = tuple((float(s), float(q), int(n)) for s, q, n in extra if n > 0)
+    if steps <= 0:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return _calibrate_remaining(float(target_epsilon), float(delta), key, ext,
+                                float(sample_rate), int(steps), accountant)
+
+
 def per_example_norms(model: nn.Module) -> torch.Tensor:
     """Per-example gradient norms of the last ghost-clipped step (for tests/debugging)."""
     return model.per_sample_gradient_norms  # type: ignore[no-any-return,operator]
 
 
-def user_level_noise(target_epsilon: float, noise: float, rounds: int, delta: float) -> float:
-    """Noise multiplier z of user-level DP-FedAvg (Gaussian mechanism once per round).
+def user_level_noise(cfg: PrivacyConfig, history: Sequence[tuple[float, float, int]],
+                     rounds_left: int) -> float:
+    """Noise multiplier z of user-level DP-FedAvg for the next round.
 
-    Accounted without subsampling amplification (as if every client took part every
-    round), which is exact for fraction 1 and conservative otherwise.
+    ``user-target-epsilon`` > 0: z is calibrated so that the rounds already noised
+    (``history``, from the server checkpoint) plus ``rounds_left`` more spend at most the
+    target, so a resume with more rounds spreads what remains. Else
+    ``user-noise-multiplier``. Accounted without subsampling amplification (as if every
+    client took part every round): exact at fraction 1, conservative below.
+
+    Raises:
+        BudgetError: the history alone reaches the target.
     """
-    if target_epsilon > 0:
-        return calibrate_noise(target_epsilon, delta, 1.0, rounds, "rdp")
-    return noise
-
-
-def user_level_epsilon(noise: float, rounds: int, delta: float) -> float:
-    """User-level epsilon after ``rounds`` releases with noise multiplier ``noise``."""
-    return epsilon_of([(noise, 1.0, rounds)], delta, "rdp") if rounds > 0 else 0.0
+    if cfg.user_target_epsilon > 0:
+        return calibrate_remaining(cfg.user_target_epsilon, cfg.delta, history, 1.0,
+                                   max(1, rounds_left), "rdp")
+    return cfg.user_noise_multiplier

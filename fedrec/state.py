@@ -1,15 +1,23 @@
-"""Client state files: user embeddings and privacy-accountant history, per partition.
+"""Client state: user embeddings (a torch file) and the privacy ledger (JSON), per node.
 
-One file per partition/node, written atomically (temporary file + rename) with a format
-name and version. A missing file means a fresh client; a corrupted, foreign or
-mismatched file is a StateError naming it, never a silent re-initialisation (which would
-reset the client's epsilon).
+Two files per partition/node in its state dir, both written atomically (temporary file
++ rename) with a format name and version:
+
+- ``client-<p>.pt``: the local model state (user embeddings and biases). Losing it loses
+  personalisation, not privacy: the next round starts the embeddings afresh.
+- ``ledger-<p>.json``: the privacy ledger (accountant history, rounds, evaluations,
+  epsilon, explicit resets). It is kept apart from the model state so that replacing
+  the model never touches it. A ledger that is missing after the node has trained is a
+  StateError, never a silent restart at epsilon 0; ``reset_ledger`` (``fedrec ledger
+  reset``) is the explicit, logged operator action that starts a new one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,32 +25,128 @@ from typing import Any
 import torch
 
 from fedrec.errors import StateError
+from fedrec.report import write_bytes_atomic
 
 FORMAT = "fedrec-client-state"
-VERSION = 1
+VERSION = 2
+LEDGER_FORMAT = "fedrec-privacy-ledger"
+LEDGER_VERSION = 1
 
 
 @dataclass
 class ClientState:
-    """What a client keeps between rounds and across restarts."""
+    """The local model state a client keeps between rounds and across restarts."""
 
     local: dict[str, torch.Tensor] = field(default_factory=dict)  # user embeddings/biases
-    history: list[tuple[float, float, int]] = field(default_factory=list)  # (sigma, q, steps)
-    rounds: int = 0  # rounds trained
+    rounds: int = 0  # rounds trained with these embeddings
     user_ids: list[str] = field(default_factory=list)  # the users the local tables index
-    last_epsilon: float = 0.0  # epsilon reported after the last round
+
+
+@dataclass
+class Ledger:
+    """A client's privacy spend: everything its epsilon is computed from."""
+
+    history: list[tuple[float, float, int]] = field(default_factory=list)  # (sigma, q, steps)
+    rounds: int = 0  # rounds trained under DP (or not)
+    evaluations: int = 0  # noised evaluation releases (also in history)
+    epsilon: float = 0.0  # epsilon of history at delta
+    delta: float = 0.0
+    unit: str = ""  # the unit of privacy epsilon refers to
+    resets: list[dict[str, Any]] = field(default_factory=list)  # explicit operator resets
 
 
 def state_path(state_dir: str | Path, partition: int | str) -> Path:
-    """The state file of one partition (or node)."""
+    """The model state file of one partition (or node)."""
     return Path(state_dir) / f"client-{partition}.pt"
+
+
+def ledger_path(state_dir: str | Path, partition: int | str) -> Path:
+    """The privacy ledger of one partition (or node)."""
+    return Path(state_dir) / f"ledger-{partition}.json"
 
 
 def save_state(path: Path, state: ClientState) -> None:
     """Write atomically; a crash leaves the previous file intact."""
     _save({"format": FORMAT, "version": VERSION, "local": state.local,
-           "history": [list(h) for h in state.history], "rounds": state.rounds,
-           "user_ids": list(state.user_ids), "last_epsilon": state.last_epsilon}, path)
+           "rounds": state.rounds, "user_ids": list(state.user_ids)}, path)
+
+
+def save_ledger(path: Path, ledger: Ledger) -> None:
+    """Write the ledger atomically (JSON, readable by operators)."""
+    payload = {"format": LEDGER_FORMAT, "version": LEDGER_VERSION,
+               "history": [list(h) for h in ledger.history], "rounds": ledger.rounds,
+               "evaluations": ledger.evaluations, "epsilon": ledger.epsilon,
+               "delta": ledger.delta, "unit": ledger.unit, "resets": ledger.resets}
+    write_bytes_atomic(path, (json.dumps(payload, indent=1) + "\n").encode())
+
+
+def load_ledger(path: Path, *, trained_evidence: Path | None = None) -> Ledger | None:
+    """Read a ledger; None when there is none and the node shows no sign of training.
+
+    Args:
+        path: the ledger file.
+        trained_evidence: the node's model state file; if it exists while the ledger
+            does not, the ledger was lost and the node refuses to start over at 0.
+
+    Raises:
+        StateError: unreadable, foreign, or missing after training.
+    """
+    if not path.exists():
+        if trained_evidence is not None and trained_evidence.exists():
+            raise StateError(
+                f"{path}: privacy ledger missing although this node has trained "
+                f"({trained_evidence} exists); its epsilon is never restarted at 0 "
+                "silently. Restore the ledger, or reset it deliberately with 'fedrec "
+                f"ledger reset --state-dir {path.parent} --partition "
+                f"{path.stem.removeprefix('ledger-')} --reason TEXT' (logged)")
+        return None
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StateError(f"{path}: corrupted privacy ledger ({type(err).__name__}); "
+                         "refusing to start over, which would reset this node's epsilon. "
+                         "Restore the file, or reset it deliberately with 'fedrec ledger "
+                         "reset'") from None
+    if not isinstance(payload, dict) or payload.get("format") != LEDGER_FORMAT:
+        raise StateError(f"{path}: not a fedrec privacy ledger")
+    if payload.get("version") != LEDGER_VERSION:
+        raise StateError(f"{path}: ledger version {payload.get('version')!r}; this fedrec "
+                         f"reads version {LEDGER_VERSION}")
+    try:
+        return Ledger(
+            history=[(float(s), float(q), int(n)) for s, q, n in payload["history"]],
+            rounds=int(payload["rounds"]), evaluations=int(payload["evaluations"]),
+            epsilon=float(payload["epsilon"]), delta=float(payload["delta"]),
+            unit=str(payload["unit"]), resets=list(payload["resets"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise StateError(f"{path}: privacy ledger has a bad field ({err})") from None
+
+
+def reset_ledger(state_dir: str | Path, partition: int | str, reason: str) -> Path:
+    """Start a new, empty ledger deliberately; the old one (if any) is kept aside.
+
+    The reset is recorded in the new ledger (time, reason, the epsilon left behind) and
+    appended to ``ledger-<p>.log`` next to it.
+    """
+    if not reason.strip():
+        raise StateError("a ledger reset needs a reason (it is logged)")
+    path = ledger_path(state_dir, partition)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    previous: Ledger | None = None
+    if path.exists():
+        try:
+            previous = load_ledger(path)
+        except StateError:
+            previous = None  # unreadable: kept aside as it is
+        os.replace(path, path.with_name(f"{path.stem}.before-reset-{stamp}.json"))
+    event = {"time": stamp, "reason": reason,
+             "previous_epsilon": previous.epsilon if previous else None,
+             "previous_file": "unreadable" if path.exists() else
+             ("missing" if previous is None else "kept aside")}
+    save_ledger(path, Ledger(resets=(previous.resets if previous else []) + [event]))
+    with path.with_suffix(".log").open("a") as log:
+        log.write(json.dumps(event) + "\n")
+    return path
 
 
 def _save(payload: dict[str, Any], path: Path) -> None:
@@ -69,20 +173,18 @@ def load_state(path: Path) -> ClientState | None:
     if not path.exists():
         return None
     payload = _load(path, FORMAT, "client state",
-                    hint="; refusing to start over, which would reset this client's epsilon. "
-                    "Restore the file or remove it deliberately")
+                    hint="; move it aside to start the user embeddings afresh (the privacy "
+                    "ledger is a separate file and is kept)", version=VERSION)
     try:
         return ClientState(
-            local=dict(payload["local"]),
-            history=[(float(s), float(q), int(n)) for s, q, n in payload["history"]],
-            rounds=int(payload["rounds"]), user_ids=[str(u) for u in payload["user_ids"]],
-            last_epsilon=float(payload.get("last_epsilon", 0.0)),
-        )
+            local=dict(payload["local"]), rounds=int(payload["rounds"]),
+            user_ids=[str(u) for u in payload["user_ids"]])
     except (KeyError, TypeError, ValueError) as err:
         raise StateError(f"{path}: client state is missing or has a bad field ({err})") from None
 
 
-def _load(path: Path, fmt: str, what: str, hint: str = "") -> dict[str, Any]:
+def _load(path: Path, fmt: str, what: str, hint: str = "", version: int = 1
+          ) -> dict[str, Any]:
     """A fedrec file of format ``fmt``: StateError naming it if unreadable or foreign."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -90,14 +192,15 @@ def _load(path: Path, fmt: str, what: str, hint: str = "") -> dict[str, Any]:
         raise StateError(f"{path}: corrupted {what} ({type(err).__name__}){hint}") from None
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         raise StateError(f"{path}: not a fedrec {what} file")
-    if payload.get("version") != VERSION:
+    if payload.get("version") != version:
         raise StateError(f"{path}: {what} version {payload.get('version')!r}; this fedrec "
-                         f"reads version {VERSION}")
+                         f"reads version {version}{hint}")
     return payload
 
 
 GLOBAL_FORMAT = "fedrec-global-model"
 CHECKPOINT_FORMAT = "fedrec-server-checkpoint"
+CHECKPOINT_VERSION = 2
 
 
 def global_path(state_dir: str | Path, partition: int | str) -> Path:
@@ -107,7 +210,7 @@ def global_path(state_dir: str | Path, partition: int | str) -> Path:
 
 def save_global(path: Path, shared: dict[str, Any], config: dict[str, Any]) -> None:
     """Keep the last global shared model and the run's flat config (atomic)."""
-    _save({"format": GLOBAL_FORMAT, "version": VERSION, "config": dict(config),
+    _save({"format": GLOBAL_FORMAT, "version": 1, "config": dict(config),
            "shared": {k: torch.as_tensor(v) for k, v in shared.items()}}, path)
 
 
@@ -121,22 +224,26 @@ def load_global(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def save_checkpoint(path: Path, round_: int, shared: dict[str, Any],
-                    server_opt: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    """Server checkpoint: shared model, last completed round, server optimizer, rows."""
-    _save({"format": CHECKPOINT_FORMAT, "version": VERSION, "round": round_,
+                    server_opt: dict[str, Any], rows: list[dict[str, Any]],
+                    user_history: list[tuple[float, float, int]] | None = None) -> None:
+    """Server checkpoint: shared model, last completed round, server optimizer, rows and
+    the user-level DP history (one (z, q, 1) entry per noised round)."""
+    _save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "round": round_,
            "shared": {k: torch.as_tensor(v) for k, v in shared.items()},
            "server_opt": {k: torch.as_tensor(v) for k, v in server_opt.items()},
-           "rows": rows}, path)
+           "rows": rows, "user_history": [list(h) for h in user_history or []]}, path)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A server checkpoint as saved (StateError naming the file if bad)."""
     if not path.exists():
         raise StateError(f"{path}: no server checkpoint to resume from")
-    payload = _load(path, CHECKPOINT_FORMAT, "server checkpoint")
+    payload = _load(path, CHECKPOINT_FORMAT, "server checkpoint", version=CHECKPOINT_VERSION)
     try:
         return {"round": int(payload["round"]), "rows": list(payload["rows"]),
                 "shared": {k: v.numpy() for k, v in payload["shared"].items()},
-                "server_opt": {k: v.numpy() for k, v in payload["server_opt"].items()}}
-    except (KeyError, AttributeError, TypeError) as err:
+                "server_opt": {k: v.numpy() for k, v in payload["server_opt"].items()},
+                "user_history": [(float(z), float(q), int(n))
+                                 for z, q, n in payload["user_history"]]}
+    except (KeyError, AttributeError, TypeError, ValueError) as err:
         raise StateError(f"{path}: server checkpoint has a bad field ({err})") from None

@@ -107,6 +107,7 @@ def train_epochs(
     on_epoch: Callable[[int, float], None] | None = None,
     on_step: Callable[[], None] | None = None,
     sample_rate: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> TrainResult:
     """Train for ``epochs`` (default ``cfg.epochs``) over examples from ``builder``.
 
@@ -118,17 +119,20 @@ def train_epochs(
         cfg: batch size and epochs.
         poisson: Poisson batches (required under DP).
         epochs: overrides ``cfg.epochs``.
-        seed: seeds batch sampling.
+        seed: seeds batch sampling (when no ``generator`` is given).
         on_epoch: called with (epoch index, mean loss) after each epoch.
         on_step: called after each step (progress bars).
         sample_rate: Poisson rate q (default ``batch_size / n``); must match the
             accountant's.
+        generator: source of batch sampling; under DP an OS-seeded one
+            (``fedrec.privacy.dp_generator``), since amplification by sampling assumes
+            nobody can predict the batches.
 
     Returns:
         TrainResult with per-epoch losses and counts.
     """
     device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     result = TrainResult()
     start = time.perf_counter()
     model.train()

@@ -26,7 +26,9 @@ from fedrec.partition import num_partitions
 from fedrec.privacy import UNIT_OF_PRIVACY
 from fedrec.state import load_checkpoint, save_checkpoint
 from server.grid import StreamingGrid
-from server.strategy import FedRecStrategy, UserLevelDP, to_numpy, to_record
+from server.strategy import FedRecStrategy, to_numpy, to_record
+
+Evaluator = Callable[[dict[str, Any]], dict[str, float]]
 
 log = logging.getLogger("fedrec.server")
 
@@ -47,13 +49,18 @@ def final_metrics(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
     out["rounds"] = len(rows)
     out["epsilon"] = max((r.get("epsilon-max", 0.0) for r in rows), default=0.0)
     out["epsilon_mean"] = last.get("epsilon-mean", 0.0)
-    out["delta"] = cfg.privacy.delta if cfg.privacy.dp else 0.0
+    out["delta"] = cfg.privacy.delta if cfg.privacy.dp or cfg.privacy.user_dp else 0.0
     out["dp"] = cfg.privacy.dp
     if cfg.privacy.dp:
         out["unit_of_privacy"] = UNIT_OF_PRIVACY
     if cfg.privacy.user_dp:
         out["user_epsilon"] = max((r.get("user-epsilon", 0.0) for r in rows), default=0.0)
         out["user_unit_of_privacy"] = privacy.USER_UNIT_OF_PRIVACY
+    if cfg.privacy.dp or cfg.privacy.user_dp:
+        out["noise_secret"] = privacy.noise_is_secret(cfg.privacy)
+        if not out["noise_secret"]:
+            out["noise_warning"] = privacy.NOT_SECRET
+    out["evaluation"] = last.get("evaluation", "none")
     out["exhausted_clients_last_round"] = last.get("exhausted", 0)
     out["seconds_per_round"] = (sum(r.get("seconds", 0.0) for r in rows) / len(rows)
                                 if rows else math.nan)
@@ -93,36 +100,44 @@ def wait_for_nodes(grid: Grid, minimum: int = 1, timeout: float = 600.0) -> None
 
 
 def run_server(grid: Grid, cfg: RunConfig,
-               display: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """Run all rounds; write ``out-dir`` if set; return the final metrics."""
+               display: Callable[[str], None] | None = print,
+               evaluator: Evaluator | None = None) -> dict[str, Any]:
+    """Run all rounds; write ``out-dir`` if set; return the final metrics.
+
+    ``evaluator`` (simulation only) computes the experimenter's metrics of a global model
+    when clients do not report evaluation counts (record-level DP without
+    ``eval-noise-multiplier``).
+    """
     wait_for_nodes(grid)
     n_items = catalogue_size(cfg)
     shared = init_shared(cfg, n_items)
     nodes = expected_nodes(cfg, grid)
     strategy = FedRecStrategy(cfg, item_keys=item_keys(cfg, n_items), num_nodes=nodes,
-                              display=display if cfg.fed.verbose else None)
-    runner: Any = strategy
-    if cfg.privacy.user_dp:
-        z = privacy.user_level_noise(cfg.privacy.user_target_epsilon,
-                                     cfg.privacy.user_noise_multiplier, cfg.fed.rounds,
-                                     cfg.privacy.delta)
-        runner = UserLevelDP(strategy, z, cfg.privacy.user_clip)
-        if display and cfg.fed.verbose:
-            display(f"user-level DP-FedAvg: clip {cfg.privacy.user_clip:g}, noise multiplier "
-                    f"{z:.3f}, {strategy.expected_clients} clients per round; unit: "
-                    f"{privacy.USER_UNIT_OF_PRIVACY}")
+                              display=display if cfg.fed.verbose else None,
+                              evaluator=evaluator)
     ckpt = Path(cfg.fed.checkpoint_dir) / "server.pt" if cfg.fed.checkpoint_dir else None
     done = 0
     if cfg.fed.resume:
         done, shared, saved = resume_point(cfg, shared)
-        strategy.resume_from(done, saved["rows"], saved["server_opt"])
+        strategy.resume_from(done, saved["rows"], saved["server_opt"], saved["user_history"])
         if display:
-            display(f"resuming from {ckpt}: {done} of {cfg.fed.rounds} rounds done")
+            display(f"resuming from {ckpt}: {done} of {cfg.fed.rounds} rounds done; DP noise "
+                    "is recalibrated for the budget that remains")
     if ckpt is not None:
         def checkpoint(round_: int) -> None:
             save_checkpoint(ckpt, round_, strategy.current, strategy.server_opt.state_dict(),
-                            strategy.rows)
+                            strategy.rows, strategy.user_history)
         strategy.on_round_end = checkpoint
+    if display and cfg.fed.verbose and cfg.privacy.user_dp:
+        display(f"user-level DP-FedAvg (central: the server clips and adds noise): clip "
+                f"{cfg.privacy.user_clip:g}, {strategy.expected_clients} clients per round; "
+                f"unit: {privacy.USER_UNIT_OF_PRIVACY}")
+    if display and (cfg.privacy.dp or cfg.privacy.user_dp) and not privacy.noise_is_secret(
+            cfg.privacy):
+        display(f"WARNING: {privacy.NOT_SECRET}")
+    if display and cfg.fed.verbose and strategy.evaluator is not None:
+        display("clients release no evaluation counts under DP (eval-noise-multiplier 0): "
+                "metrics are the experimenter's, computed by the simulation")
     if display and cfg.fed.verbose:
         mode = (f"DP-SGD per client, unit of privacy: {UNIT_OF_PRIVACY}, delta "
                 f"{cfg.privacy.delta:g}" if cfg.privacy.dp else "no DP")
@@ -130,10 +145,11 @@ def run_server(grid: Grid, cfg: RunConfig,
                 f"{n_items} items, {cfg.fed.rounds} rounds, fraction {cfg.fed.fraction}, "
                 f"{mode}")
     if done < cfg.fed.rounds:
-        result = runner.start(grid=grid, initial_arrays=to_record(shared),
+        strategy.current = shared
+        result = strategy.start(grid=grid, initial_arrays=to_record(shared),
                                 num_rounds=cfg.fed.rounds - done, train_config=ConfigRecord(),
                                 evaluate_config=ConfigRecord(),
-                                timeout=cfg.fed.round_timeout)
+                                timeout=cfg.fed.round_timeout, evaluate_fn=strategy.end_round)
         final_arrays = to_numpy(result.arrays)
     else:
         final_arrays = shared
@@ -156,8 +172,12 @@ def run_server(grid: Grid, cfg: RunConfig,
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None,
-                    display: Callable[[str], None] | None = print) -> ServerApp:
-    """A ServerApp whose run config is ``context.run_config`` updated by ``overrides``."""
+                    display: Callable[[str], None] | None = print,
+                    evaluator: Callable[[RunConfig], Evaluator] | None = None) -> ServerApp:
+    """A ServerApp whose run config is ``context.run_config`` updated by ``overrides``.
+
+    ``evaluator`` (simulation runners only) builds the experimenter's evaluation.
+    """
     over = dict(overrides or {})
     server_app = ServerApp()
 
@@ -165,7 +185,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None,
     def main(grid: Grid, context: Context) -> None:
         cfg = RunConfig.from_flat({**context.run_config, **over})
         grid = StreamingGrid(grid)  # replies one at a time; deployment: no 3 s polls
-        run_server(grid, cfg, display)
+        run_server(grid, cfg, display, evaluator(cfg) if evaluator else None)
 
     return server_app
 

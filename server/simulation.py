@@ -96,8 +96,11 @@ def simulate(cfg: RunConfig, out: Path, *, overwrite: bool = False, quiet: bool 
         os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no network calls home
         if not verbose:
             _quiet_flower()
+        from fedrec.federated import ExperimenterEvaluation
+
         run_simulation(
-            server_app=make_server_app(flat), client_app=make_client_app(flat),
+            server_app=make_server_app(flat, evaluator=ExperimenterEvaluation),
+            client_app=make_client_app(flat),
             num_supernodes=n_nodes,
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                             "init_args": {"logging_level": "ERROR", "log_to_driver": verbose,

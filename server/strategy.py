@@ -4,6 +4,16 @@ Sampling and messaging are FedAvg's. Aggregation is ``fedrec.aggregate`` over th
 parameters only (row-wise for item tables without DP), after checking every reply:
 errors, exhausted budgets and malformed updates are counted and left out. Evaluation
 sums the clients' per-user counts into global metrics (``fedrec.metrics``).
+
+User-level DP (``user-dp``, central) is fedrec's own, not Flower's wrapper: replies are
+validated by key and dropped if they failed *before* clipping (a failed reply does not
+void the round, and a reply cannot reorder its arrays around the clip); each update is
+clipped to ``user-clip``; Gaussian noise from an OS-seeded generator is added to the sum;
+the per-round noise multipliers are kept in the server checkpoint, so epsilon is exact
+after a resume.
+
+Every round ends in ``end_round`` (Flower's ``evaluate_fn`` hook, called once per round
+after evaluation): the one place where a round's row is appended, checkpointed and shown.
 """
 
 from __future__ import annotations
@@ -17,16 +27,16 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
+from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import compute_distances
 
-from fedrec import keys
+from fedrec import keys, privacy
 from fedrec.aggregate import (
+    ClippedSum,
     MeanAccumulator,
     ServerOptimizer,
     Update,
-    aggregate,
     clip_update,
     update_norm,
 )
@@ -62,13 +72,22 @@ class FedRecStrategy(FedAvg):
     """FedAvg sampling + fedrec aggregation; keeps one row of results per round."""
 
     def __init__(self, cfg: RunConfig, *, item_keys: list[str], num_nodes: int,
-                 display: Callable[[str], None] | None = None) -> None:
+                 display: Callable[[str], None] | None = None,
+                 evaluator: Callable[[dict[str, np.ndarray]], dict[str, float]] | None = None
+                 ) -> None:
         min_train = min(cfg.fed.min_clients, num_nodes)
+        # Under record-level DP clients release evaluation counts only with accounted noise
+        self.client_eval = cfg.fed.fraction_evaluate > 0 and (
+            not cfg.privacy.dp or cfg.privacy.eval_noise_multiplier > 0)
+        fraction_evaluate = cfg.fed.fraction_evaluate if self.client_eval else 0.0
         super().__init__(
-            fraction_train=cfg.fed.fraction, fraction_evaluate=cfg.fed.fraction_evaluate,
+            fraction_train=cfg.fed.fraction, fraction_evaluate=fraction_evaluate,
             min_train_nodes=min_train,
-            min_evaluate_nodes=min_train if cfg.fed.fraction_evaluate > 0 else 0,
+            min_evaluate_nodes=min_train if fraction_evaluate > 0 else 0,
             min_available_nodes=num_nodes)
+        # the experimenter's evaluation (simulation only), used when clients do not report
+        self.evaluator = evaluator if not self.client_eval else None
+        self.user_history: list[tuple[float, float, int]] = []  # user-level (z, q, rounds)
         self.cfg = cfg
         self.item_keys = item_keys
         self.server_opt = ServerOptimizer(cfg.fed, item_keys)
@@ -85,10 +104,12 @@ class FedRecStrategy(FedAvg):
         self._asked = {"train": 0, "evaluate": 0}  # messages sent this round (for timeouts)
 
     def resume_from(self, done: int, rows: list[dict[str, Any]],
-                    server_opt: dict[str, np.ndarray]) -> None:
+                    server_opt: dict[str, np.ndarray],
+                    user_history: list[tuple[float, float, int]] | None = None) -> None:
         """Continue after ``done`` completed rounds (from a server checkpoint)."""
         self.offset, self.rows = done, list(rows)
         self.server_opt.load_state_dict(server_opt)
+        self.user_history = list(user_history or [])
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -172,9 +193,9 @@ class FedRecStrategy(FedAvg):
         """Check replies, aggregate the shared arrays, summarize training metrics.
 
         Replies are taken one at a time as the grid yields them; with the default mean
-        each valid update is folded into running sums and dropped, so the server holds
-        one model's worth of sums, not every client's update (robust rules and
-        user-level DP need them all).
+        (and with user-level DP) each valid update is folded into running sums and
+        dropped, so the server holds one model's worth of sums, not every client's
+        update (robust rules need them all).
         """
         eps: list[float] = []
         losses: list[tuple[float, float]] = []
@@ -182,8 +203,9 @@ class FedRecStrategy(FedAvg):
         user_dp = self.cfg.privacy.user_dp
         no_masks = (self.cfg.fed.item_weighting == "uniform" or self.cfg.privacy.dp
                     or user_dp)
-        stream = self.cfg.fed.aggregation == "mean" and not user_dp
+        stream = self.cfg.fed.aggregation == "mean"
         acc = MeanAccumulator(self.current, self.item_keys)
+        clipped = ClippedSum(self.current, self.cfg.privacy.user_clip) if user_dp else None
         updates: list[Update] = []
         for msg in replies:
             received += 1
@@ -203,45 +225,69 @@ class FedRecStrategy(FedAvg):
                 continue
             if no_masks:
                 upd.touched = None
-            losses.append((float(metrics.get(keys.TRAIN_LOSS, 0.0)), upd.weight))
-            if stream:
+            if keys.TRAIN_LOSS in metrics:
+                losses.append((float(metrics[keys.TRAIN_LOSS]), upd.weight))
+            else:
+                losses.append((math.nan, upd.weight))
+            if clipped is not None:
+                clipped.add(upd.arrays)
+            elif stream:
                 acc.add(upd)
             else:
                 updates.append(upd)
         timeouts = self._timeouts("train", received, server_round)
-        if user_dp:  # plain mean with a fixed denominator; noise and server step: outside
-            for u in updates:
-                u.weight = 1.0
-            avg = aggregate(updates, self.current, self.item_keys, 1.0)
-            scale = len(updates) / max(self.expected_clients, len(updates))
-            new = {k: (v + scale * (avg[k] - v)).astype(v.dtype) for k, v in self.current.items()}
+        done = server_round + self.offset
+        if clipped is not None:
+            new = self._user_level_step(clipped, done)
         elif not stream and updates:
             new = self.server_opt.step_from_average(self._robust(updates), self.current)
         else:
             new = self.server_opt.step_accumulated(acc)
-        n_ex = sum(w for _, w in losses)
+        known = [(v, w) for v, w in losses if math.isfinite(v)]
+        n_ex = sum(w for _, w in known)
         summary = {
             "clients": len(losses), "failures": failures, "timeouts": timeouts,
-            "exhausted": exhausted,
-            "rejected": rejected, keys.NUM_EXAMPLES: n_ex,
-            "train-loss": sum(v * w for v, w in losses) / n_ex if n_ex else math.nan,
+            "exhausted": exhausted, "rejected": rejected,
+            "train-loss": sum(v * w for v, w in known) / n_ex if n_ex else math.nan,
             "epsilon-max": max(eps) if eps else 0.0,
             "epsilon-mean": float(np.mean(eps)) if eps else 0.0,
         }
+        if not self.cfg.privacy.dp:
+            summary[keys.NUM_EXAMPLES] = sum(w for _, w in losses)
         self._row.update(summary)
         self.current = new
-        if self.fraction_evaluate == 0:  # the round's row is complete: checkpoint it
-            self._row["seconds"] = time.perf_counter() - self._t0
-            self.rows.append(dict(self._row))
-            if self.on_round_end is not None and not user_dp:
-                self.on_round_end(server_round + self.offset)
         return to_record(new), MetricRecord({k: float(v) for k, v in summary.items()
                                              if not (isinstance(v, float) and math.isnan(v))})
 
+    def _user_level_step(self, clipped: ClippedSum, done: int) -> dict[str, np.ndarray]:
+        """Noise the clipped sum, divide by the sampled count, take the server step;
+        record the round's noise multiplier and the user-level epsilon."""
+        p = self.cfg.privacy
+        try:
+            z = privacy.user_level_noise(p, self.user_history, self.cfg.fed.rounds - done + 1)
+        except privacy.BudgetError as err:
+            log.warning("round %d: user-level budget spent (%s): model left unchanged",
+                        done, err)
+            self._row["user-epsilon"] = self.user_epsilon()
+            self._row["user-exhausted"] = 1
+            return {k: v.copy() for k, v in self.current.items()}
+        gen = privacy.dp_generator(p, done, privacy.USER_NOISE)
+        denominator = max(self.expected_clients, clipped.count)
+        noisy = clipped.noisy_mean(z, denominator, gen)
+        self.user_history = privacy.add_entry(self.user_history, (z, 1.0, 1))
+        self._row["user-noise-multiplier"] = z
+        self._row["user-epsilon"] = self.user_epsilon()
+        return self.server_opt.step_from_average(noisy, self.current)
+
+    def user_epsilon(self) -> float:
+        """User-level epsilon of the rounds noised so far (exact across resumes)."""
+        return privacy.epsilon_of(self.user_history, self.cfg.privacy.delta, "rdp")
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        """Sum per-user counts from the clients into global metrics."""
+        """Sum per-user counts from the clients into global metrics (noised under DP)."""
         parts = []
+        eps: list[float] = []
         failures = received = 0
         for msg in replies:
             received += 1
@@ -250,14 +296,37 @@ class FedRecStrategy(FedAvg):
                 continue
             counts = dict(msg.content[METRICS])
             counts.pop(keys.NUM_EXAMPLES, None)
+            if keys.EPSILON in counts:
+                eps.append(float(counts.pop(keys.EPSILON)))
             parts.append(counts)
+        if not self.client_eval:
+            return None
         timeouts = self._timeouts("evaluate", received, server_round)
         total = merge_counts(parts)
         metrics = finalize(total, self.cfg.eval.ks)
         self._row.update(metrics)
+        self._row["evaluation"] = "clients (noised)" if self.cfg.privacy.dp else "clients"
+        if eps:
+            self._row["epsilon-max"] = max(self._row.get("epsilon-max", 0.0), max(eps))
         self._row["eval-clients"] = len(parts)
         self._row["eval-failures"] = failures
         self._row["eval-timeouts"] = timeouts
+        clean = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+        return MetricRecord(clean) if clean else None
+
+    def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """The end of a round (Flower's ``evaluate_fn`` hook; round 0 is the start).
+
+        Adds the experimenter's metrics when clients do not report, then appends the
+        round's row once, checkpoints it and shows it.
+        """
+        if server_round == 0:
+            return None
+        metrics: dict[str, float] = {}
+        if self.evaluator is not None:
+            metrics = self.evaluator(self.current)
+            self._row.update(metrics)
+            self._row["evaluation"] = "experimenter (simulation)"
         self._row["seconds"] = time.perf_counter() - self._t0
         self.rows.append(dict(self._row))
         if self.on_round_end is not None:
@@ -266,40 +335,6 @@ class FedRecStrategy(FedAvg):
             self.display(format_round(self._row, self.cfg))
         clean = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
         return MetricRecord(clean) if clean else None
-
-
-class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
-    """User-level DP-FedAvg: Flower's server-side fixed-clipping wrapper around fedrec's.
-
-    Flower clips each client's update to ``user-clip``, fedrec averages the clipped
-    updates with a fixed denominator (the sampled count), Flower adds Gaussian noise of
-    std ``z * clip / m``; then fedrec's server optimizer (FedAvg step or FedAdam) runs on
-    the noisy average, which is post-processing. epsilon is accounted per round with
-    Opacus's RDP accountant, without subsampling amplification.
-    """
-
-    def __init__(self, inner: FedRecStrategy, noise: float, clip: float) -> None:
-        super().__init__(inner, noise, clip, inner.expected_clients)
-        self.inner = inner
-        self.noise = noise
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Clip + average + noise (Flower), then the server step; account epsilon."""
-        from fedrec.privacy import user_level_epsilon
-
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        inner = self.inner
-        done = server_round + inner.offset
-        eps = user_level_epsilon(self.noise, done, inner.cfg.privacy.delta)
-        inner._row["user-epsilon"] = eps
-        if arrays is None:
-            return arrays, metrics
-        final = inner.server_opt.step([Update(to_numpy(arrays), 1.0)], inner.sent)
-        inner.current = final
-        if inner.on_round_end is not None and inner.fraction_evaluate == 0:
-            inner.on_round_end(done)  # else at evaluation, when the round's row is complete
-        return to_record(final), metrics
 
 
 def format_round(row: dict[str, Any], cfg: RunConfig) -> str:
@@ -318,6 +353,8 @@ def format_round(row: dict[str, Any], cfg: RunConfig) -> str:
         text += f"  eps max {row.get('epsilon-max', 0):.2f} mean {row.get('epsilon-mean', 0):.2f}"
     if "user-epsilon" in row:
         text += f"  user eps {row['user-epsilon']:.2f}"
+    if not privacy.noise_is_secret(cfg.privacy) and (cfg.privacy.dp or cfg.privacy.user_dp):
+        text += "  [noise NOT secret]"
     if row.get("exhausted"):
         text += f"  exhausted {row['exhausted']}"
     if row.get("failures") or row.get("rejected") or row.get("timeouts"):

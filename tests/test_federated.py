@@ -16,7 +16,15 @@ from fedrec.evaluate import evaluate_counts
 from fedrec.federated import evaluate_client, fit_client, init_shared, split_for_users
 from fedrec.metrics import finalize, merge_counts
 from fedrec.partition import partition_users
-from fedrec.state import ClientState, load_state, save_state, state_path
+from fedrec.state import (
+    ClientState,
+    ledger_path,
+    load_ledger,
+    load_state,
+    save_ledger,
+    save_state,
+    state_path,
+)
 
 FLAT = {"synthetic-users": 40, "synthetic-items": 60, "dim": 4, "batch-size": 16,
         "negatives": 2, "rounds": 3, "num-clients": 4, "epochs": 2, "eval-every": 0}
@@ -48,18 +56,20 @@ def _client(cfg: RunConfig, pid: int = 0):
 def test_epsilon_grows_and_survives_a_restart(tmp_path: Path) -> None:
     cfg = RunConfig.from_flat({**FLAT, "dp": True, "target-epsilon": 3.0})
     data, shared = _client(cfg)
-    path = state_path(tmp_path, 0)
+    path, lpath = state_path(tmp_path, 0), ledger_path(tmp_path, 0)
     eps = []
     for rnd in (1, 2):
-        res = fit_client(cfg, data, shared, load_state(path), seed=0, server_round=rnd)
+        res = fit_client(cfg, data, shared, load_state(path), load_ledger(lpath), seed=0,
+                         server_round=rnd)
         save_state(path, res.state)
+        save_ledger(lpath, res.ledger)
         eps.append(res.epsilon)
         shared = res.shared
-    # a "restart": nothing in memory, everything from the state file
-    restored = load_state(path)
-    assert restored.rounds == 2 and restored.last_epsilon == pytest.approx(eps[-1])
+    # a "restart": nothing in memory, everything from the state files
+    restored, ledger = load_state(path), load_ledger(lpath)
+    assert restored.rounds == 2 and ledger.epsilon == pytest.approx(eps[-1])
     emb_before = restored.local["user_emb.weight"].clone()
-    res = fit_client(cfg, data, shared, restored, seed=0, server_round=3)
+    res = fit_client(cfg, data, shared, restored, ledger, seed=0, server_round=3)
     eps.append(res.epsilon)
     assert 0 < eps[0] < eps[1] < eps[2]
     assert eps[2] == pytest.approx(3.0, abs=0.1)  # target reached after the planned rounds
@@ -69,14 +79,14 @@ def test_epsilon_grows_and_survives_a_restart(tmp_path: Path) -> None:
 def test_budget_cap_stops_training(tmp_path: Path) -> None:
     cfg = RunConfig.from_flat({**FLAT, "dp": True, "target-epsilon": 3.0, "epsilon-cap": 2.8})
     data, shared = _client(cfg)
-    state = None
+    state, ledger = None, None
     outcomes = []
-    for rnd in (1, 2, 3):
-        res = fit_client(cfg, data, shared, state, seed=0, server_round=rnd)
+    for rnd in (1, 2, 3, 4):  # the server asks for one round more than planned
+        res = fit_client(cfg, data, shared, state, ledger, seed=0, server_round=rnd)
         outcomes.append(res.exhausted)
-        state = res.state
-        assert res.epsilon <= 2.8
-    assert outcomes[0] is False and outcomes[-1] is True
+        state, ledger = res.state, res.ledger
+        assert res.epsilon <= 2.8 + 1e-9
+    assert outcomes == [False, False, True, True]  # round 3 would cross the cap of 2.8
     assert res.shared is None and res.num_examples == 0
 
 
@@ -94,7 +104,8 @@ def test_state_file_errors_are_clear(tmp_path: Path) -> None:
     path = state_path(tmp_path, 3)
     assert load_state(path) is None
     path.write_bytes(b"not a torch file")
-    with pytest.raises(StateError, match="client-3.pt: corrupted client state.*epsilon"):
+    with pytest.raises(StateError, match="client-3.pt: corrupted client state.*ledger is a "
+                       "separate file and is kept"):
         load_state(path)
     torch.save({"format": "something-else"}, path)
     with pytest.raises(StateError, match="not a fedrec client state"):

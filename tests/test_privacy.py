@@ -6,11 +6,16 @@ import warnings
 
 import pytest
 import torch
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from torch import nn
+from torch.overrides import TorchFunctionMode
 
+from fedrec import privacy
 from fedrec.config import ModelConfig, PrivacyConfig
-from fedrec.model import build_model
+from fedrec.model import Embedding, Linear, build_model
 from fedrec.privacy import (
+    PrivateObjects,
     RowLoss,
     _BookkeepingDPLoss,
     calibrate_noise,
@@ -21,63 +26,243 @@ from fedrec.privacy import (
 
 B, K, U, N_ITEMS = 12, 4, 6, 9
 
+# (dim, mlp-layers). With K = 4, every "small" Linear layer takes the direct bmm formula;
+# "large" is the default NeuMF shape, whose first MLP layers (64 -> 64, 64 -> 32) take the
+# Gram formula. mse rows have K = 1 (the k == 1 formulas); "tower" applies Linear layers
+# to the user vector alone (2-D activations, one layer without bias).
+SIZES = {"small": (5, "6,3"), "large": (32, "64,32,16")}
+CASES = [(name, size, objective) for name in ("mf", "neumf", "mlp", "tower")
+         for size in SIZES for objective in ("bce", "bpr", "mse")]
 
-def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+
+class _Tower(nn.Module):
+    """Scores ``<q_i, head(tanh(proj(p_u)))>``: Linear layers with one position per
+    example; ``proj`` has no bias; ``use_head=False`` leaves ``head`` out of the graph."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.user_emb, self.item_emb = Embedding(U, dim), Embedding(N_ITEMS, dim)
+        self.proj = Linear(dim, dim, bias=False)
+        self.head = Linear(dim, dim)
+        self.use_head = True
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.proj(self.user_emb(users)))  # [B, d]
+        if self.use_head:
+            h = self.head(h)
+        return (self.item_emb(items) * h.unsqueeze(1)).sum(-1)  # [B, K]
+
+
+def _model(name: str, size: str) -> nn.Module:
+    dim, mlp = SIZES[size]
+    if name == "tower":
+        return _Tower(dim).double()
+    cfg = ModelConfig(model=name, dim=dim, mlp_layers=mlp, init_std=0.5)
+    return build_model(cfg, U, N_ITEMS, seed=0).double()
+
+
+def _batch(objective: str = "bce",
+           dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     users = torch.randint(0, U, (B,), generator=g)
+    if objective == "mse":  # explicit feedback: one rated item per example, K = 1
+        items = torch.randint(0, N_ITEMS, (B, 1), generator=g)
+        return users, items, torch.randint(1, 6, (B, 1), generator=g).to(dtype)
     items = torch.randint(0, N_ITEMS, (B, K), generator=g)
     items[0] = torch.tensor([2, 2, 5, 2])  # repeated rows inside one example
     items[1] = torch.tensor([3, 3, 3, 3])
-    targets = torch.zeros(B, K)
+    targets = torch.zeros(B, K, dtype=dtype)
     targets[:, 0] = 1
     return users, items, targets
 
 
-def _brute_force(model: torch.nn.Module, objective: str) -> list[torch.Tensor]:
-    users, items, targets = _batch()
+def _brute_force(model: nn.Module, objective: str) -> list[torch.Tensor]:
+    """Per-example gradients over the trainable parameters, one autograd call each."""
+    users, items, targets = _batch(objective)
     loss = RowLoss(objective, reduction="sum")
     params = [p for p in model.parameters() if p.requires_grad]
     grads = []
     for b in range(B):
         out = loss(model(users[b:b + 1], items[b:b + 1]), targets[b:b + 1])
-        g = torch.autograd.grad(out, params)
+        g = torch.autograd.grad(out, params, allow_unused=True, materialize_grads=True)
         grads.append(torch.cat([x.reshape(-1) for x in g]))
     return grads
 
 
-@pytest.mark.parametrize("name", ["mf", "neumf", "mlp"])
-@pytest.mark.parametrize("objective", ["bce", "bpr"])
-@pytest.mark.parametrize("bookkeeping", [True, False])
-def test_ghost_clipping_is_exact(name: str, objective: str, bookkeeping: bool) -> None:
-    """Per-example norms and the clipped gradient equal brute force, both with fedrec's
-    book-keeping and with Opacus's own two-pass ghost clipping."""
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(model=name, dim=5, mlp_layers="6,3"), U, N_ITEMS, seed=0)
-    model.double()
+def _private(model: nn.Module, objective: str, clip: float,
+             bookkeeping: bool) -> tuple[PrivateObjects, DPLossFastGradientClipping]:
+    """Ghost clipping without noise; fedrec's book-keeping loss or Opacus's two-pass one."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        po = make_private(model, opt, RowLoss(objective), PrivacyConfig(dp=True, max_grad_norm=clip),
+                          sample_rate=0.5, noise_multiplier=0.0)
+    po.optimizer.expected_batch_size = B
+    assert isinstance(po.criterion, _BookkeepingDPLoss) == supports_bookkeeping(model)
+    criterion = po.criterion if bookkeeping else DPLossFastGradientClipping(
+        po.model, po.optimizer, RowLoss(objective), "mean")
+    return po, criterion
+
+
+def _clipped_mean(brute: list[torch.Tensor], norms: torch.Tensor, clip: float) -> torch.Tensor:
+    """Opacus's clipped average: factors ``clip / (norm + 1e-6)`` capped at 1."""
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    return sum(f * g for f, g in zip(factors, brute)) / B
+
+
+def _dp_grad(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
+def _assert_exact(model: nn.Module, objective: str, bookkeeping: bool) -> None:
     brute = _brute_force(model, objective)
     norms = torch.stack([g.norm() for g in brute])
     clip = float(norms.median())  # some examples clipped, some not
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    cfg = PrivacyConfig(dp=True, max_grad_norm=clip)
+    po, criterion = _private(model, objective, clip, bookkeeping)
+    users, items, targets = _batch(objective)
+    criterion(po.model(users, items), targets).backward()
+    # bpr's example 1 (positive = negatives) has norm 0: its ghost norm is the sqrt of a
+    # cancelled sum, hence the absolute tolerance
+    assert torch.allclose(po.model.per_sample_gradient_norms, norms, rtol=1e-9,
+                          atol=1e-7 * float(norms.max()))
+    po.optimizer.pre_step()  # clip, add (zero) noise, scale by the expected batch size
+    assert torch.allclose(_dp_grad(model), _clipped_mean(brute, norms, clip),
+                          rtol=1e-9, atol=1e-14)
+    factors = clip / (norms + 1e-6)
+    assert (factors < 1).any() and (factors > 1).any()
+
+
+@pytest.mark.parametrize("bookkeeping", [True, False], ids=["bookkeeping", "two-pass"])
+@pytest.mark.parametrize(("name", "size", "objective"), CASES)
+def test_ghost_clipping_is_exact(name: str, size: str, objective: str, bookkeeping: bool) -> None:
+    """Per-example norms and the clipped gradient equal brute force, both with fedrec's
+    book-keeping and with Opacus's own two-pass ghost clipping, for every model, objective
+    and formula (``test_cases_reach_every_norm_formula`` checks the formulas are reached)."""
+    _assert_exact(_model(name, size), objective, bookkeeping)
+
+
+class _TorchCalls(TorchFunctionMode):
+    """Records the names of the torch functions called inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.names.add(getattr(func, "__name__", ""))
+        return func(*args, **(kwargs or {}))
+
+
+def test_cases_reach_every_norm_formula(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CASES exercise every branch of the norm samplers and of book-keeping, and the cost
+    rule picks bmm or Gram where one is clearly cheaper: a change of sizes or of the rule
+    cannot silently drop a formula from ``test_ghost_clipping_is_exact``."""
+    seen: set[str] = set()
+    linear_calls: list[tuple[int, int, int, str]] = []  # (k, d_in, d_out, formula)
+    grams: list[torch.Size] = []
+    real_gram, real_bk = privacy._gram, privacy._bookkeeping_grads
+
+    def gram_spy(x: torch.Tensor) -> torch.Tensor:
+        grams.append(x.shape)
+        return real_gram(x)
+
+    def embedding_spy(layer, activations, backprops):  # type: ignore[no-untyped-def]
+        n = len(grams)
+        out = privacy.embedding_norm_sample(layer, activations, backprops)
+        seen.add("embedding-gram" if len(grams) > n else "embedding-k1")
+        return out
+
+    def linear_spy(layer, activations, backprops):  # type: ignore[no-untyped-def]
+        n = len(grams)
+        with _TorchCalls() as calls:
+            out = privacy.linear_norm_sample(layer, activations, backprops)
+        a, g = layer._fedrec_bk
+        k = a.shape[1]
+        formula = ("k1" if k == 1 else "bmm" if "bmm" in calls.names
+                   else "gram" if len(grams) > n else "unknown")
+        linear_calls.append((k, a.shape[2], g.shape[2], formula))
+        seen.add(f"linear-{formula}")
+        seen.add(f"linear-{backprops.dim()}d")
+        seen.add("bias-none" if layer.bias is None else f"bias-{formula}")
+        return out
+
+    def bk_spy(layer: nn.Module, coef: torch.Tensor) -> None:
+        kind = type(layer).__name__
+        if isinstance(layer, Linear):
+            kind += "-bias" if layer.bias is not None else "-no-bias"
+        seen.add(f"bookkeeping-{kind}")
+        real_bk(layer, coef)
+
+    samplers = GradSampleModuleFastGradientClipping.NORM_SAMPLERS
+    monkeypatch.setattr(privacy, "_gram", gram_spy)
+    monkeypatch.setattr(privacy, "_bookkeeping_grads", bk_spy)
+    monkeypatch.setitem(samplers, Embedding, embedding_spy)
+    monkeypatch.setitem(samplers, Linear, linear_spy)
+    for name, size, objective in CASES:
+        po, criterion = _private(_model(name, size), objective, 1.0, bookkeeping=True)
+        users, items, targets = _batch(objective)
+        criterion(po.model(users, items), targets).backward()
+
+    assert seen >= {
+        "embedding-k1", "embedding-gram",
+        "linear-2d", "linear-3d", "linear-k1", "linear-bmm", "linear-gram",
+        "bias-none", "bias-k1", "bias-bmm", "bias-gram",
+        "bookkeeping-Embedding", "bookkeeping-Linear-bias", "bookkeeping-Linear-no-bias",
+    }, seen
+    assert "linear-unknown" not in seen
+    # bmm costs K d_in d_out, Gram K^2 (d_in + d_out): take bmm when it is no dearer, and
+    # Gram when bmm is over six times dearer (both cases occur in CASES)
+    bmm_cheaper = [f for k, i, o, f in linear_calls if k > 1 and i * o <= k * (i + o)]
+    gram_cheaper = [f for k, i, o, f in linear_calls if k > 1 and i * o > 6 * k * (i + o)]
+    assert bmm_cheaper and set(bmm_cheaper) == {"bmm"}
+    assert gram_cheaper and set(gram_cheaper) == {"gram"}
+
+
+def test_layer_left_out_of_the_graph_gets_zero_gradient() -> None:
+    """Book-keeping gives a layer this batch's graph does not reach a zero gradient (not
+    None, which the DP optimizer would fail on). Opacus keeps that layer's norms from the
+    last batch that reached it: the norms used then over-estimate, which is safe, not exact."""
+    model, objective = _model("tower", "small"), "bce"
+    model.use_head = False
+    brute = _brute_force(model, objective)  # zero for head
+    true_norms = torch.stack([g.norm() for g in brute])
+    clip = float(true_norms.median())
+    model.use_head = True
+    po, criterion = _private(model, objective, clip, bookkeeping=True)
+    users, items, targets = _batch(objective)
+    criterion(po.model(users, items), targets).backward()  # reaches head
+    po.optimizer.zero_grad(set_to_none=True)  # as fedrec.train does
+    model.use_head = False
+    criterion(po.model(users, items), targets).backward()  # does not
+    used = po.model.per_sample_gradient_norms
+    assert (used >= true_norms * (1 - 1e-9)).all()
+    po.optimizer.pre_step()
+    assert torch.allclose(_dp_grad(model), _clipped_mean(brute, used, clip),
+                          rtol=1e-9, atol=1e-14)
+    assert not model.head.weight.grad.any() and not model.head.bias.grad.any()
+
+
+def test_ghost_clipping_with_frozen_tables() -> None:
+    """Frozen MLP embedding tables: book-keeping (which back-propagates to the trainable
+    tables only) is not used, and Opacus's two-pass clipping is exact for the MLP."""
+    model = _model("neumf", "small")
+    model.user_mlp.weight.requires_grad_(False)
+    model.item_mlp.weight.requires_grad_(False)
+    assert not supports_bookkeeping(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        po = make_private(model, opt, RowLoss(objective), cfg, sample_rate=0.5,
-                          noise_multiplier=0.0)
-    po.optimizer.expected_batch_size = B
-    assert isinstance(po.criterion, _BookkeepingDPLoss)
-    criterion = po.criterion if bookkeeping else DPLossFastGradientClipping(
-        po.model, po.optimizer, RowLoss(objective), "mean")
-    users, items, targets = _batch()
-    loss = criterion(po.model(users, items), targets)
-    loss.backward()
-    got = po.model.per_sample_gradient_norms
-    assert torch.allclose(got, norms, rtol=1e-6, atol=1e-7)  # sqrt of a cancelled 0
-    po.optimizer.pre_step()  # clip, add (zero) noise, scale by the expected batch size
-    dp_grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
-    expected = sum(f * g for f, g in zip(factors, brute)) / B
-    assert torch.allclose(dp_grad, expected, rtol=1e-6, atol=1e-10)
-    assert (factors < 1).any() and (factors == 1).any()
+        po = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), RowLoss("bce"),
+                          PrivacyConfig(dp=True), sample_rate=0.5, noise_multiplier=1.0)
+    assert type(po.criterion) is DPLossFastGradientClipping
+    _assert_exact(_model_frozen(), "bce", False)
+
+
+def _model_frozen() -> nn.Module:
+    model = _model("neumf", "small")
+    model.user_mlp.weight.requires_grad_(False)
+    model.item_mlp.weight.requires_grad_(False)
+    return model
 
 
 def test_hooks_mode_matches_ghost_norms() -> None:
@@ -116,7 +301,7 @@ def test_accountant_continues_history() -> None:
         po = make_private(model, opt, RowLoss("bce"), PrivacyConfig(dp=True),
                           sample_rate=0.5, noise_multiplier=1.0, history=[(1.0, 0.5, 10)])
     po.optimizer.expected_batch_size = B
-    users, items, targets = _batch()
+    users, items, targets = _batch(dtype=torch.float32)
     po.criterion(po.model(users, items), targets).backward()
     po.optimizer.step()
     assert po.accountant.history == [(1.0, 0.5, 11)]

@@ -2,7 +2,10 @@
 
 One training example is one rating together with its sampled negatives (an ``[1 + N]``
 row of items): this is also the unit of record-level DP, so that epsilon protects one
-rating.
+rating. Under DP the negatives are drawn uniformly from the whole catalogue
+(``uniform=True``): drawing them among the items a user did *not* rate would make every
+example depend on the user's other ratings (removing one rating would make its item
+eligible as a negative elsewhere), which the per-example guarantee does not cover.
 """
 
 from __future__ import annotations
@@ -71,11 +74,15 @@ class ExampleBuilder:
     """Builds training examples from train interactions, resampling negatives per epoch."""
 
     def __init__(self, train: Interactions, *, implicit: bool, negatives: int,
-                 seed: int) -> None:
+                 seed: int | np.random.Generator, uniform: bool = False) -> None:
+        """``seed``: a seed or a generator (under DP an OS-seeded one); ``uniform``:
+        negatives from the whole catalogue, independent of the user's other ratings."""
         self.train = train
         self.implicit = implicit
         self.negatives = negatives
-        self.rng = np.random.default_rng(seed)
+        self.uniform = uniform
+        self.rng = (seed if isinstance(seed, np.random.Generator)
+                    else np.random.default_rng(seed))
         self.seen = PairSet(train.users, train.items, train.n_items)
         k = 1 + negatives if implicit else 1
         targets = torch.zeros(len(train), k)
@@ -91,7 +98,10 @@ class ExampleBuilder:
     def build(self) -> Examples:
         """Examples with freshly sampled negatives."""
         pos = torch.from_numpy(self.train.items).unsqueeze(1)
-        if self.implicit:
+        if self.implicit and self.uniform:
+            neg = self.rng.integers(0, self.train.n_items, (len(self.train), self.negatives))
+            items = torch.cat([pos, torch.from_numpy(neg)], dim=1)
+        elif self.implicit:
             neg = sample_negatives(self.train.users, self.seen, self.negatives, self.rng)
             items = torch.cat([pos, torch.from_numpy(neg)], dim=1)
         else:

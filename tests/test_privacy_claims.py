@@ -1,0 +1,366 @@
+"""Each privacy claim, tested the way an honest-but-curious server would try to break it.
+
+Secret noise (not from configuration), exact epsilon after a resume, a ledger that is
+never lost silently, nothing data-dependent in DP replies, error codes instead of
+error text, node-pinned parsing and privacy floor, user-level clipping that cannot be
+dodged, and negatives that do not depend on a user's other ratings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.client_app import evaluate_handler, train_handler
+from fedrec import keys, privacy
+from fedrec.config import RunConfig
+from fedrec.data import ExampleBuilder, load_split
+from fedrec.errors import ConfigError, StateError
+from fedrec.federated import ClientData, fit_client, init_shared, split_for_users
+from fedrec.partition import partition_users
+from fedrec.state import (
+    ledger_path,
+    load_ledger,
+    reset_ledger,
+    save_ledger,
+    save_state,
+    state_path,
+)
+
+FLAT = {"synthetic-users": 40, "synthetic-items": 60, "dim": 4, "batch-size": 16,
+        "negatives": 2, "rounds": 2, "num-clients": 4, "optimizer": "sgd", "lr": 0.5,
+        "dp": True, "target-epsilon": 2.0}
+
+
+def _client(cfg: RunConfig, pid: int = 0) -> tuple[ClientData, dict[str, np.ndarray]]:
+    split = load_split(cfg.data)
+    users = partition_users("cross-silo", split.n_users, cfg.fed.num_clients, 0)[pid]
+    return split_for_users(split, users), init_shared(cfg, split.n_items)
+
+
+def _update(out: dict[str, np.ndarray], sent: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([(out[k] - sent[k]).ravel() for k in sorted(sent)])
+
+
+def _empty(data: ClientData) -> ClientData:
+    """The same client with no training ratings: under DP its update is pure noise."""
+    return dataclasses.replace(data, train=data.train.subset(np.zeros(len(data.train), bool)))
+
+
+# --- 1. the noise is secret ---------------------------------------------------------
+
+def test_same_config_and_seed_give_different_noise() -> None:
+    cfg = RunConfig.from_flat(FLAT)
+    data, shared = _client(cfg)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(cfg.data.seed)  # what a server could do: re-seed from the config
+        res = fit_client(cfg, data, shared, None, seed=cfg.data.seed, server_round=1)
+        outs.append(_update(res.shared, shared))
+    assert not np.allclose(outs[0], outs[1])
+
+
+def test_noise_of_two_rounds_is_independent_and_not_regenerable() -> None:
+    """A client with no ratings uploads pure noise; two rounds' noise (same inputs) is
+    uncorrelated, so subtracting uploads does not cancel it; a replay with the
+    server-known seed does not reproduce it."""
+    cfg = RunConfig.from_flat(FLAT)
+    data, shared = _client(cfg)
+    empty = _empty(data)
+    noise = [_update(fit_client(cfg, empty, shared, None, seed=0, server_round=r).shared,
+                     shared) for r in (1, 2)]
+    torch.manual_seed(0 * 1_000_003 + 1)  # the old, config-derived seed of round 1
+    replay = _update(fit_client(cfg, empty, shared, None, seed=0, server_round=1).shared,
+                     shared)
+    for a, b in ((noise[0], noise[1]), (noise[0], replay)):
+        assert np.std(a) > 0 and np.std(b) > 0
+        assert abs(np.corrcoef(a, b)[0, 1]) < 0.1
+
+
+def test_a_seeded_noise_stream_exists_only_as_a_labelled_experiment() -> None:
+    cfg = RunConfig.from_flat({**FLAT, "insecure-noise-seed": 7})
+    data, shared = _client(cfg)
+    a, b = (fit_client(cfg, _empty(data), shared, None, seed=0, server_round=1).shared
+            for _ in range(2))
+    assert all(np.array_equal(a[k], b[k]) for k in a)  # reproducible: NOT secret
+    assert not privacy.noise_is_secret(cfg.privacy)
+    assert privacy.noise_is_secret(RunConfig.from_flat(FLAT).privacy)
+
+
+def test_model_initialisation_does_not_touch_the_global_generator() -> None:
+    from fedrec.model import build_model
+
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    build_model(RunConfig().model, 5, 7, seed=0)
+    assert torch.equal(torch.rand(3), before)
+
+
+# --- 2. exact epsilon after a resume, a ledger that is never lost silently -----------
+
+def test_record_level_resume_with_more_rounds_stays_within_the_target() -> None:
+    cfg = RunConfig.from_flat({**FLAT, "target-epsilon": 1.0})
+    data, shared = _client(cfg)
+    state = ledger = None
+    for rnd in (1, 2):
+        res = fit_client(cfg, data, shared, state, ledger, seed=0, server_round=rnd)
+        state, ledger, shared = res.state, res.ledger, res.shared
+    assert res.epsilon == pytest.approx(1.0, abs=0.01)
+    more = cfg.replace(rounds=4)  # the operator resumes with two more rounds
+    for rnd in (3, 4):
+        res = fit_client(more, data, shared, state, ledger, seed=0, server_round=rnd)
+        if not res.exhausted:
+            state, ledger, shared = res.state, res.ledger, res.shared
+        assert res.epsilon <= 1.0 + 1e-6
+    assert privacy.epsilon_of(ledger.history, 1e-5) <= 1.0 + 1e-6
+
+
+def test_the_cap_defaults_to_the_target() -> None:
+    cfg = RunConfig.from_flat(FLAT)
+    assert cfg.epsilon_cap == cfg.privacy.target_epsilon == 2.0
+    data, shared = _client(cfg)
+    state = ledger = None
+    for rnd in (1, 2, 3):  # round 3 is beyond the plan: the budget is spent
+        res = fit_client(cfg, data, shared, state, ledger, seed=0, server_round=rnd)
+        state, ledger = res.state, res.ledger
+    assert res.exhausted and res.shared is None and res.epsilon <= 2.0 + 1e-6
+    # a server that lies about the round number still cannot cross the cap
+    res = fit_client(cfg, data, shared, state, ledger, seed=0, server_round=1)
+    assert res.exhausted and res.epsilon <= 2.0 + 1e-6
+
+
+def test_a_lost_ledger_is_an_error_and_a_reset_is_explicit_and_logged(tmp_path: Path) -> None:
+    cfg = RunConfig.from_flat(FLAT)
+    data, shared = _client(cfg)
+    spath, lpath = state_path(tmp_path, 0), ledger_path(tmp_path, 0)
+    res = fit_client(cfg, data, shared, None, None, seed=0, server_round=1)
+    save_ledger(lpath, res.ledger)
+    save_state(spath, res.state)
+    spent = res.epsilon
+    spath.unlink()  # replacing the model state keeps the spend
+    assert load_ledger(lpath, trained_evidence=spath).epsilon == spent
+    save_state(spath, res.state)
+    lpath.unlink()
+    with pytest.raises(StateError, match="ledger missing although this node has trained.*"
+                       "fedrec ledger reset") as err:
+        load_ledger(lpath, trained_evidence=spath)
+    assert "fresh state dir" not in str(err.value)
+    with pytest.raises(StateError, match="needs a reason"):
+        reset_ledger(tmp_path, 0, " ")
+    reset_ledger(tmp_path, 0, "restored node, ledger lost in disk failure")
+    fresh = load_ledger(lpath, trained_evidence=spath)
+    assert fresh.epsilon == 0 and fresh.resets[-1]["reason"].startswith("restored node")
+    log = lpath.with_suffix(".log").read_text().splitlines()
+    assert json.loads(log[-1])["previous_file"] == "missing"
+
+
+# --- 3. nothing data-dependent leaves a client -----------------------------------------
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """Flower's Message needs the identity of the task that creates it."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _ask(kind: str, shared: dict[str, np.ndarray], server_round: int = 1) -> Message:
+    return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in shared.items()}),
+                               "config": ConfigRecord({"server-round": server_round})}),
+                   dst_node_id=2, message_type=kind)
+
+
+def _context(run: dict[str, Any], node: dict[str, Any]) -> Context:
+    return Context(run_id=1, node_id=2, node_config=node, state=RecordDict(),
+                   run_config=run)
+
+
+def test_dp_replies_carry_no_count_loss_or_timing(tmp_path: Path, task_identity: None) -> None:
+    run = {**FLAT, "num-clients": 2, "state-dir": str(tmp_path)}
+    cfg = RunConfig.from_flat(run)
+    shared = init_shared(cfg, load_split(cfg.data).n_items)
+    node = {"partition-id": 0, "num-partitions": 2}
+    reply = train_handler(_ask("train", shared), _context(run, node))
+    assert not reply.has_error()
+    metrics = dict(reply.content["metrics"])
+    assert set(metrics) == {keys.NUM_EXAMPLES, keys.EPSILON, keys.DELTA, keys.EXHAUSTED}
+    assert metrics[keys.NUM_EXAMPLES] == 1
+    assert set(reply.content.array_records) == {"arrays"}  # no touched mask
+    # evaluation counts are not released under DP without accounted noise
+    refused = evaluate_handler(_ask("evaluate", shared), _context(run, node))
+    assert refused.has_error() and refused.error.code == 104
+    noisy_run = {**run, "eval-noise-multiplier": 5.0}
+    spent = load_ledger(ledger_path(tmp_path, 0)).epsilon
+    noisy = evaluate_handler(_ask("evaluate", shared), _context(noisy_run, node))
+    exact = evaluate_handler(_ask("evaluate", shared), _context({**noisy_run, "dp": False},
+                                                                 node))
+    counts, truth = dict(noisy.content["metrics"]), dict(exact.content["metrics"])
+    assert counts[keys.NUM_EXAMPLES] == 1 and counts[keys.NUM_USERS] != truth[keys.NUM_USERS]
+    assert counts[keys.EPSILON] > spent  # the release was charged
+    assert load_ledger(ledger_path(tmp_path, 0)).evaluations == 1
+
+
+def _node_files(tmp_path: Path, secret: str) -> dict[str, Any]:
+    (tmp_path / "catalogue.csv").write_text("item\n" + "".join(f"i{i}\n" for i in range(20)))
+    rows = [f"{secret}{u},i{i},{1 + (u + i) % 5},{u * 100 + i}" for u in range(4)
+            for i in range(0, 20, 3)]
+    (tmp_path / "ratings.csv").write_text("user,item,rating,timestamp\n" + "\n".join(rows))
+    return {"data-file": str(tmp_path / "ratings.csv"),
+            "catalogue-file": str(tmp_path / "catalogue.csv"),
+            "state-dir": str(tmp_path / "state"), "partition-id": 0}
+
+
+def test_client_errors_reach_the_server_as_codes_only(
+        tmp_path: Path, task_identity: None, caplog: pytest.LogCaptureFixture) -> None:
+    node = _node_files(tmp_path, "alice-secret-")
+    run = {**FLAT, "num-items": 20, "user-col": "nonexistent"}
+    cfg = RunConfig.from_flat(run)
+    shared = init_shared(cfg, 20)
+    # the node's own parsing is pinned: the run's user-col is ignored, training works
+    ok = train_handler(_ask("train", shared), _context(run, node))
+    assert not ok.has_error(), ok.error
+    (tmp_path / "ratings.csv").write_text("user,item,rating,timestamp\n"
+                                          "alice-secret-9,i1,oops,1\n")
+    from fedrec.federated import node_data
+    node_data.cache_clear()
+    with caplog.at_level(logging.ERROR, logger="fedrec.client"):
+        bad = train_handler(_ask("train", shared), _context(run, {**node, "partition-id": 1}))
+    assert bad.has_error() and bad.error.code == 101
+    assert "alice" not in bad.error.reason and "oops" not in bad.error.reason
+    assert "ratings.csv" in caplog.text  # the details stay in the node's log
+
+
+@pytest.mark.parametrize(("node_floor", "run_over"), [
+    ({"dp": True}, {"dp": False}),
+    ({"target-epsilon": 1.0}, {"target-epsilon": 4.0}),
+    ({"epsilon-cap": 1.0}, {"target-epsilon": 2.0}),
+    ({"delta": 1e-6}, {"delta": 1e-5}),
+    ({}, {"insecure-noise-seed": 3}),
+])
+def test_a_node_refuses_a_run_config_below_its_privacy_floor(
+        tmp_path: Path, task_identity: None, node_floor: dict[str, Any],
+        run_over: dict[str, Any]) -> None:
+    node = {**_node_files(tmp_path, "u"), **node_floor}
+    run = {**FLAT, "num-items": 20, **run_over}
+    shared = init_shared(RunConfig.from_flat(run), 20)
+    reply = train_handler(_ask("train", shared), _context(run, node))
+    assert reply.has_error() and reply.error.code == 104, reply
+    fine = train_handler(_ask("train", shared), _context(
+        {**FLAT, "num-items": 20, "target-epsilon": 0.5, "delta": 1e-6}, node))
+    assert not fine.has_error(), fine.error
+
+
+# --- 4. user-level DP: no clip bypass, no void rounds -----------------------------------
+
+def _reply(request: Message, arrays: dict[str, np.ndarray] | None, error: bool = False
+           ) -> Message:
+    from flwr.app import Error
+
+    if error:
+        return Message(Error(code=100, reason="fedrec client error 100"), reply_to=request)
+    return Message(RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+        "metrics": MetricRecord({keys.NUM_EXAMPLES: 1, keys.EPSILON: 0.0})}),
+        reply_to=request)
+
+
+def test_user_level_clip_cannot_be_dodged_and_a_failure_does_not_void_the_round(
+        task_identity: None) -> None:
+    from server.strategy import FedRecStrategy
+
+    cfg = RunConfig.from_flat({"dp": False, "user-dp": True, "user-target-epsilon": 0.0,
+                               "user-noise-multiplier": 1e-9, "user-clip": 0.5,
+                               "rounds": 2, "min-clients": 3})
+    current = {"a.weight": np.zeros((6, 3), np.float32), "b.weight": np.zeros(4, np.float32)}
+    strategy = FedRecStrategy(cfg, item_keys=["a.weight"], num_nodes=3)
+    strategy.current = current
+    request = _ask("train", current)
+    attack = {"b.weight": np.full(4, 20.0, np.float32),  # keys in another order
+              "a.weight": np.full((6, 3), 20.0, np.float32)}
+    honest = {"a.weight": np.full((6, 3), 0.01, np.float32), "b.weight": np.zeros(4, np.float32)}
+    replies = [_reply(request, attack), _reply(request, None, error=True),
+               _reply(request, honest)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    new = {k: v.numpy() for k, v in arrays.items()}
+    change = np.sqrt(sum(float(np.sum((new[k] - current[k]) ** 2)) for k in current))
+    # each update weighs at most clip / (clients sampled) = 0.5 / 3; two arrived
+    assert 0 < change <= 2 * 0.5 / 3 + 1e-6
+    assert strategy._row["clients"] == 2 and strategy._row["failures"] == 1
+    assert strategy.user_history == [(pytest.approx(1e-9), 1.0, 1)]
+
+
+def test_user_level_epsilon_is_exact_across_a_resume() -> None:
+    """Killed after round 1 of 2, resumed with rounds=4: rounds 2-4 share what is left
+    (a larger z), epsilon is composed from the recorded z of every round; once the
+    budget is spent, further rounds leave the model unchanged."""
+    from server.strategy import FedRecStrategy
+
+    flat = {"dp": False, "user-dp": True, "user-target-epsilon": 2.0, "rounds": 2}
+    current = {"w": np.zeros(3, np.float32)}
+    first = FedRecStrategy(RunConfig.from_flat(flat), item_keys=[], num_nodes=2)
+    first.current = current
+    first._user_level_step(_clipped(current), 1)
+    assert 0 < first.user_epsilon() < 2.0
+    resumed = FedRecStrategy(RunConfig.from_flat({**flat, "rounds": 4}), item_keys=[],
+                             num_nodes=2)
+    resumed.resume_from(1, [], {}, first.user_history)
+    for rnd in (2, 3, 4):
+        resumed.current = current
+        resumed._user_level_step(_clipped(current), rnd)
+    zs = [z for z, _, _ in resumed.user_history]
+    assert len(zs) >= 2 and min(zs[1:]) > 1.5 * zs[0]  # the later rounds: more noise each
+    assert resumed.user_epsilon() == privacy.epsilon_of(resumed.user_history, 1e-5)
+    assert resumed.user_epsilon() == pytest.approx(2.0, abs=0.01)
+    assert resumed.user_epsilon() <= 2.0 + 1e-6
+    more = FedRecStrategy(RunConfig.from_flat({**flat, "rounds": 6}), item_keys=[],
+                          num_nodes=2)
+    more.resume_from(4, [], {}, resumed.user_history)
+    more.current = current
+    out = more._user_level_step(_clipped(current), 5)
+    assert more._row["user-exhausted"] == 1 and np.array_equal(out["w"], current["w"])
+    assert more.user_history == resumed.user_history
+
+
+def _clipped(current: dict[str, np.ndarray]) -> Any:
+    from fedrec.aggregate import ClippedSum
+
+    acc = ClippedSum(current, 0.5)
+    acc.add({k: v + 1 for k, v in current.items()})
+    return acc
+
+
+# --- 5. negatives do not depend on the user's other ratings --------------------------
+
+def test_dp_negatives_do_not_depend_on_other_ratings() -> None:
+    """Unseen-item sampling never offers a user's rated items as negatives, so removing
+    a rating changes the negatives of the user's other examples; under DP the support is
+    the whole catalogue whatever the user rated."""
+    cfg = RunConfig.from_flat({**FLAT, "negatives": 5})
+    assert cfg.uniform_negatives and not RunConfig.from_flat({**FLAT, "dp": False}
+                                                             ).uniform_negatives
+    with pytest.raises(ConfigError, match="negative-sampling"):
+        RunConfig.from_flat({**FLAT, "negative-sampling": "unseen"})
+    data, _ = _client(cfg)
+    train = data.train
+    rated = set(zip(train.users.tolist(), train.items.tolist()))
+    for uniform in (True, False):
+        builder = ExampleBuilder(train, implicit=True, negatives=5, seed=0, uniform=uniform)
+        hits = 0
+        for _ in range(30):
+            ex = builder.build()
+            users = ex.users.numpy()
+            for j in range(1, 6):
+                hits += sum((u, i) in rated for u, i in zip(users, ex.items[:, j].tolist()))
+        assert (hits > 0) == uniform
