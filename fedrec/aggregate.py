@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedrec.config import FedConfig
+from fedrec import privacy
+from fedrec.config import FedConfig, RunConfig
 
 
 @dataclass
@@ -222,3 +223,41 @@ class ClippedSum:
             noise = torch.randn(cur.shape, generator=generator, dtype=torch.float64).numpy()
             out[k] = cur.astype(np.float64) + (self.sums[k] + z * self.clip * noise) / denominator
         return out
+
+
+class UserLevelDP:
+    """Central user-level DP-FedAvg: noise on the clipped sum, accounted across rounds.
+
+    ``history`` holds one ``(z, 1, rounds)`` accountant entry per noise level used (the
+    server checkpoint keeps it), so epsilon is composed from the rounds actually run, also
+    after a resume that changed the plan. Accounting is without subsampling
+    amplification: exact at fraction 1, conservative below.
+    """
+
+    def __init__(self, cfg: RunConfig, history: Sequence[tuple[float, float, int]] = ()
+                 ) -> None:
+        self.cfg = cfg
+        self.history: privacy.History = [tuple(h) for h in history]  # type: ignore[misc]
+
+    def epsilon(self) -> float:
+        """Epsilon of the rounds noised so far, per user (client), at ``delta``."""
+        return privacy.epsilon_of(self.history, self.cfg.privacy.delta, "rdp")
+
+    def step(self, clipped: ClippedSum, done: int, expected_clients: int,
+             server_opt: ServerOptimizer) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """New global arrays for round ``done`` and the facts for its row.
+
+        z is calibrated on the budget left for rounds ``done``..``rounds``; when nothing
+        is left the model is unchanged (``user-exhausted``).
+        """
+        p, current = self.cfg.privacy, clipped.current
+        try:
+            z = privacy.user_level_noise(p, self.history, self.cfg.fed.rounds - done + 1)
+        except privacy.BudgetError:
+            return ({k: v.copy() for k, v in current.items()},
+                    {"user-epsilon": self.epsilon(), "user-exhausted": 1})
+        gen = privacy.dp_generator(p, done, privacy.USER_NOISE)
+        noisy = clipped.noisy_mean(z, max(expected_clients, clipped.count), gen)
+        self.history = privacy.add_entry(self.history, (z, 1.0, 1))
+        new = server_opt.step_from_average(noisy, current)
+        return new, {"user-noise-multiplier": z, "user-epsilon": self.epsilon()}

@@ -155,6 +155,26 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ledger(args: argparse.Namespace) -> int:
+    from fedrec.state import ledger_path, load_ledger, reset_ledger, state_path
+
+    if args.ledger_command == "reset":
+        path = reset_ledger(args.state_dir, args.partition, args.reason)
+        print(f"{path}: new, empty privacy ledger; the reset is recorded in it and in "
+              f"{path.with_suffix('.log')}")
+        return 0
+    path = ledger_path(args.state_dir, args.partition)
+    ledger = load_ledger(path, trained_evidence=state_path(args.state_dir, args.partition))
+    if ledger is None:
+        print(f"{path}: no ledger (this node has not trained)")
+        return 0
+    print(f"{path}:\n  epsilon {ledger.epsilon:.4f} at delta {ledger.delta:g}, unit: "
+          f"{ledger.unit or '-'}\n  rounds trained {ledger.rounds}, noised evaluations "
+          f"{ledger.evaluations}, accountant entries {len(ledger.history)}, resets "
+          f"{len(ledger.resets)}")
+    return 0
+
+
 def _cmd_deploy(args: argparse.Namespace) -> int:
     import os
     import shlex
@@ -184,10 +204,18 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     if act == "superlink":
         cmd = deploy.superlink_command(Path(args.dir), host=args.host, port=args.port)
     else:
+        node: dict[str, object] = {}
+        if args.require_dp:
+            node["dp"] = True
+        for name in ("target_epsilon", "epsilon_cap", "delta", "sep", "user_col", "item_col",
+                     "rating_col", "time_col", "feedback"):
+            value = getattr(args, name)
+            if value is not None:
+                node[name.replace("_", "-")] = value
         cmd = deploy.supernode_command(
             Path(args.dir), Path(args.key), args.superlink, data_file=Path(args.data_file),
             catalogue=Path(args.catalogue_file), state_dir=Path(args.state_dir),
-            partition_id=args.partition, port=args.port)
+            partition_id=args.partition, port=args.port, node=node)
     print(shlex.join(cmd), flush=True)
     if args.print_only:
         return 0
@@ -285,6 +313,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--catalogue-file", default="", help="deployment: the item catalogue")
     r.set_defaults(func=_cmd_recommend)
 
+    led = sub.add_parser("ledger", help="show or deliberately reset a node's privacy ledger",
+                         description="A node's privacy ledger (STATE_DIR/ledger-P.json) "
+                         "holds everything its epsilon is computed from. It is never reset "
+                         "silently: 'reset' is the explicit, logged operator action.")
+    lsub = led.add_subparsers(dest="ledger_command", required=True, metavar="ACTION")
+    for name, text in (("show", "print a node's epsilon and history size"),
+                       ("reset", "start a new ledger (the old one is kept aside; logged)")):
+        lp = lsub.add_parser(name, help=text)
+        lp.add_argument("--state-dir", required=True, help="the node's state dir")
+        lp.add_argument("--partition", default="0", help="partition / node id")
+        if name == "reset":
+            lp.add_argument("--reason", required=True, help="why (recorded in the ledger)")
+        lp.set_defaults(func=_cmd_ledger)
+
     dep = sub.add_parser("deploy", help="certificates, keys and commands for a deployment",
                          description="Helpers for a SuperLink + SuperNodes deployment with "
                          "TLS and node authentication; see docs/DEPLOY.md.")
@@ -320,6 +362,23 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument("--state-dir", required=True, help="user embeddings + accountant")
     sn.add_argument("--partition", type=int, default=0, help="node id used in file names")
     sn.add_argument("--port", type=int, default=9094, help="local ClientApp API port")
+    floor = sn.add_argument_group(
+        "privacy floor (node-owned: a run config that would weaken it is refused)")
+    floor.add_argument("--require-dp", action="store_true",
+                       help="refuse runs without record-level DP")
+    floor.add_argument("--target-epsilon", type=float, default=None,
+                       help="the largest target epsilon (per rating) this node accepts")
+    floor.add_argument("--epsilon-cap", type=float, default=None,
+                       help="this node never trains past this epsilon (default: its target)")
+    floor.add_argument("--delta", type=float, default=None, help="the largest delta accepted")
+    parse = sn.add_argument_group(
+        "how this node's file is parsed (node-owned; defaults: comma-separated with columns "
+        "user,item,rating,timestamp, implicit feedback)")
+    parse.add_argument("--sep", default=None, help="field separator")
+    for col in ("user", "item", "rating", "time"):
+        parse.add_argument(f"--{col}-col", default=None, help=f"{col} column name")
+    parse.add_argument("--feedback", choices=["implicit", "explicit"], default=None,
+                       help="implicit (ranking) or explicit (rating regression)")
     sn.add_argument("--print-only", action="store_true", help="print the command only")
     sn.set_defaults(func=_cmd_deploy)
     sd = dsub2.add_parser("split-data", help="cut a dataset into per-node files (trials)")

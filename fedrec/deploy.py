@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
 import re
 import signal
@@ -146,12 +147,28 @@ def superlink_command(certs: Path, host: str = "0.0.0.0", port: int = 8000,
             "--host", host, "--port", str(port), "--database", database]
 
 
+def _node_value(value: object) -> str:
+    """A node-config value in Flower's ``key=value`` syntax."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
 def supernode_command(certs: Path, key: Path, superlink: str, *, data_file: Path,
                       catalogue: Path, state_dir: Path, partition_id: int = 0,
-                      port: int = 9094) -> list[str]:
-    """``flower-supernode`` for one client machine: its key, data file and state dir."""
+                      port: int = 9094, node: dict[str, object] | None = None) -> list[str]:
+    """``flower-supernode`` for one client machine: its key, data file and state dir.
+
+    ``node`` adds node-owned settings the run config cannot change: how the data file
+    is parsed (``sep``, ``user-col``, ...) and the node's privacy floor (``dp``,
+    ``target-epsilon``, ``epsilon-cap``, ``delta``); see ``client/client_app.py``.
+    """
     node_config = (f'data-file="{data_file.resolve()}" catalogue-file="{catalogue.resolve()}" '
                    f'state-dir="{state_dir.resolve()}" partition-id={partition_id}')
+    for name, value in (node or {}).items():
+        node_config += f" {name}={_node_value(value)}"
     return ["flower-supernode", "--root-certificates", str(certs / "ca.crt"),
             "--superlink", superlink, "--auth-supernode-private-key", str(key),
             "--host", "127.0.0.1", "--port", str(port),

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from fedrec.aggregate import MeanAccumulator, ServerOptimizer, Update
+from fedrec.aggregate import ClippedSum, MeanAccumulator, ServerOptimizer, Update, UserLevelDP
 from fedrec.config import RunConfig
 from fedrec.errors import ConfigError
 from fedrec.federated import (
@@ -45,9 +45,6 @@ def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | N
     Each row holds the round's aggregated metrics, ``epsilon-max``/``epsilon-mean``,
     ``clients``, ``exhausted`` and ``seconds``, like a ``fedrec simulate`` round row.
     """
-    if cfg.privacy.user_dp:
-        raise ConfigError("user-dp uses Flower's DP wrapper: run it with fedrec simulate "
-                          "(or privacy-sweep, which does)")
     if cfg.fed.aggregation != "mean":
         raise ConfigError(f"aggregation {cfg.fed.aggregation!r}: robust rules run through "
                           "Flower's strategies; use fedrec simulate")
@@ -63,15 +60,17 @@ def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | N
     server = ServerOptimizer(cfg.fed, keys)
     states: list[ClientState | None] = [None] * len(clients)
     ledgers: list[Ledger | None] = [None] * len(clients)
+    user_dp = UserLevelDP(cfg) if cfg.privacy.user_dp else None
     rng = np.random.default_rng(cfg.data.seed)
     rows: list[dict[str, Any]] = []
     for rnd in range(1, cfg.fed.rounds + 1):
         t0 = time.perf_counter()
-        n_sample = max(min(cfg.fed.min_clients, len(clients)),
-                       int(round(cfg.fed.fraction * len(clients))))
+        n_sample = max(min(cfg.fed.min_clients, len(clients)),  # FedAvg's rule
+                       int(cfg.fed.fraction * len(clients)))
         chosen = (range(len(clients)) if n_sample >= len(clients)
                   else sorted(rng.choice(len(clients), n_sample, replace=False)))
         acc = MeanAccumulator(shared, keys)
+        clipped = ClippedSum(shared, cfg.privacy.user_clip) if user_dp else None
         eps, losses, exhausted = [], [], 0
         for i in chosen:
             res = fit_client(cfg, clients[i], shared, states[i], ledgers[i],
@@ -82,14 +81,21 @@ def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | N
                 continue
             states[i], ledgers[i] = res.state, res.ledger
             # fit_client sends no mask under DP or with uniform weighting
-            acc.add(Update(res.shared, res.weight, res.touched))
+            if clipped is not None:
+                clipped.add(res.shared)
+            else:
+                acc.add(Update(res.shared, res.weight, res.touched))
             losses.append((res.loss, res.num_examples))
-        shared = server.step_accumulated(acc)
+        facts: dict[str, Any] = {}
+        if user_dp is not None and clipped is not None:
+            shared, facts = user_dp.step(clipped, rnd, n_sample, server)
+        else:
+            shared = server.step_accumulated(acc)
         counts = [evaluate_client(cfg, c, shared, states[i], seed=cfg.data.seed + i)
                   for i, c in enumerate(clients)]
         n_ex = sum(w for _, w in losses)
         row: dict[str, Any] = {
-            "round": rnd, "clients": acc.count, "exhausted": exhausted,
+            "round": rnd, "clients": len(losses), "exhausted": exhausted, **facts,
             "train-loss": sum(v * w for v, w in losses) / n_ex if n_ex else math.nan,
             "epsilon-max": max(eps, default=0.0),
             "epsilon-mean": float(np.mean(eps)) if eps else 0.0,

@@ -37,6 +37,7 @@ from fedrec.aggregate import (
     MeanAccumulator,
     ServerOptimizer,
     Update,
+    UserLevelDP,
     clip_update,
     update_norm,
 )
@@ -87,7 +88,7 @@ class FedRecStrategy(FedAvg):
             min_available_nodes=num_nodes)
         # the experimenter's evaluation (simulation only), used when clients do not report
         self.evaluator = evaluator if not self.client_eval else None
-        self.user_history: list[tuple[float, float, int]] = []  # user-level (z, q, rounds)
+        self.user_dp = UserLevelDP(cfg)
         self.cfg = cfg
         self.item_keys = item_keys
         self.server_opt = ServerOptimizer(cfg.fed, item_keys)
@@ -109,7 +110,7 @@ class FedRecStrategy(FedAvg):
         """Continue after ``done`` completed rounds (from a server checkpoint)."""
         self.offset, self.rows = done, list(rows)
         self.server_opt.load_state_dict(server_opt)
-        self.user_history = list(user_history or [])
+        self.user_dp = UserLevelDP(self.cfg, user_history or [])
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -248,10 +249,11 @@ class FedRecStrategy(FedAvg):
         summary = {
             "clients": len(losses), "failures": failures, "timeouts": timeouts,
             "exhausted": exhausted, "rejected": rejected,
-            "train-loss": sum(v * w for v, w in known) / n_ex if n_ex else math.nan,
             "epsilon-max": max(eps) if eps else 0.0,
             "epsilon-mean": float(np.mean(eps)) if eps else 0.0,
         }
+        if n_ex:  # DP clients send no loss
+            summary["train-loss"] = sum(v * w for v, w in known) / n_ex
         if not self.cfg.privacy.dp:
             summary[keys.NUM_EXAMPLES] = sum(w for _, w in losses)
         self._row.update(summary)
@@ -260,28 +262,21 @@ class FedRecStrategy(FedAvg):
                                              if not (isinstance(v, float) and math.isnan(v))})
 
     def _user_level_step(self, clipped: ClippedSum, done: int) -> dict[str, np.ndarray]:
-        """Noise the clipped sum, divide by the sampled count, take the server step;
-        record the round's noise multiplier and the user-level epsilon."""
-        p = self.cfg.privacy
-        try:
-            z = privacy.user_level_noise(p, self.user_history, self.cfg.fed.rounds - done + 1)
-        except privacy.BudgetError as err:
-            log.warning("round %d: user-level budget spent (%s): model left unchanged",
-                        done, err)
-            self._row["user-epsilon"] = self.user_epsilon()
-            self._row["user-exhausted"] = 1
-            return {k: v.copy() for k, v in self.current.items()}
-        gen = privacy.dp_generator(p, done, privacy.USER_NOISE)
-        denominator = max(self.expected_clients, clipped.count)
-        noisy = clipped.noisy_mean(z, denominator, gen)
-        self.user_history = privacy.add_entry(self.user_history, (z, 1.0, 1))
-        self._row["user-noise-multiplier"] = z
-        self._row["user-epsilon"] = self.user_epsilon()
-        return self.server_opt.step_from_average(noisy, self.current)
+        """User-level DP step (``fedrec.aggregate.UserLevelDP``); facts go in the row."""
+        new, facts = self.user_dp.step(clipped, done, self.expected_clients, self.server_opt)
+        if facts.get("user-exhausted"):
+            log.warning("round %d: user-level budget spent: model left unchanged", done)
+        self._row.update(facts)
+        return new
+
+    @property
+    def user_history(self) -> list[tuple[float, float, int]]:
+        """The user-level accountant history (checkpointed)."""
+        return self.user_dp.history
 
     def user_epsilon(self) -> float:
         """User-level epsilon of the rounds noised so far (exact across resumes)."""
-        return privacy.epsilon_of(self.user_history, self.cfg.privacy.delta, "rdp")
+        return self.user_dp.epsilon()
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:

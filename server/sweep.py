@@ -1,13 +1,12 @@
 """``fedrec privacy-sweep``: federated runs over target epsilon x seeds x DP modes.
 
 Modes: ``none``; ``record`` (Opacus DP-SGD on each client, unit: one rating);
-``user`` (Flower's server-side DP-FedAvg wrapper, unit: one client's whole data, i.e. one
-user in cross-device mode); ``both``. ``none`` and ``record`` run through
-``fedrec.inprocess`` (the apps' arithmetic without Flower's messaging, tested equal to a
-Flower simulation); ``user`` and ``both`` need Flower's wrapper and run through
-``fedrec simulate``'s engine. Each finished point is appended to ``points.csv``
-(atomically), so an interrupted sweep resumes where it stopped. Each point also runs
-the update-leakage attack (``fedrec.attack``) on 20 clients' uploads from its final model.
+``user`` (central user-level DP-FedAvg, unit: one client's whole data, i.e. one user in
+cross-device mode); ``both``. Every point runs through ``fedrec.inprocess`` (the apps'
+arithmetic without Flower's messaging, tested equal to a Flower simulation). Each
+finished point is appended to ``points.csv`` (atomically), so an interrupted sweep
+resumes where it stopped. Each point also runs the update-leakage attack
+(``fedrec.attack``) on 20 clients' uploads from its final model.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import csv
 import io
 import json
 import math
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -81,23 +79,14 @@ def point_config(base: RunConfig, mode: str, eps: float, seed: int) -> RunConfig
     return RunConfig.from_flat(flat)
 
 
-def _run_point(cfg: RunConfig, workdir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray],
-                                                       str]:
-    """Train one point; returns (final metrics, final shared model, engine)."""
-    if cfg.privacy.user_dp:
-        import torch
-
-        from server.simulation import simulate
-
-        out = workdir / "run"
-        metrics = simulate(cfg, out, quiet=True, overwrite=True)
-        model = torch.load(out / "shared_model.pt")
-        return metrics, {k: v.numpy() for k, v in model.items()}, "flower"
+def _run_point(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
+    """Train one point in process; returns (final metrics, final shared model, engine)."""
     from fedrec.inprocess import run_inprocess
 
     shared, rows = run_inprocess(cfg)
     last = dict(rows[-1])
     last["epsilon"] = max(r["epsilon-max"] for r in rows)
+    last["user_epsilon"] = max((r.get("user-epsilon", 0.0) for r in rows), default=0.0)
     last["rounds"] = len(rows)
     return last, shared, "inprocess"
 
@@ -236,10 +225,9 @@ def privacy_sweep(base: RunConfig, out: Path, *, modes: Sequence[str],
     for n, (mode, eps, seed) in enumerate(todo, 1):
         cfg = point_config(base, mode, eps, seed)
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="fedrec-sweep-") as tmp, \
-                warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            metrics, shared, engine = _run_point(cfg, Path(tmp))
+            metrics, shared, engine = _run_point(cfg)
             attack = run_attack(cfg, shared, attack_clients)
         row = {"mode": mode, "target_epsilon": eps, "seed": seed,
                "recall@20": metrics.get("recall@20", math.nan),

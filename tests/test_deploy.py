@@ -20,12 +20,12 @@ import torch
 from fedrec import deploy
 from fedrec.config import DataConfig
 from fedrec.deploy import Processes, free_port, wait_port
-from fedrec.state import load_checkpoint, load_state, state_path
+from fedrec.state import ledger_path, load_checkpoint, load_ledger, load_state, state_path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_CONFIG = ("rounds={rounds} dp=true target-epsilon=4.0 partition='cross-silo' num-clients=0 "
-              "min-clients=2 num-items={items} dim=4 batch-size=32 negatives=2 "
-              "out-dir='{out}' checkpoint-dir='{ckpt}'")
+RUN_CONFIG = ("rounds={rounds} dp=true target-epsilon={eps} partition='cross-silo' "
+              "num-clients=0 min-clients=2 num-items={items} dim=4 batch-size=32 negatives=2 "
+              "eval-noise-multiplier=2.0 out-dir='{out}' checkpoint-dir='{ckpt}'")
 
 
 @pytest.fixture
@@ -40,8 +40,9 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Processes, Path]]:
 
 
 def _flwr_run(procs: Processes, tmp: Path, out: Path, rounds: int, items: int,
-              extra: str = "") -> dict:
-    cfg = RUN_CONFIG.format(rounds=rounds, items=items, out=out, ckpt=tmp / "ckpt") + extra
+              extra: str = "", eps: float = 4.0) -> dict:
+    cfg = RUN_CONFIG.format(rounds=rounds, items=items, out=out, ckpt=tmp / "ckpt",
+                            eps=eps) + extra
     res = subprocess.run(["flwr", "run", str(ROOT), "fedrec-test", "--run-config", cfg],
                          env=procs.env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -92,22 +93,26 @@ def test_tls_authenticated_deployment_trains_refuses_strangers_and_keeps_state(
     assert first["rounds"] == 2 and 0 < first["epsilon"] <= 4.05
     assert load_checkpoint(tmp / "ckpt" / "server.pt")["round"] == 2
 
-    # Restart node 0 between runs: its embeddings and epsilon must carry on.
+    assert first["evaluation"] == "clients (noised)"  # DP counts leave only with noise
+    # Restart node 0 between runs: its embeddings and epsilon must carry on (a larger
+    # target: the first run spent its 4.0).
     before = load_state(state_path(tmp / "state-0", 0))
-    assert before is not None and before.rounds == 2
+    spent = load_ledger(ledger_path(tmp / "state-0", 0))
+    assert before is not None and before.rounds == 2 and spent.evaluations == 2
     procs.stop("node0")
     procs.start("node0", node(0))
-    second = _flwr_run(procs, tmp, tmp / "run2", rounds=1, items=60)
+    second = _flwr_run(procs, tmp, tmp / "run2", rounds=1, items=60, eps=6.0)
     after = load_state(state_path(tmp / "state-0", 0))
+    ledger = load_ledger(ledger_path(tmp / "state-0", 0))
     assert after is not None and after.rounds == 3
-    assert after.history[:len(before.history)] == before.history
-    assert after.last_epsilon > before.last_epsilon
-    assert second["epsilon"] >= after.last_epsilon - 1e-9
+    assert ledger.history[:len(spent.history) - 1] == spent.history[:-1]
+    assert spent.epsilon < ledger.epsilon <= 6.0 + 1e-6
+    assert second["epsilon"] >= ledger.epsilon - 1e-9
     assert not torch.equal(after.local["user_emb.weight"], before.local["user_emb.weight"])
 
     # A node that does not answer within round-timeout: the round goes on without it.
     # (fault-rate 0.5: node 1 sleeps past the deadline in round 1, train and evaluate)
-    third = _flwr_run(procs, tmp, tmp / "run3", rounds=1, items=60,
+    third = _flwr_run(procs, tmp, tmp / "run3", rounds=1, items=60, eps=8.0,
                       extra=" fault-rate=0.5 fault-kind='timeout' round-timeout=20.0")
     row = json.loads((tmp / "run3" / "rounds.json").read_text())[0]
     assert (row["clients"], row["timeouts"], row["failures"]) == (1, 1, 0), row

@@ -63,12 +63,20 @@ def test_bad_updates_are_dropped_and_quality_holds(tmp_path: Path) -> None:
     assert faulty["recall@20"] >= 0.98 * clean["recall@20"], (faulty, clean)
 
 
-def test_training_completes_when_30_percent_of_clients_fail(tmp_path: Path) -> None:
-    metrics, rows, _ = _run(tmp_path, "drop", **{"fault-rate": 0.3, "fault-kind": "raise",
-                                                 "min-clients": 5})
-    assert metrics["rounds"] == 4 and np.isfinite(metrics["recall@20"])
+@pytest.mark.parametrize("user_dp", [False, True], ids=["fedavg", "user-dp"])
+def test_training_completes_when_30_percent_of_clients_fail(tmp_path: Path,
+                                                           user_dp: bool) -> None:
+    over = {"fault-rate": 0.3, "fault-kind": "raise", "min-clients": 5}
+    if user_dp:  # failed replies are dropped before clipping: the round is not void
+        over.update({"user-dp": True, "user-target-epsilon": 8.0, "rounds": 3})
+    metrics, rows, model = _run(tmp_path, "drop", **over)
+    assert metrics["rounds"] == len(rows) and np.isfinite(metrics["recall@20"])
     assert all(r["failures"] >= 3 for r in rows)  # every third client raises
     assert all(r["eval-clients"] + r["eval-failures"] == 10 for r in rows)
+    if user_dp:
+        assert all(r["clients"] >= 5 and r["user-noise-multiplier"] > 0 for r in rows)
+        assert metrics["user_epsilon"] == pytest.approx(8.0, rel=0.01)
+        assert all(np.isfinite(v.numpy()).all() for v in model.values())
 
 
 @pytest.mark.parametrize("rule", ["median", "trimmed-mean", "krum"])
@@ -92,7 +100,7 @@ def test_robust_rules_ignore_two_scaled_updates_in_ten(rule: str) -> None:
 def test_a_killed_simulation_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     """SIGKILL ``fedrec simulate`` mid-run; ``--resume`` continues; epsilon never resets."""
     from fedrec.errors import ConfigError, FedrecError
-    from fedrec.state import load_checkpoint, load_state, state_path
+    from fedrec.state import ledger_path, load_checkpoint, load_ledger, load_state, state_path
     from server.simulation import simulate, work_dir
 
     out = tmp_path / "run"
@@ -119,7 +127,8 @@ def test_a_killed_simulation_resumes_from_its_last_checkpoint(tmp_path: Path) ->
     done = saved["round"]
     assert 2 <= done < 8 and not out.exists()
     state_dir = work_dir(out) / "client-state"
-    before = {p: load_state(state_path(state_dir, p)) for p in (0, 1)}
+    before = {p: (load_state(state_path(state_dir, p)), load_ledger(ledger_path(state_dir, p)))
+              for p in (0, 1)}
 
     cfg = RunConfig.from_flat(opts)
     with pytest.raises(FedrecError, match="--resume"):  # a fresh run would lose the old one
@@ -133,12 +142,14 @@ def test_a_killed_simulation_resumes_from_its_last_checkpoint(tmp_path: Path) ->
     assert rows[:done] == json.loads(json.dumps(saved["rows"]))  # kept, not rerun
     assert np.isfinite(metrics["recall@20"]) and not work_dir(out).exists()
     assert load_checkpoint(out / "checkpoint" / "server.pt")["round"] == 8
-    for p, old in before.items():
+    for p, (old, old_ledger) in before.items():
         new = load_state(state_path(out / "client-state", p))
-        # the accountant carries on: rounds the server lost are spent again, never reset
+        ledger = load_ledger(ledger_path(out / "client-state", p))
+        # the ledger carries on: rounds the server lost are spent again, never reset, and
+        # sigma is recalibrated so that the total stays within the target
         assert new.rounds == old.rounds + (8 - done), (old.rounds, new.rounds, done)
-        assert sum(h[-1] for h in new.history) > sum(h[-1] for h in old.history)
-        assert new.last_epsilon > old.last_epsilon
+        assert sum(h[-1] for h in ledger.history) > sum(h[-1] for h in old_ledger.history)
+        assert old_ledger.epsilon < ledger.epsilon <= 4.0 + 1e-6
 
 
 def test_a_server_error_mid_run_stops_the_simulation_and_the_run_resumes(

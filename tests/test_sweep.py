@@ -45,7 +45,7 @@ def test_sweep_writes_table_plot_and_resumes(tmp_path: Path) -> None:
     by_mode = {r["mode"]: r for r in rows}
     assert float(by_mode["record"]["record_epsilon"]) == pytest.approx(2.0, rel=0.02)
     assert float(by_mode["user"]["user_epsilon"]) == pytest.approx(2.0, rel=0.02)
-    assert by_mode["user"]["engine"] == "flower" and by_mode["record"]["engine"] == "inprocess"
+    assert {r["engine"] for r in rows} == {"inprocess"}
     assert all(0.0 <= float(r["attack_auc"]) <= 1.0 for r in rows)
     table = (out / "summary.md").read_text()
     assert "| record | 2 |" in table and "| none | ∞ |" in table
