@@ -24,18 +24,23 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.client import NumPyClient
+from flwr.client.message_handler.message_handler import handle_legacy_message_from_msgtype
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
-from fedrec import keys
+from fedrec import ddp, keys
 from fedrec.config import DataConfig, RunConfig
 from fedrec.errors import ConfigError, PrivacyError, error_code
 from fedrec.federated import (
     ClientData,
+    ddp_client_round,
     evaluate_client,
     fit_client,
     node_data,
     partition_data,
     release_counts,
+    shared_order,
 )
 from fedrec.privacy import noise_is_secret
 from fedrec.state import (
@@ -50,6 +55,7 @@ from fedrec.state import (
 )
 
 ARRAYS, METRICS, TOUCHED = "arrays", "metrics", "touched"
+LEGACY_FIT, SECAGG_CONFIGS = "fitins.parameters", "secaggplus_configs"  # Flower's layouts
 log = logging.getLogger("fedrec.client")
 
 # How a node's private file is parsed: node config only (defaults: DataConfig's).
@@ -93,7 +99,15 @@ def enforce_node_floor(cfg: RunConfig, node: Mapping[str, Any]) -> None:
 
 def _setup(msg: Message, context: Context, overrides: Mapping[str, Any]) -> tuple[
         RunConfig, ClientData, dict[str, np.ndarray], int]:
-    """Config, this node's data, the received shared arrays and the partition id.
+    """Config, this node's data, the received shared arrays and the partition id."""
+    cfg, data, pid = _node(context, overrides)
+    shared = {k: v.numpy() for k, v in msg.content[ARRAYS].items()}
+    return cfg, data, shared, pid
+
+
+def _node(context: Context, overrides: Mapping[str, Any]) -> tuple[
+        RunConfig, ClientData, int]:
+    """Config, this node's data and its partition id.
 
     Deployment: node config ``data-file`` (the node's own ratings), ``catalogue-file``
     (the shared item catalogue), ``state-dir``, the parsing keys ``NODE_DATA_KEYS`` and
@@ -120,8 +134,7 @@ def _setup(msg: Message, context: Context, overrides: Mapping[str, Any]) -> tupl
         data = node_data(cfg, str(node["data-file"]), str(node["catalogue-file"]))
     else:
         data = partition_data(cfg, pid, int(node["num-partitions"]))
-    shared = {k: v.numpy() for k, v in msg.content[ARRAYS].items()}
-    return cfg, data, shared, pid
+    return cfg, data, pid
 
 
 def _guarded(handler: Callable[[Message, Context, Mapping[str, Any]], Message]
@@ -262,13 +275,76 @@ def evaluate_handler(msg: Message, context: Context,
     return Message(RecordDict({METRICS: MetricRecord(counts)}), reply_to=msg)
 
 
+class _DDPClient(NumPyClient):
+    """Distributed DP: a legacy client whose fit returns its integers (``fedrec.ddp``)
+    for ``secaggplus_mod`` to mask."""
+
+    def __init__(self, cfg: RunConfig, data: ClientData, pid: int) -> None:
+        self.cfg, self.data, self.pid = cfg, data, pid
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]
+            ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        """Evaluate the received model, train, encode with a noise share; keep state."""
+        cfg, data, pid = self.cfg, self.data, self.pid
+        order = shared_order(cfg, data.n_items)
+        if len(parameters) != len(order):
+            raise ValueError(f"expected {len(order)} shared arrays, got {len(parameters)}")
+        shared = dict(zip(order, parameters))
+        dim = int(sum(a.size for a in parameters)) + len(ddp.count_keys(cfg))
+        plan = ddp.client_plan(cfg, dim=dim, n_min=int(config[keys.DDP_N_MIN]),
+                               mu_client=float(config[keys.DDP_MU_CLIENT]))
+        path = state_path(cfg.fed.state_dir, pid)
+        lpath = ledger_path(cfg.fed.state_dir, pid)
+        server_round = int(config.get("server-round", 0))
+        act_on_fault(cfg, injected_fault(cfg, pid, server_round))  # tests: dropouts
+        rep = ddp_client_round(cfg, data, shared, load_state(path),
+                               load_ledger(lpath, trained_evidence=path), plan,
+                               seed=cfg.data.seed + pid, server_round=server_round,
+                               train=bool(config[keys.DDP_TRAIN]), state_file=path)
+        if rep.ints is None:
+            raise PrivacyError("this release would take the node past its epsilon cap")
+        save_ledger(lpath, rep.ledger)
+        save_state(path, rep.state)
+        save_global(global_path(cfg.fed.state_dir, pid), shared, cfg.to_flat())
+        return [rep.ints.astype(np.float64)], 1, {}
+
+
+@_guarded
+def ddp_train_handler(msg: Message, context: Context,
+                      overrides: Mapping[str, Any] = {}) -> Message:  # noqa: B006
+    """A SecAgg+ fit round (legacy FitIns layout) of distributed DP."""
+    cfg, data, pid = _node(context, overrides)
+    client = _DDPClient(cfg, data, pid)
+    return handle_legacy_message_from_msgtype(lambda _: client.to_client(), msg, context)
+
+
+def _secagg(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+            ) -> Message:
+    """``secaggplus_mod`` on SecAgg+ protocol messages only; a failure is a code."""
+    if SECAGG_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    try:
+        return secaggplus_mod(msg, context, call_next)
+    except Exception as err:  # noqa: BLE001 - every failure becomes a code
+        code, name = error_code(err)
+        log.error("SecAgg+ stage failed (fedrec error %d, %s)", code, name, exc_info=True)
+        return Message(Error(code=code, reason=f"fedrec client error {code} ({name}); "
+                             "details are in the node's log"), reply_to=msg)
+
+
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
-    """A ClientApp whose run config is ``context.run_config`` updated by ``overrides``."""
+    """A ClientApp whose run config is ``context.run_config`` updated by ``overrides``.
+
+    Its train handler serves both protocols: Message-API rounds, and SecAgg+ rounds of
+    distributed DP (legacy FitIns layout, through ``secaggplus_mod``).
+    """
     over = dict(overrides or {})
     client_app = ClientApp()
 
-    @client_app.train()
+    @client_app.train(mods=[_secagg])
     def train(msg: Message, context: Context) -> Message:
+        if LEGACY_FIT in msg.content.array_records:
+            return ddp_train_handler(msg, context, over)
         return train_handler(msg, context, over)
 
     @client_app.evaluate()

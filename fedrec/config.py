@@ -160,6 +160,10 @@ class PrivacyConfig:
     user_target_epsilon: float = 8.0  # user-level: z calibrated to spend this over `rounds`
     user_noise_multiplier: float = 0.0  # user-level z, used when user-target-epsilon is 0
     user_clip: float = 0.5  # user-level: L2 clip of each client's whole update
+    ddp: bool = False  # distributed user-level DP: clients add noise shares, SecAgg+ sums
+    ddp_dropout: float = 0.1  # ddp: share of sampled clients that may drop or collude
+    ddp_bits: int = 16  # ddp: a clipped update becomes integers of L2 norm 2^bits
+    eval_clip: float = 0.0  # ddp: L2 clip of a client's eval counts; 0: one user's worth
     eval_noise_multiplier: float = 0.0  # DP clients release eval counts with this noise; 0: none
     insecure_noise_seed: int = -1  # >= 0: reproducible, NOT secret DP noise (experiments only)
 
@@ -169,6 +173,16 @@ class PrivacyConfig:
         _check(self.user_noise_multiplier >= 0, "user-noise-multiplier", "a number >= 0",
                self.user_noise_multiplier)
         _check(self.user_clip > 0, "user-clip", "a number > 0", self.user_clip)
+        _check(0 <= self.ddp_dropout < 1, "ddp-dropout", "a number in [0, 1)",
+               self.ddp_dropout)
+        _check(8 <= self.ddp_bits <= 22, "ddp-bits", "an integer in [8, 22]", self.ddp_bits)
+        _check(self.eval_clip >= 0, "eval-clip", "a number >= 0", self.eval_clip)
+        _check(not (self.ddp and (self.dp or self.user_dp)), "ddp",
+               "false with dp or user-dp (distributed DP replaces both: turn them off)",
+               self.ddp)
+        _check(not self.ddp or self.user_target_epsilon > 0 or self.user_noise_multiplier > 0,
+               "user-noise-multiplier", "> 0 (or user-target-epsilon > 0) with ddp",
+               self.user_noise_multiplier)
         _check(not self.user_dp or self.user_target_epsilon > 0 or
                self.user_noise_multiplier > 0, "user-noise-multiplier",
                "> 0 (or user-target-epsilon > 0) with user-dp", self.user_noise_multiplier)
@@ -230,6 +244,8 @@ class FedConfig:
     fault_rate: float = 0.0  # testing: every round(1/rate)-th client misbehaves each round
     fault_kind: str = "raise"  # testing: raise, nan, inf, shape, keys, dtype, norm, mixed, timeout
     round_timeout: float = 3600.0  # seconds the server waits for replies per train/evaluate step
+    secagg_shares: int = 0  # SecAgg+ neighbours per client (ddp); 0: from clients and ddp-dropout
+    secagg_threshold: int = 0  # SecAgg+ shares needed to unmask (ddp); 0: a majority of them
     checkpoint_dir: str = ".fedrec-checkpoint"  # server checkpoint, written every round ("": off)
     resume: bool = False  # continue from the checkpoint in checkpoint-dir up to `rounds`
     num_items: int = 0  # size of the item catalogue (0: read it from the dataset)
@@ -263,6 +279,10 @@ class FedConfig:
                self.clip_update_norm)
         _check(self.round_timeout > 0, "round-timeout", "a number of seconds > 0",
                self.round_timeout)
+        _check(self.secagg_shares == 0 or self.secagg_shares >= 3, "secagg-shares",
+               "0 (auto) or an integer >= 3", self.secagg_shares)
+        _check(self.secagg_threshold >= 0, "secagg-threshold", "an integer >= 0",
+               self.secagg_threshold)
         _check(0 <= self.fault_rate <= 1, "fault-rate", "a number in [0, 1]", self.fault_rate)
         _check(self.fault_kind in FAULT_KINDS, "fault-kind", f"one of {FAULT_KINDS}",
                self.fault_kind)

@@ -9,6 +9,7 @@ parameters only.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -25,6 +26,7 @@ from fedrec.config import DataConfig, RunConfig
 from fedrec.data import ExampleBuilder, Split, load_file, load_split
 from fedrec.data.interactions import Interactions
 from fedrec.data.split import temporal_split, to_feedback
+from fedrec.ddp import DDPPlan, count_keys, encode
 from fedrec.errors import ConfigError, DataError, PrivacyError, StateError
 from fedrec.evaluate import evaluate_counts
 from fedrec.metrics import finalize, merge_counts
@@ -300,9 +302,7 @@ def fit_client(cfg: RunConfig, data: ClientData, shared: Arrays, state: ClientSt
     res = train_epochs(trainer.model, trainer.optimizer, trainer.criterion, builder,
                        cfg.train, poisson=pcfg.dp, epochs=cfg.fed.local_epochs,
                        sample_rate=plan.sample_rate if plan else None, generator=sampler)
-    new_ledger = Ledger(history=list(ledger.history), rounds=ledger.rounds + 1,
-                        evaluations=ledger.evaluations, epsilon=ledger.epsilon,
-                        delta=ledger.delta, unit=ledger.unit, resets=list(ledger.resets))
+    new_ledger = dataclasses.replace(ledger, rounds=ledger.rounds + 1)
     if trainer.private is not None:
         new_ledger.history = [tuple(h) for h in trainer.private.accountant.history]
         new_ledger.epsilon = trainer.epsilon(pcfg.delta, pcfg.accountant)
@@ -311,7 +311,7 @@ def fit_client(cfg: RunConfig, data: ClientData, shared: Arrays, state: ClientSt
     shared_out = {k: v.cpu().numpy() for k, v in model.shared_state_dict().items()}
     touched = None
     weighting = cfg.fed.item_weighting
-    if not pcfg.dp and not pcfg.user_dp and weighting in ("auto", "touched"):
+    if not (pcfg.dp or pcfg.user_dp or pcfg.ddp) and weighting in ("auto", "touched"):
         touched = builder.touched.astype(np.float32)
     return FitResult(shared_out, touched, n, res.loss, new_ledger.epsilon, False,
                      time.perf_counter() - t0, new_state, new_ledger,
@@ -392,7 +392,83 @@ def release_counts(cfg: RunConfig, data: ClientData, counts: dict[str, float],
     std = sigma * math.sqrt(len(scale))
     noise = torch.randn(len(scale), generator=gen, dtype=torch.float64).numpy() * std
     out = {k: float(counts[k] + noise[i] * scale[k]) for i, k in enumerate(scale)}
-    new = Ledger(history=history, rounds=ledger.rounds,
-                 evaluations=ledger.evaluations + 1, epsilon=after, delta=p.delta,
-                 unit=ledger.unit or privacy.UNIT_OF_PRIVACY, resets=list(ledger.resets))
+    new = dataclasses.replace(ledger, history=history, evaluations=ledger.evaluations + 1,
+                              epsilon=after, delta=p.delta,
+                              unit=ledger.unit or privacy.UNIT_OF_PRIVACY)
     return out, new
+
+
+def shared_order(cfg: RunConfig, n_items: int) -> list[str]:
+    """Shared keys in the fixed order distributed DP flattens them in."""
+    return build_model(cfg.model, 1, n_items).shared_keys()
+
+
+def flatten(arrays: Arrays, order: list[str]) -> np.ndarray:
+    """Concatenate arrays in ``order`` as float64 ``[sum of sizes]``."""
+    return np.concatenate([np.asarray(arrays[k], np.float64).ravel() for k in order])
+
+
+def unflatten(vector: np.ndarray, like: Arrays, order: list[str]) -> Arrays:
+    """Split ``vector`` back into arrays shaped (and typed) like ``like``."""
+    out, start = {}, 0
+    for k in order:
+        size = like[k].size
+        out[k] = vector[start:start + size].reshape(like[k].shape).astype(like[k].dtype)
+        start += size
+    return out
+
+
+def count_vector(cfg: RunConfig, counts: dict[str, float]) -> np.ndarray:
+    """Evaluation counts in ``fedrec.ddp.count_keys`` order (0 where absent)."""
+    return np.array([counts.get(k, 0.0) for k in count_keys(cfg)], np.float64)
+
+
+@dataclass
+class DDPReply:
+    """What a distributed-DP client sends (``ints``) and keeps (state, ledger)."""
+
+    ints: np.ndarray | None  # None: the client refuses the round (its cap)
+    state: ClientState
+    ledger: Ledger
+    epsilon: float  # the client's user-level epsilon, under the protocol's trust assumption
+
+
+def ddp_client_round(cfg: RunConfig, data: ClientData, shared: Arrays,
+                     state: ClientState | None, ledger: Ledger | None, plan: DDPPlan, *,
+                     seed: int, server_round: int, train: bool = True,
+                     state_file: Path | None = None) -> DDPReply:
+    """One distributed-DP release of a client: counts of the model it received and, when
+    ``train``, its clipped update after local (non-DP) training, encoded with its noise
+    share (``fedrec.ddp.encode``).
+
+    The client checks the plan against its own ledger first: if the release would take
+    its user-level epsilon (assuming ``plan.n_min`` honest shares) past its cap
+    (``epsilon-cap``, else ``user-target-epsilon``), it refuses.
+    """
+    p = cfg.privacy
+    ledger = ledger or Ledger(delta=p.delta, unit=privacy.USER_UNIT_OF_PRIVACY)
+    entry = plan.entry(plan.n_min)
+    after = privacy.skellam_epsilon(ledger.user_history + [entry], p.delta)
+    cap = cfg.fed.epsilon_cap or p.user_target_epsilon
+    state = state or ClientState(user_ids=list(data.user_ids))
+    if cap > 0 and after > cap * (1 + 1e-9):
+        return DDPReply(None, state, ledger, ledger.epsilon)
+    order = shared_order(cfg, data.n_items)
+    counts = count_vector(cfg, evaluate_client(cfg, data, shared, state if state.local
+                                               else None, seed=seed,
+                                               state_file=state_file))
+    update = np.zeros(sum(v.size for v in shared.values()))
+    new_state = state
+    if train:
+        res = fit_client(cfg, data, shared, state, ledger, seed=seed,
+                         server_round=server_round, state_file=state_file)
+        if res.shared is not None:
+            update = flatten(res.shared, order) - flatten(shared, order)
+            new_state = res.state
+    rng = np.random.default_rng(privacy.dp_seed(p, seed, server_round, privacy.USER_NOISE))
+    ints = encode(update, counts, plan, rng)
+    new_ledger = dataclasses.replace(
+        ledger, user_history=privacy.add_skellam_entry(ledger.user_history, entry),
+        rounds=ledger.rounds + int(train), epsilon=after, delta=p.delta,
+        unit=privacy.USER_UNIT_OF_PRIVACY)
+    return DDPReply(ints, new_state, new_ledger, after)

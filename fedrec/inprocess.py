@@ -22,29 +22,46 @@ import numpy as np
 
 from fedrec.aggregate import ClippedSum, MeanAccumulator, ServerOptimizer, Update, UserLevelDP
 from fedrec.config import RunConfig
+from fedrec.ddp import DDPServer
 from fedrec.errors import ConfigError
 from fedrec.federated import (
     cached_split,
+    ddp_client_round,
     evaluate_client,
     fit_client,
+    flatten,
     init_shared,
     item_keys,
+    shared_order,
     split_for_users,
+    unflatten,
 )
 from fedrec.metrics import finalize, merge_counts
 from fedrec.partition import partition_users
+from fedrec.privacy import BudgetError
 from fedrec.state import ClientState, Ledger
 
 Arrays = dict[str, np.ndarray]
 
 
+def _sample(cfg: RunConfig, n: int, rng: np.random.Generator) -> list[int]:
+    """Clients sampled for a round, by FedAvg's rule."""
+    k = max(min(cfg.fed.min_clients, n), int(cfg.fed.fraction * n))
+    return list(range(n)) if k >= n else sorted(rng.choice(n, k, replace=False).tolist())
+
+
 def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None = None,
-                  ) -> tuple[Arrays, list[dict[str, Any]]]:
+                  *, dropouts: float = 0.0) -> tuple[Arrays, list[dict[str, Any]]]:
     """Run ``rounds`` federated rounds over all partitions; returns (shared, rows).
 
     Each row holds the round's aggregated metrics, ``epsilon-max``/``epsilon-mean``,
     ``clients``, ``exhausted`` and ``seconds``, like a ``fedrec simulate`` round row.
+    ``dropouts`` (distributed DP only; experiments) makes that share of the sampled
+    clients drop after masking, at random each round: their updates and noise shares
+    are missing from the sum, as with SecAgg+'s recovery.
     """
+    if cfg.privacy.ddp:
+        return _run_ddp(cfg, on_round, dropouts)
     if cfg.fed.aggregation != "mean":
         raise ConfigError(f"aggregation {cfg.fed.aggregation!r}: robust rules run through "
                           "Flower's strategies; use fedrec simulate")
@@ -65,10 +82,8 @@ def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | N
     rows: list[dict[str, Any]] = []
     for rnd in range(1, cfg.fed.rounds + 1):
         t0 = time.perf_counter()
-        n_sample = max(min(cfg.fed.min_clients, len(clients)),  # FedAvg's rule
-                       int(cfg.fed.fraction * len(clients)))
-        chosen = (range(len(clients)) if n_sample >= len(clients)
-                  else sorted(rng.choice(len(clients), n_sample, replace=False)))
+        chosen = _sample(cfg, len(clients), rng)
+        n_sample = len(chosen)
         acc = MeanAccumulator(shared, keys)
         clipped = ClippedSum(shared, cfg.privacy.user_clip) if user_dp else None
         eps, losses, exhausted = [], [], 0
@@ -105,4 +120,72 @@ def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | N
         rows.append(row)
         if on_round is not None:
             on_round(row)
+    return shared, rows
+
+
+def _run_ddp(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
+             dropouts: float) -> tuple[Arrays, list[dict[str, Any]]]:
+    """Distributed user-level DP (``fedrec.ddp``): the clients' integers are summed here
+    exactly as SecAgg+ sums them; R training releases and a final evaluation release."""
+    split = cached_split(cfg.data)
+    parts = partition_users(cfg.fed.partition, split.n_users, cfg.fed.num_clients,
+                            cfg.data.seed)
+    clients = [split_for_users(split, users) for users in parts]
+    shared = init_shared(cfg, split.n_items)
+    order = shared_order(cfg, split.n_items)
+    server = DDPServer(cfg, int(sum(v.size for v in shared.values())))
+    opt = ServerOptimizer(cfg.fed, item_keys(cfg, split.n_items))
+    states: list[ClientState | None] = [None] * len(clients)
+    ledgers: list[Ledger | None] = [None] * len(clients)
+    rng = np.random.default_rng(cfg.data.seed)
+    drop_rng = np.random.default_rng(cfg.data.seed + 1)
+    rows: list[dict[str, Any]] = []
+    pending: dict[str, Any] | None = None
+    for release in range(1, cfg.fed.rounds + 2):
+        t0 = time.perf_counter()
+        train = release <= cfg.fed.rounds
+        chosen = _sample(cfg, len(clients), rng) if train else list(range(len(clients)))
+        try:
+            plan = server.plan(len(chosen), release)
+        except BudgetError:
+            break
+        dropped = set(drop_rng.choice(chosen, int(round(dropouts * len(chosen))),
+                                      replace=False).tolist()) if dropouts else set()
+        total = np.zeros(server.dim, np.int64)
+        survivors = refused = 0
+        for i in chosen:
+            if i in dropped:
+                continue
+            rep = ddp_client_round(cfg, clients[i], shared, states[i], ledgers[i], plan,
+                                   seed=cfg.data.seed + i, server_round=release, train=train)
+            if rep.ints is None:
+                refused += 1
+                continue
+            states[i], ledgers[i] = rep.state, rep.ledger
+            total += rep.ints
+            survivors += 1
+        server.account(plan, survivors)
+        mean, counts = server.mean_update(total, plan, len(chosen))
+        if pending is not None:  # these counts measure the model the clients received
+            released = finalize(counts, cfg.eval.ks)
+            pending.update({f"released-{k}": v for k, v in released.items()})
+            pending["user-epsilon"] = server.epsilon()
+            rows.append(pending)
+            if on_round is not None:
+                on_round(pending)
+            pending = None
+        if train:
+            avg = unflatten(flatten(shared, order) + mean, shared, order)
+            shared = opt.step_from_average(avg, shared)
+            exact = [evaluate_client(cfg, c, shared, states[i], seed=cfg.data.seed + i)
+                     for i, c in enumerate(clients)]
+            pending = {"round": release, "clients": survivors, "dropped": len(dropped),
+                       "refused": refused, "user-noise-multiplier":
+                       math.sqrt(2 * plan.mu_total) / plan.l2,
+                       "user-epsilon": server.epsilon(),
+                       **finalize(merge_counts(exact), cfg.eval.ks),
+                       "evaluation": "experimenter; released-*: secure sum (noised)",
+                       "seconds": time.perf_counter() - t0}
+    if pending is not None:  # the budget ran out before the evaluation release
+        rows.append(pending)
     return shared, rows

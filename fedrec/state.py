@@ -47,6 +47,8 @@ class Ledger:
     """A client's privacy spend: everything its epsilon is computed from."""
 
     history: list[tuple[float, float, int]] = field(default_factory=list)  # (sigma, q, steps)
+    # distributed user-level DP: Skellam releases (mu_total assumed, l2, l1, count)
+    user_history: list[tuple[float, float, float, int]] = field(default_factory=list)
     rounds: int = 0  # rounds trained under DP (or not)
     evaluations: int = 0  # noised evaluation releases (also in history)
     epsilon: float = 0.0  # epsilon of history at delta
@@ -74,7 +76,8 @@ def save_state(path: Path, state: ClientState) -> None:
 def save_ledger(path: Path, ledger: Ledger) -> None:
     """Write the ledger atomically (JSON, readable by operators)."""
     payload = {"format": LEDGER_FORMAT, "version": LEDGER_VERSION,
-               "history": [list(h) for h in ledger.history], "rounds": ledger.rounds,
+               "history": [list(h) for h in ledger.history],
+               "user_history": [list(h) for h in ledger.user_history], "rounds": ledger.rounds,
                "evaluations": ledger.evaluations, "epsilon": ledger.epsilon,
                "delta": ledger.delta, "unit": ledger.unit, "resets": ledger.resets}
     write_bytes_atomic(path, (json.dumps(payload, indent=1) + "\n").encode())
@@ -115,6 +118,8 @@ def load_ledger(path: Path, *, trained_evidence: Path | None = None) -> Ledger |
     try:
         return Ledger(
             history=[(float(s), float(q), int(n)) for s, q, n in payload["history"]],
+            user_history=[(float(m), float(a), float(b), int(n))
+                          for m, a, b, n in payload["user_history"]],
             rounds=int(payload["rounds"]), evaluations=int(payload["evaluations"]),
             epsilon=float(payload["epsilon"]), delta=float(payload["delta"]),
             unit=str(payload["unit"]), resets=list(payload["resets"]))
@@ -225,13 +230,16 @@ def load_global(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def save_checkpoint(path: Path, round_: int, shared: dict[str, Any],
                     server_opt: dict[str, Any], rows: list[dict[str, Any]],
-                    user_history: list[tuple[float, float, int]] | None = None) -> None:
-    """Server checkpoint: shared model, last completed round, server optimizer, rows and
-    the user-level DP history (one (z, q, 1) entry per noised round)."""
+                    user_history: list[tuple[float, float, int]] | None = None,
+                    extra: dict[str, Any] | None = None) -> None:
+    """Server checkpoint: shared model, last completed round, server optimizer, rows, the
+    user-level DP history (one (z, q, 1) entry per noised round) and ``extra`` (plain
+    values: e.g. distributed DP's Skellam history and its pending row)."""
     _save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "round": round_,
            "shared": {k: torch.as_tensor(v) for k, v in shared.items()},
            "server_opt": {k: torch.as_tensor(v) for k, v in server_opt.items()},
-           "rows": rows, "user_history": [list(h) for h in user_history or []]}, path)
+           "rows": rows, "user_history": [list(h) for h in user_history or []],
+           "extra": json.loads(json.dumps(extra or {}))}, path)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -244,6 +252,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                 "shared": {k: v.numpy() for k, v in payload["shared"].items()},
                 "server_opt": {k: v.numpy() for k, v in payload["server_opt"].items()},
                 "user_history": [(float(z), float(q), int(n))
-                                 for z, q, n in payload["user_history"]]}
+                                 for z, q, n in payload["user_history"]],
+                "extra": dict(payload.get("extra") or {})}
     except (KeyError, AttributeError, TypeError, ValueError) as err:
         raise StateError(f"{path}: server checkpoint has a bad field ({err})") from None

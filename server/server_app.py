@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -53,10 +54,15 @@ def final_metrics(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
     out["dp"] = cfg.privacy.dp
     if cfg.privacy.dp:
         out["unit_of_privacy"] = UNIT_OF_PRIVACY
-    if cfg.privacy.user_dp:
+    if cfg.privacy.user_dp or cfg.privacy.ddp:
         out["user_epsilon"] = max((r.get("user-epsilon", 0.0) for r in rows), default=0.0)
         out["user_unit_of_privacy"] = privacy.USER_UNIT_OF_PRIVACY
-    if cfg.privacy.dp or cfg.privacy.user_dp:
+        out["delta"] = cfg.privacy.delta
+    if cfg.privacy.ddp:
+        out["user_dp_noise"] = (f"distributed: Skellam shares under SecAgg+; epsilon holds "
+                                f"while at most {cfg.privacy.ddp_dropout:.0%} of the sampled "
+                                "clients drop out or collude with the server")
+    if cfg.privacy.dp or cfg.privacy.user_dp or cfg.privacy.ddp:
         out["noise_secret"] = privacy.noise_is_secret(cfg.privacy)
         if not out["noise_secret"]:
             out["noise_warning"] = privacy.NOT_SECRET
@@ -153,7 +159,14 @@ def run_server(grid: Grid, cfg: RunConfig,
         final_arrays = to_numpy(result.arrays)
     else:
         final_arrays = shared
-    metrics = final_metrics(strategy.rows, cfg)
+    return write_results(cfg, strategy.rows, final_arrays)
+
+
+def write_results(cfg: RunConfig, rows: list[dict[str, Any]], final_arrays: dict[str, Any]
+                  ) -> dict[str, Any]:
+    """Final metrics; with ``out-dir``: config.json, rounds.csv/json, metrics.json and
+    shared_model.pt."""
+    metrics = final_metrics(rows, cfg)
     if cfg.fed.out_dir:
         out = Path(cfg.fed.out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -161,14 +174,58 @@ def run_server(grid: Grid, cfg: RunConfig,
                                                        "command": "federated",
                                                        **cfg.to_flat()})
         writer = report.RowWriter(out)
-        for row in strategy.rows:
+        for row in rows:
             writer.add_row(row)
         writer.write_rows("rounds")
         report.write_json_atomic(out / "metrics.json", metrics)
-        final = {k: torch.from_numpy(v) for k, v in final_arrays.items()}
+        final = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in final_arrays.items()}
         torch.save(final, out / "shared_model.pt")
     log.info("final metrics: %s", json.dumps(metrics, default=str))
     return metrics
+
+
+def run_ddp_server(grid: Grid, context: Context, cfg: RunConfig,
+                   display: Callable[[str], None] | None = print,
+                   evaluator: Evaluator | None = None) -> dict[str, Any]:
+    """Distributed user-level DP through SecAgg+ (``server/secagg.py``); same results."""
+    from fedrec.federated import shared_order
+    from server.secagg import DDPStrategy, run_secagg
+
+    wait_for_nodes(grid)
+    n_items = catalogue_size(cfg)
+    shared = init_shared(cfg, n_items)
+    nodes = expected_nodes(cfg, grid)
+    done, saved = 0, None
+    if cfg.fed.resume:
+        done, shared, saved = resume_point(cfg, shared)
+    extra = saved["extra"] if saved else {}
+    show = display if cfg.fed.verbose else None
+    strategy = DDPStrategy(cfg, shared, shared_order(cfg, n_items), item_keys(cfg, n_items),
+                           offset=done, history=[tuple(h) for h in extra.get("ddp", [])],
+                           rows=saved["rows"] if saved else None,
+                           pending=extra.get("pending"),
+                           server_opt=saved["server_opt"] if saved else None,
+                           display=show, evaluator=evaluator)
+    if cfg.fed.checkpoint_dir:
+        ckpt = Path(cfg.fed.checkpoint_dir) / "server.pt"
+
+        def checkpoint(round_: int) -> None:
+            save_checkpoint(ckpt, round_, strategy.current, strategy.server_opt.state_dict(),
+                            strategy.rows, extra={"ddp": strategy.ddp.history,
+                                                  "pending": strategy.pending})
+        strategy.on_round_end = checkpoint
+    if show:
+        show(f"federated {cfg.model.model}: {nodes} clients ({cfg.fed.partition}), "
+             f"{n_items} items, {cfg.fed.rounds} rounds; distributed user-level DP: clip "
+             f"{cfg.privacy.user_clip:g}, Skellam noise shares summed by SecAgg+, target "
+             f"epsilon {cfg.privacy.user_target_epsilon:g} at delta {cfg.privacy.delta:g} "
+             f"per {privacy.USER_UNIT_OF_PRIVACY}, holding while at most "
+             f"{cfg.privacy.ddp_dropout:.0%} of the clients drop out or collude")
+        if not privacy.noise_is_secret(cfg.privacy):
+            show(f"WARNING: {privacy.NOT_SECRET}")
+    run_secagg(grid, context, strategy, cfg.fed.rounds + 1 - done, nodes)
+    rows = strategy.rows + ([strategy.pending] if strategy.pending else [])
+    return write_results(cfg, rows, strategy.current)
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None,
@@ -184,8 +241,12 @@ def make_server_app(overrides: Mapping[str, Any] | None = None,
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = RunConfig.from_flat({**context.run_config, **over})
+        evaluate = evaluator(cfg) if evaluator else None
+        if cfg.privacy.ddp:  # the SecAgg+ protocol variant (legacy workflow)
+            run_ddp_server(grid, context, cfg, display, evaluate)
+            return
         grid = StreamingGrid(grid)  # replies one at a time; deployment: no 3 s polls
-        run_server(grid, cfg, display, evaluator(cfg) if evaluator else None)
+        run_server(grid, cfg, display, evaluate)
 
     return server_app
 
