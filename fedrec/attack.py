@@ -12,7 +12,13 @@ from __future__ import annotations
 import numpy as np
 
 from fedrec.config import RunConfig
-from fedrec.federated import cached_split, fit_client, item_keys, split_for_users
+from fedrec.federated import (
+    ClientData,
+    cached_split,
+    fit_client,
+    item_keys,
+    split_for_users,
+)
 from fedrec.partition import partition_users
 
 
@@ -70,8 +76,11 @@ def attack_clients(cfg: RunConfig, shared: dict[str, np.ndarray], n_clients: int
     """Mean attack AUCs over ``n_clients`` fresh clients' uploads from model ``shared``.
 
     Each client trains one round (as configured: record-level DP or not) from
-    ``shared``; the attack sees exactly what it uploads. User-level DP adds its noise on
-    the server, after aggregation, so it does not change what a client uploads.
+    ``shared``; the attack sees exactly what the server receives from it. User-level DP
+    adds its noise on the server, after aggregation, so the server sees the raw upload.
+    In distributed mode the server receives the client's integers masked by SecAgg+:
+    pairwise and private masks make the vector uniform modulo 2^48 (Flower's masked
+    vectors are checked to be in tests/test_ddp.py); the attack runs on such a vector.
     """
     split = cached_split(cfg.data)
     parts = partition_users(cfg.fed.partition, split.n_users, cfg.fed.num_clients,
@@ -83,13 +92,39 @@ def attack_clients(cfg: RunConfig, shared: dict[str, np.ndarray], n_clients: int
     norm, direction = [], []
     for i in chosen:
         client = split_for_users(split, parts[i])
-        res = fit_client(cfg, client, shared, None, seed=cfg.data.seed + int(i),
-                         server_round=1)
-        if res.shared is None or len(client.train) == 0:
+        if len(client.train) == 0:
             continue
+        if cfg.privacy.ddp:
+            returned = _masked_upload(cfg, client, shared, len(parts), int(i), rng)
+        else:
+            res = fit_client(cfg, client, shared, None, seed=cfg.data.seed + int(i),
+                             server_round=1)
+            if res.shared is None:
+                continue
+            returned = res.shared
         items = np.unique(client.train.items)
-        norm.append(membership_auc(shared, res.shared, keys, items, split.n_items))
+        norm.append(membership_auc(shared, returned, keys, items, split.n_items))
         if bias:
-            direction.append(bias_direction_auc(shared, res.shared, bias[0], items))
+            direction.append(bias_direction_auc(shared, returned, bias[0], items))
     return {"attack_auc": float(np.nanmean(norm)) if norm else float("nan"),
             "attack_auc_bias": float(np.nanmean(direction)) if direction else float("nan")}
+
+
+def _masked_upload(cfg: RunConfig, client: ClientData, shared: dict[str, np.ndarray],
+                   n_clients: int, seed: int, rng: np.random.Generator
+                   ) -> dict[str, np.ndarray]:
+    """A distributed-DP client's integers as SecAgg+ hands them to the server: plus a
+    uniform mask modulo 2^48, read as arrays shaped like ``shared``."""
+    from fedrec import ddp
+    from fedrec.federated import ddp_client_round, shared_order, unflatten
+
+    dim = int(sum(v.size for v in shared.values())) + len(ddp.count_keys(cfg))
+    plan = ddp.plan_round(cfg, sampled=n_clients, dim=dim, history=[],
+                          releases_left=cfg.fed.rounds + 1)
+    rep = ddp_client_round(cfg, client, shared, None, None, plan, seed=seed, server_round=1)
+    assert rep.ints is not None
+    mask = rng.integers(0, ddp.MODULUS, dim, dtype=np.int64)
+    masked = np.mod(rep.ints + mask, ddp.MODULUS).astype(np.float64)
+    like = {k: v.astype(np.float64) for k, v in shared.items()}
+    update_dim = int(sum(v.size for v in shared.values()))
+    return unflatten(masked[:update_dim], like, shared_order(cfg, client.n_items))

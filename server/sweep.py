@@ -2,11 +2,16 @@
 
 Modes: ``none``; ``record`` (Opacus DP-SGD on each client, unit: one rating);
 ``user`` (central user-level DP-FedAvg, unit: one client's whole data, i.e. one user in
-cross-device mode); ``both``. Every point runs through ``fedrec.inprocess`` (the apps'
-arithmetic without Flower's messaging, tested equal to a Flower simulation). Each
-finished point is appended to ``points.csv`` (atomically), so an interrupted sweep
-resumes where it stopped. Each point also runs the update-leakage attack
-(``fedrec.attack``) on 20 clients' uploads from its final model.
+cross-device mode); ``both``; ``distributed`` (user-level DP with Skellam noise shares
+summed by secure aggregation, ``fedrec.ddp``); and always ``popularity``, the item-count
+ranking released with user-level DP at each epsilon (exact at inf), the bar every
+private model must clear. Every point runs through ``fedrec.inprocess`` (the apps'
+arithmetic without Flower's messaging, tested equal to a Flower simulation and to the
+SecAgg+ path). Each finished point is appended to ``points.csv`` (atomically), so an
+interrupted sweep resumes where it stopped. Each point also runs the update-leakage
+attack (``fedrec.attack``) on what the server receives from 20 clients: their uploads,
+or, in distributed mode, their masked vectors. Metrics follow ``--top-k``: the sweep
+reports Recall/NDCG/HR at the largest K and Precision at the smallest.
 """
 
 from __future__ import annotations
@@ -28,10 +33,21 @@ from fedrec.errors import ConfigError
 from fedrec.privacy import UNIT_OF_PRIVACY, USER_UNIT_OF_PRIVACY
 from fedrec.report import write_bytes_atomic
 
-MODES = ("none", "record", "user", "both")
-FIELDS = ["mode", "target_epsilon", "seed", "recall@20", "ndcg@20", "precision@10",
-          "record_epsilon", "user_epsilon", "attack_auc", "attack_auc_bias", "rounds",
-          "engine", "seconds"]
+MODES = ("none", "popularity", "record", "user", "both", "distributed")
+TRAINED = ("none", "record", "user", "both", "distributed")
+
+
+def metric_names(ks: Sequence[int]) -> list[str]:
+    """The metric columns of a sweep with cut-offs ``ks``."""
+    big, small = max(ks), min(ks)
+    return [f"recall@{big}", f"ndcg@{big}", f"hr@{big}", f"precision@{small}"]
+
+
+def fields(ks: Sequence[int]) -> list[str]:
+    """Columns of points.csv."""
+    return (["mode", "target_epsilon", "seed", *metric_names(ks), "record_epsilon",
+             "user_epsilon", "attack_auc", "attack_auc_bias", "noise_secret", "rounds",
+             "engine", "seconds"])
 
 
 def parse_epsilons(text: str) -> list[float]:
@@ -52,11 +68,16 @@ def parse_epsilons(text: str) -> list[float]:
 
 def plan(modes: Sequence[str], epsilons: Sequence[float], seeds: Sequence[int]
          ) -> list[tuple[str, float, int]]:
-    """The points to run: (mode, target epsilon, seed); 'none' only at epsilon = inf."""
-    bad = [m for m in modes if m not in MODES]
+    """The points to run: (mode, target epsilon, seed); 'none' only at epsilon = inf.
+
+    The DP popularity baseline runs at every epsilon of the sweep (and inf), first: it
+    takes seconds.
+    """
+    bad = [m for m in modes if m not in TRAINED]
     if bad:
-        raise ConfigError(f"--modes: {bad} not in {list(MODES)}")
-    points = []
+        raise ConfigError(f"--modes: {bad} not in {list(TRAINED)}")
+    points = [("popularity", eps, seed) for eps in sorted(set(epsilons) | {math.inf})
+              for seed in seeds]
     for mode in modes:
         for eps in epsilons:
             if (mode == "none") != math.isinf(eps):
@@ -71,48 +92,51 @@ def point_config(base: RunConfig, mode: str, eps: float, seed: int) -> RunConfig
     """The run config of one point."""
     flat = base.to_flat()
     flat.update({"seed": seed, "dp": mode in ("record", "both"),
-                 "user-dp": mode in ("user", "both")})
+                 "user-dp": mode in ("user", "both"), "ddp": mode == "distributed"})
     if mode in ("record", "both"):
         flat["target-epsilon"] = eps
-    if mode in ("user", "both"):
+    if mode in ("user", "both", "distributed"):
         flat["user-target-epsilon"] = eps
     return RunConfig.from_flat(flat)
 
 
-def _run_point(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
+def _run_point(cfg: RunConfig, progress: Any = None
+               ) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
     """Train one point in process; returns (final metrics, final shared model, engine)."""
     from fedrec.inprocess import run_inprocess
 
-    shared, rows = run_inprocess(cfg)
+    shared, rows = run_inprocess(cfg, on_round=progress)
     last = dict(rows[-1])
-    last["epsilon"] = max(r["epsilon-max"] for r in rows)
+    last["epsilon"] = max(r.get("epsilon-max", 0.0) for r in rows)
     last["user_epsilon"] = max((r.get("user-epsilon", 0.0) for r in rows), default=0.0)
     last["rounds"] = len(rows)
     return last, shared, "inprocess"
 
 
-def _write_points(path: Path, rows: list[dict[str, Any]]) -> None:
+def _write_points(path: Path, rows: list[dict[str, Any]], ks: Sequence[int]) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=FIELDS)
+    writer = csv.DictWriter(buf, fieldnames=fields(ks))
     writer.writeheader()
     writer.writerows(rows)
     write_bytes_atomic(path, buf.getvalue().encode())
 
 
-def read_points(path: Path) -> list[dict[str, Any]]:
+def read_points(path: Path, ks: Sequence[int]) -> list[dict[str, Any]]:
     """Finished points of an earlier (possibly interrupted) sweep."""
     if not path.exists():
         return []
     with path.open() as fh:
         rows = list(csv.DictReader(fh))
-    if rows and set(rows[0]) != set(FIELDS):
-        raise ConfigError(f"{path}: not a privacy-sweep points file (columns differ); use "
-                          "another --out")
+    if rows and set(rows[0]) != set(fields(ks)):
+        raise ConfigError(f"{path}: not a privacy-sweep points file of this --top-k "
+                          "(columns differ); use another --out")
     for n, r in enumerate(rows, 2):
         try:
-            for k in FIELDS:
+            for k in fields(ks):
                 if k in ("seed", "rounds"):
                     r[k] = int(float(r[k]))
+                elif k == "noise_secret":
+                    r[k] = r[k] in ("True", "true", "1")
                 elif k not in ("mode", "engine"):
                     r[k] = float(r[k])
         except (TypeError, ValueError):
@@ -121,7 +145,7 @@ def read_points(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarize(rows: list[dict[str, Any]], ks: Sequence[int]) -> list[dict[str, Any]]:
     """Mean and standard deviation over seeds per (mode, epsilon)."""
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for r in rows:
@@ -129,8 +153,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for (mode, eps), rs in sorted(groups.items(), key=lambda kv: (MODES.index(kv[0][0]),
                                                                    kv[0][1])):
-        row: dict[str, Any] = {"mode": mode, "target_epsilon": eps, "seeds": len(rs)}
-        for k in ("recall@20", "ndcg@20", "record_epsilon", "user_epsilon", "attack_auc",
+        row: dict[str, Any] = {"mode": mode, "target_epsilon": eps, "seeds": len(rs),
+                               "noise_secret": all(bool(r["noise_secret"]) for r in rs)}
+        for k in (*metric_names(ks), "record_epsilon", "user_epsilon", "attack_auc",
                   "attack_auc_bias"):
             vals = np.array([float(r[k]) for r in rs])
             row[k] = float(np.mean(vals))
@@ -139,23 +164,26 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def markdown(summary: list[dict[str, Any]]) -> str:
-    """The summary as a Markdown table."""
-    lines = ["| mode | target ε | Recall@20 | NDCG@20 | ε record (per rating) | "
-             "ε user (per client) | attack AUC (norm) | attack AUC (bias) | seeds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def markdown(summary: list[dict[str, Any]], ks: Sequence[int]) -> str:
+    """The summary as a Markdown table (a "NOT secret" mark where noise was seeded)."""
+    rec, ndcg, hr, prec = metric_names(ks)
+    lines = [f"| mode | target ε | {rec} | {ndcg} | {hr} | {prec} | ε record (per rating) | "
+             "ε user (per user) | attack AUC (norm) | attack AUC (bias) | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
         eps = "∞" if math.isinf(r["target_epsilon"]) else f"{r['target_epsilon']:g}"
+        mode = r["mode"] + ("" if r["noise_secret"] else " (noise NOT secret)")
+        cells = [f"{r[m]:.4f} ± {r[m + '_std']:.4f}" for m in (rec, ndcg, hr, prec)]
         lines.append(
-            f"| {r['mode']} | {eps} | {r['recall@20']:.4f} ± {r['recall@20_std']:.4f} | "
-            f"{r['ndcg@20']:.4f} ± {r['ndcg@20_std']:.4f} | {r['record_epsilon']:.2f} | "
+            f"| {mode} | {eps} | {' | '.join(cells)} | {r['record_epsilon']:.2f} | "
             f"{r['user_epsilon']:.2f} | {r['attack_auc']:.3f} | {r['attack_auc_bias']:.3f} | "
             f"{r['seeds']} |")
     return "\n".join(lines)
 
 
-def plot(summary: list[dict[str, Any]], path: Path) -> None:
-    """Recall@20 and NDCG@20 against epsilon, one line per mode, error bars over seeds."""
+def plot(summary: list[dict[str, Any]], path: Path, ks: Sequence[int]) -> None:
+    """Recall and NDCG at the largest K against epsilon, one line per mode (error bars
+    over seeds); the DP popularity ranking dashed, the non-private run as a grey line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,15 +192,16 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
     finite = [r["target_epsilon"] for r in summary if math.isfinite(r["target_epsilon"])]
     inf_x = (max(finite) * 2.5) if finite else 1.0
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("recall@20", "ndcg@20")):
+    for ax, metric in zip(axes, metric_names(ks)[:2]):
         for mode in MODES:
             rs = [r for r in summary if r["mode"] == mode]
             if not rs:
                 continue
             xs = [inf_x if math.isinf(r["target_epsilon"]) else r["target_epsilon"] for r in rs]
-            fmt = "s" if mode == "none" else "o-"
+            fmt = {"none": "s", "popularity": "k--"}.get(mode, "o-")
             ax.errorbar(xs, [r[metric] for r in rs], yerr=[r[metric + "_std"] for r in rs],
-                        fmt=fmt, capsize=3, label=mode)
+                        fmt=fmt, capsize=3, label="popularity (user-level DP)"
+                        if mode == "popularity" else mode)
         ax.set_xscale("log")
         ax.minorticks_off()
         base = [r[metric] for r in summary if r["mode"] == "none"]
@@ -180,10 +209,10 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
             ax.axhline(base[0], color="grey", ls="--", lw=0.8)
         ticks = sorted(set(finite)) + [inf_x]
         ax.set_xticks(ticks, [f"{t:g}" for t in sorted(set(finite))] + ["∞"])
-        ax.set_xlabel("target ε (record: per rating; user: per client)")
+        ax.set_xlabel("target ε (record: per rating; user, distributed: per user)")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    axes[0].legend(title="DP mode")
+    axes[0].legend(title="DP mode", fontsize=8)
     fig.suptitle("fedrec privacy-utility")
     fig.tight_layout()
     png = io.BytesIO()
@@ -204,17 +233,45 @@ def _check_same_config(path: Path, base: RunConfig) -> None:
         write_bytes_atomic(path, (json.dumps(flat, indent=2) + "\n").encode())
 
 
+def _point(cfg: RunConfig, mode: str, eps: float, attack_clients: int, quiet: bool
+           ) -> tuple[dict[str, Any], dict[str, float], str]:
+    """(metrics, attack AUCs, engine) of one point; progress lines per round."""
+    from fedrec.attack import attack_clients as run_attack
+
+    if mode == "popularity":
+        from fedrec.baselines import dp_popularity_metrics
+        from fedrec.federated import cached_split
+
+        metrics = dp_popularity_metrics(cfg, cached_split(cfg.data), eps)
+        return ({**metrics, "rounds": 0, "user_epsilon": 0.0 if math.isinf(eps) else eps},
+                {"attack_auc": math.nan, "attack_auc_bias": math.nan}, "baseline")
+    t0 = time.perf_counter()
+    big = max(cfg.eval.ks)
+
+    def progress(row: dict[str, Any]) -> None:
+        done = int(row["round"])
+        eta = (time.perf_counter() - t0) / done * (cfg.fed.rounds - done)
+        print(f"    round {done}/{cfg.fed.rounds}: R@{big} "
+              f"{row.get(f'recall@{big}', math.nan):.4f} (eta {eta / 60:.1f} min)",
+              flush=True)
+
+    metrics, shared, engine = _run_point(cfg, None if quiet else progress)
+    return metrics, run_attack(cfg, shared, attack_clients), engine
+
+
 def privacy_sweep(base: RunConfig, out: Path, *, modes: Sequence[str],
                   epsilons: Sequence[float], seeds: Sequence[int], attack_clients: int = 20,
                   quiet: bool = False) -> list[dict[str, Any]]:
     """Run (or resume) the sweep; write points.csv, summary.md/json, privacy_utility.png."""
-    from fedrec.attack import attack_clients as run_attack
+    from fedrec.privacy import noise_is_secret
 
+    ks = base.eval.ks
+    names = metric_names(ks)
     points = plan(modes, epsilons, seeds)
     out.mkdir(parents=True, exist_ok=True)
     _check_same_config(out / "config.json", base)
     csv_path = out / "points.csv"
-    done = read_points(csv_path)
+    done = read_points(csv_path, ks)
     have = {(r["mode"], float(r["target_epsilon"]), int(r["seed"])) for r in done}
     todo = [p for p in points if p not in have]
     if not quiet:
@@ -223,36 +280,37 @@ def privacy_sweep(base: RunConfig, out: Path, *, modes: Sequence[str],
               f"{USER_UNIT_OF_PRIVACY}", flush=True)
     t_start = time.perf_counter()
     for n, (mode, eps, seed) in enumerate(todo, 1):
-        cfg = point_config(base, mode, eps, seed)
+        cfg = point_config(base, mode, eps, seed) if mode != "popularity" else \
+            base.replace(seed=seed)
         t0 = time.perf_counter()
+        eps_text = "inf" if math.isinf(eps) else f"{eps:g}"
+        if not quiet:
+            print(f"[{len(points) - len(todo) + n}/{len(points)}] {mode} eps {eps_text} "
+                  f"seed {seed} ...", flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            metrics, shared, engine = _run_point(cfg)
-            attack = run_attack(cfg, shared, attack_clients)
+            metrics, attack, engine = _point(cfg, mode, eps, attack_clients, quiet)
         row = {"mode": mode, "target_epsilon": eps, "seed": seed,
-               "recall@20": metrics.get("recall@20", math.nan),
-               "ndcg@20": metrics.get("ndcg@20", math.nan),
-               "precision@10": metrics.get("precision@10", math.nan),
+               **{m: metrics.get(m, math.nan) for m in names},
                "record_epsilon": metrics.get("epsilon", 0.0) if cfg.privacy.dp else 0.0,
                "user_epsilon": metrics.get("user_epsilon", 0.0), **attack,
+               "noise_secret": noise_is_secret(cfg.privacy),
                "rounds": metrics.get("rounds", cfg.fed.rounds), "engine": engine,
                "seconds": time.perf_counter() - t0}
         done.append(row)
-        _write_points(csv_path, done)
+        _write_points(csv_path, done, ks)
         if not quiet:
             elapsed = time.perf_counter() - t_start
             eta = elapsed / n * (len(todo) - n)
-            eps_text = "inf" if math.isinf(eps) else f"{eps:g}"
-            print(f"[{len(points) - len(todo) + n}/{len(points)}] {mode:<6} eps {eps_text:<4} "
-                  f"seed {seed}: R@20 {row['recall@20']:.4f} NDCG@20 {row['ndcg@20']:.4f} "
-                  f"attack AUC {row['attack_auc']:.3f} ({row['seconds']:.0f}s, "
-                  f"eta {eta / 60:.1f} min)", flush=True)
-    summary = summarize(done)  # every point of this sweep dir, this run's and earlier ones
-    write_bytes_atomic(out / "summary.md", (markdown(summary) + "\n").encode())
+            print(f"    {names[0]} {row[names[0]]:.4f} {names[1]} {row[names[1]]:.4f} "
+                  f"attack AUC {row['attack_auc']:.3f} ({row['seconds']:.0f}s; sweep eta "
+                  f"{eta / 60:.1f} min)", flush=True)
+    summary = summarize(done, ks)  # every point of this sweep dir, this run's and earlier
+    write_bytes_atomic(out / "summary.md", (markdown(summary, ks) + "\n").encode())
     write_bytes_atomic(out / "summary.json",
                        (json.dumps(summary, indent=2, default=str) + "\n").encode())
-    plot(summary, out / "privacy_utility.png")
+    plot(summary, out / "privacy_utility.png", ks)
     if not quiet:
-        print(markdown(summary))
+        print(markdown(summary, ks))
         print(f"results: {out}")
     return summary

@@ -15,7 +15,7 @@ from server.sweep import parse_epsilons, plan
 ARGS = ["--synthetic-users", "40", "--synthetic-items", "200", "--rounds", "2", "--dim", "4",
         "--partition", "cross-silo", "--num-clients", "2", "--min-clients", "2",
         "--attack-clients", "2", "--epsilons", "2,inf", "--seeds", "0",
-        "--modes", "none,record,user", "--quiet"]
+        "--modes", "none,record,user,distributed", "--quiet"]
 
 
 def test_plan_and_epsilon_parsing() -> None:
@@ -25,7 +25,9 @@ def test_plan_and_epsilon_parsing() -> None:
     with pytest.raises(ConfigError, match="> 0"):
         parse_epsilons("0")
     points = plan(["none", "record"], [1.0, math.inf], [0, 1])
-    assert points == [("none", math.inf, 0), ("none", math.inf, 1), ("record", 1.0, 0),
+    assert points == [("popularity", 1.0, 0), ("popularity", 1.0, 1),
+                      ("popularity", math.inf, 0), ("popularity", math.inf, 1),
+                      ("none", math.inf, 0), ("none", math.inf, 1), ("record", 1.0, 0),
                       ("record", 1.0, 1)]
     with pytest.raises(ConfigError, match="bogus"):
         plan(["bogus"], [1.0], [0])
@@ -41,14 +43,21 @@ def test_sweep_writes_table_plot_and_resumes(tmp_path: Path) -> None:
     assert main(["privacy-sweep", "--out", str(out), *ARGS]) == 0
     rows = _rows(out / "points.csv")
     assert [(r["mode"], r["target_epsilon"]) for r in rows] == [
-        ("none", "inf"), ("record", "2.0"), ("user", "2.0")]
+        ("popularity", "2.0"), ("popularity", "inf"), ("none", "inf"), ("record", "2.0"),
+        ("user", "2.0"), ("distributed", "2.0")]
     by_mode = {r["mode"]: r for r in rows}
     assert float(by_mode["record"]["record_epsilon"]) == pytest.approx(2.0, rel=0.02)
     assert float(by_mode["user"]["user_epsilon"]) == pytest.approx(2.0, rel=0.02)
-    assert {r["engine"] for r in rows} == {"inprocess"}
-    assert all(0.0 <= float(r["attack_auc"]) <= 1.0 for r in rows)
+    assert float(by_mode["distributed"]["user_epsilon"]) == pytest.approx(2.0, rel=0.02)
+    assert {r["engine"] for r in rows} == {"inprocess", "baseline"}
+    assert all(0.0 <= float(r["attack_auc"]) <= 1.0 for r in rows if r["mode"] != "popularity")
+    assert float(by_mode["none"]["attack_auc_bias"]) > 0.75  # an upload without DP leaks
+    assert abs(float(by_mode["distributed"]["attack_auc"]) - 0.5) < 0.2  # masked vectors
+    assert all(r["noise_secret"] == "True" for r in rows)
+    assert {"recall@20", "ndcg@20", "hr@20", "precision@10"} <= set(rows[0])
     table = (out / "summary.md").read_text()
     assert "| record | 2 |" in table and "| none | ∞ |" in table
+    assert "| popularity | 2 |" in table and "| distributed | 2 |" in table
     assert (out / "privacy_utility.png").read_bytes()[:4] == b"\x89PNG"
 
     # Interrupted sweep: drop the last finished point; a rerun runs only that one.
@@ -59,18 +68,18 @@ def test_sweep_writes_table_plot_and_resumes(tmp_path: Path) -> None:
         writer.writerows(kept)
     assert main(["privacy-sweep", "--out", str(out), *ARGS]) == 0
     again = _rows(out / "points.csv")
-    assert again[:2] == kept  # finished points untouched, not rerun
-    assert again[2]["mode"] == "user"
+    assert again[:-1] == kept  # finished points untouched, not rerun
+    assert again[-1]["mode"] == "distributed"
 
 
 def test_a_sweep_dir_refuses_points_of_another_config(tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     args = [a if a != "2,inf" else "inf" for a in ARGS]
-    args[args.index("none,record,user")] = "none"
+    args[args.index("none,record,user,distributed")] = "none"
     assert main(["privacy-sweep", "--out", str(out), *args]) == 0
     changed = [a if a != "4" else "8" for a in args]  # --dim 4 -> 8
     assert main(["privacy-sweep", "--out", str(out), *changed]) == 2
-    assert len(_rows(out / "points.csv")) == 1
+    assert len(_rows(out / "points.csv")) == 2  # popularity and none, nothing more
 
 
 def test_keys_added_later_at_their_default_do_not_split_a_sweep(tmp_path: Path) -> None:
