@@ -65,6 +65,7 @@ class DataConfig:
     min_interactions: int = 0  # k-core: drop users and items with fewer interactions
     split: str = "fraction"  # "fraction" (last test-fraction per user) or "leave-last-out"
     test_fraction: float = 0.2  # share of each user's latest interactions held out
+    validation: bool = False  # tuning: evaluate on a split carved from training, not on test
     negatives: int = 4  # sampled negatives per positive for implicit training
     negative_sampling: str = "auto"  # "unseen", "uniform" (any item); auto: uniform under DP
     eval_negatives: int = 0  # 0: full ranking; N: 1 held-out positive + N sampled negatives

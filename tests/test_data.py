@@ -185,3 +185,17 @@ def test_presplit_files_share_ids(tmp_path: Path) -> None:
     assert (len(s.train), len(s.test), s.n_users, s.n_items) == (3, 2, 2, 3)
     pairs = {(s.test.user_ids[u], s.test.item_ids[i]) for u, i in zip(s.test.users, s.test.items)}
     assert pairs == {("a", "y"), ("b", "x")}
+
+
+def test_validation_split_is_carved_from_training_only() -> None:
+    from fedrec.config import RunConfig
+
+    full = load_split(RunConfig.from_flat({"seed": 2}).data)
+    val = load_split(RunConfig.from_flat({"seed": 2, "validation": True}).data)
+
+    def pairs(d):  # noqa: ANN001, ANN202
+        return set(zip(d.users.tolist(), d.items.tolist()))
+
+    assert pairs(val.train) | pairs(val.test) == pairs(full.train)
+    assert not (pairs(val.train) | pairs(val.test)) & pairs(full.test)
+    assert not pairs(val.train) & pairs(val.test)

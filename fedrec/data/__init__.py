@@ -75,7 +75,9 @@ def load_split(cfg: DataConfig) -> Split:
     """Load, convert feedback, k-core filter and split as configured.
 
     With ``test-file`` set (dataset csv), the given train/test files are used as they are
-    (after feedback conversion); otherwise a per-user temporal split is made.
+    (after feedback conversion); otherwise a per-user temporal split is made. With
+    ``validation`` the training part is split again the same way and its held-out part
+    takes the place of the test set (for choosing hyperparameters).
     """
     implicit = cfg.feedback == "implicit"
     if cfg.test_file:
@@ -90,5 +92,7 @@ def load_split(cfg: DataConfig) -> Split:
         data = to_feedback(load_dataset(cfg), cfg.feedback, cfg.threshold)
         data = k_core(data, cfg.min_interactions)
         split = temporal_split(data, cfg.split, cfg.test_fraction, cfg.seed)
+    if cfg.validation:  # tuning: the test interactions are dropped, never seen
+        split = temporal_split(split.train, cfg.split, cfg.test_fraction, cfg.seed)
     split.implicit = implicit
     return split
