@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -45,6 +46,7 @@ from fedrec.federated import (
 from fedrec.privacy import noise_is_secret
 from fedrec.state import (
     global_path,
+    ledger_lock,
     ledger_path,
     load_ledger,
     load_state,
@@ -73,28 +75,38 @@ def _node_value(node: Mapping[str, Any], key: str) -> Any:
 def enforce_node_floor(cfg: RunConfig, node: Mapping[str, Any]) -> None:
     """Refuse a run config that would weaken this node's privacy floor.
 
+    A deployed node never uses reproducible noise. Once a node sets any floor key, the
+    floor is whole: DP on (unless the node says ``dp=false``), ``delta`` at most the
+    node's (default 1e-5), and a finite epsilon cap (``epsilon-cap``, else the run's
+    ``target-epsilon``) no larger than the node's ``epsilon-cap`` or ``target-epsilon``.
+
     Raises:
         PrivacyError: naming the key, the node's value and the run's.
     """
-    floor = RunConfig.from_flat({k: _node_value(node, k) for k in NODE_PRIVACY_KEYS
-                                 if k in node})
-    p, f = cfg.privacy, floor.privacy
+    p = cfg.privacy
     if not noise_is_secret(p):
         raise PrivacyError("insecure-noise-seed is set: a deployed node never uses "
                            "reproducible DP noise")
-    if "dp" in node and f.dp and not p.dp:
+    named = {k: _node_value(node, k) for k in NODE_PRIVACY_KEYS if k in node}
+    if not named:
+        return
+    floor = RunConfig.from_flat({**named, "dp": named.get("dp", True)})
+    f = floor.privacy
+    if f.dp and not p.dp:
         raise PrivacyError("this node requires dp=true; the run config has dp=false")
     if not p.dp:
         return
-    if "delta" in node and p.delta > f.delta:
+    if p.delta > f.delta:
         raise PrivacyError(f"run delta {p.delta:g} exceeds this node's delta {f.delta:g}")
-    node_cap = floor.fed.epsilon_cap or (f.target_epsilon if "target-epsilon" in node else 0)
-    if "target-epsilon" in node and p.target_epsilon > f.target_epsilon:
+    if "target-epsilon" in named and p.target_epsilon > f.target_epsilon:
         raise PrivacyError(f"run target-epsilon {p.target_epsilon:g} exceeds this node's "
                            f"{f.target_epsilon:g}")
-    if node_cap > 0 and not 0 < cfg.epsilon_cap <= node_cap:
+    node_cap = floor.fed.epsilon_cap or (f.target_epsilon if "target-epsilon" in named
+                                         else math.inf)
+    if not 0 < cfg.epsilon_cap <= node_cap:
         raise PrivacyError(f"run epsilon cap {cfg.epsilon_cap:g} (epsilon-cap, else "
-                           f"target-epsilon) exceeds this node's cap {node_cap:g}")
+                           f"target-epsilon; 0 = none) is not within this node's cap "
+                           f"{node_cap:g}")
 
 
 def _setup(msg: Message, context: Context, overrides: Mapping[str, Any]) -> tuple[
@@ -120,6 +132,11 @@ def _node(context: Context, overrides: Mapping[str, Any]) -> tuple[
     if "state-dir" in node:
         flat["state-dir"] = str(node["state-dir"])
     deployed = "data-file" in node
+    if deployed and "state-dir" not in node:
+        raise ConfigError("node config has 'data-file' but no 'state-dir': the node, not "
+                          "the run, decides where its privacy ledger lives")
+    if deployed and not node.get("allow-fault-injection", False):
+        flat["fault-rate"] = 0.0  # test switches never act on a real node
     if deployed:  # the node, not the run, decides how its private file is read
         defaults = DataConfig()
         for key in NODE_DATA_KEYS:
@@ -213,12 +230,13 @@ def train_handler(msg: Message, context: Context,
     server_round = int(msg.content["config"].get("server-round", 0))
     fault = injected_fault(cfg, pid, server_round)
     act_on_fault(cfg, fault)
-    res = fit_client(cfg, data, shared, load_state(path),
-                     load_ledger(lpath, trained_evidence=path), seed=cfg.data.seed + pid,
-                     server_round=server_round, state_file=path)
-    if res.shared is not None:
-        save_ledger(lpath, res.ledger)  # the spend first: a crash never loses it
-        save_state(path, res.state)
+    with ledger_lock(lpath):  # read, train, record: one message at a time per node
+        res = fit_client(cfg, data, shared, load_state(path),
+                         load_ledger(lpath, trained_evidence=path), seed=cfg.data.seed + pid,
+                         server_round=server_round, state_file=path)
+        if res.shared is not None:
+            save_ledger(lpath, res.ledger)  # the spend first: a crash never loses it
+            save_state(path, res.state)
     # the model as received, kept on the node for on-device recommendations
     save_global(global_path(cfg.fed.state_dir, pid), shared, cfg.to_flat())
     dp = cfg.privacy.dp
@@ -262,12 +280,14 @@ def evaluate_handler(msg: Message, context: Context,
     # the last global model stays on the node, for on-device recommendations
     save_global(global_path(cfg.fed.state_dir, pid), shared, cfg.to_flat())
     if cfg.privacy.dp:
-        ledger = load_ledger(lpath, trained_evidence=path)
-        if ledger is None:
-            raise PrivacyError("no privacy ledger yet: a node evaluates after it trained")
-        counts, ledger = release_counts(cfg, data, counts, ledger, seed=cfg.data.seed + pid,
-                                        server_round=server_round)
-        save_ledger(lpath, ledger)
+        with ledger_lock(lpath):
+            ledger = load_ledger(lpath, trained_evidence=path)
+            if ledger is None:
+                raise PrivacyError("no privacy ledger yet: a node evaluates after it trained")
+            counts, ledger = release_counts(cfg, data, counts, ledger,
+                                            seed=cfg.data.seed + pid,
+                                            server_round=server_round)
+            save_ledger(lpath, ledger)
         counts[keys.NUM_EXAMPLES] = 1.0
         counts[keys.EPSILON] = ledger.epsilon
     else:
@@ -297,14 +317,15 @@ class _DDPClient(NumPyClient):
         lpath = ledger_path(cfg.fed.state_dir, pid)
         server_round = int(config.get("server-round", 0))
         act_on_fault(cfg, injected_fault(cfg, pid, server_round))  # tests: dropouts
-        rep = ddp_client_round(cfg, data, shared, load_state(path),
-                               load_ledger(lpath, trained_evidence=path), plan,
-                               seed=cfg.data.seed + pid, server_round=server_round,
-                               train=bool(config[keys.DDP_TRAIN]), state_file=path)
-        if rep.ints is None:
-            raise PrivacyError("this release would take the node past its epsilon cap")
-        save_ledger(lpath, rep.ledger)
-        save_state(path, rep.state)
+        with ledger_lock(lpath):
+            rep = ddp_client_round(cfg, data, shared, load_state(path),
+                                   load_ledger(lpath, trained_evidence=path), plan,
+                                   seed=cfg.data.seed + pid, server_round=server_round,
+                                   train=bool(config[keys.DDP_TRAIN]), state_file=path)
+            if rep.ints is None:
+                raise PrivacyError("this release would take the node past its epsilon cap")
+            save_ledger(lpath, rep.ledger)
+            save_state(path, rep.state)
         save_global(global_path(cfg.fed.state_dir, pid), shared, cfg.to_flat())
         return [rep.ints.astype(np.float64)], 1, {}
 

@@ -220,7 +220,7 @@ class ClippedSum:
             raise ValueError(f"denominator must be >= 1, got {denominator}")
         out = {}
         for k, cur in self.current.items():
-            noise = torch.randn(cur.shape, generator=generator, dtype=torch.float64).numpy()
+            noise = privacy.secure_normal(cur.shape, generator).numpy()
             out[k] = cur.astype(np.float64) + (self.sums[k] + z * self.clip * noise) / denominator
         return out
 

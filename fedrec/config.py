@@ -63,7 +63,7 @@ class DataConfig:
     feedback: str = "implicit"  # "implicit" (ranking) or "explicit" (rating regression)
     threshold: float = 0.0  # implicit: a rating >= threshold is a positive; 0 keeps every rating
     min_interactions: int = 0  # k-core: drop users and items with fewer interactions
-    split: str = "fraction"  # "fraction" (last test-fraction per user) or "leave-last-out"
+    split: str = "fraction"  # "fraction" (latest per user), "leave-last-out" or "random"
     test_fraction: float = 0.2  # share of each user's latest interactions held out
     validation: bool = False  # tuning: evaluate on a split carved from training, not on test
     negatives: int = 4  # sampled negatives per positive for implicit training
@@ -78,8 +78,8 @@ class DataConfig:
         _check(self.dataset in DATASETS, "dataset", f"one of {DATASETS}", self.dataset)
         _check(self.feedback in ("implicit", "explicit"), "feedback",
                "'implicit' or 'explicit'", self.feedback)
-        _check(self.split in ("fraction", "leave-last-out"), "split",
-               "'fraction' or 'leave-last-out'", self.split)
+        _check(self.split in ("fraction", "leave-last-out", "random"), "split",
+               "'fraction', 'leave-last-out' or 'random'", self.split)
         _check(0.0 < self.test_fraction < 1.0, "test-fraction", "a number in (0, 1)",
                self.test_fraction)
         _check(self.threshold >= 0, "threshold", "a number >= 0", self.threshold)

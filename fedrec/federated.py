@@ -168,6 +168,11 @@ def _model(cfg: RunConfig, data: ClientData, shared: Arrays, state: ClientState 
     if set(shared) != expected:
         raise ValueError(f"shared parameters {sorted(shared)} do not match the model's "
                          f"{sorted(expected)}")
+    bad = [k for k, v in shared.items()
+           if not np.issubdtype(np.asarray(v).dtype, np.floating) or not np.isfinite(v).all()]
+    if bad:  # a NaN would pass through clipping and noise and mark the rows trained on
+        raise PrivacyError(f"received shared arrays {bad} are not finite floats; refusing "
+                           "to train or evaluate on them")
     tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in shared.items()}
     if state is not None:
         if state.user_ids != data.user_ids:
@@ -309,6 +314,9 @@ def fit_client(cfg: RunConfig, data: ClientData, shared: Arrays, state: ClientSt
     new_state = ClientState(local=model.local_state_dict(), rounds=state.rounds + 1,
                             user_ids=list(data.user_ids))
     shared_out = {k: v.cpu().numpy() for k, v in model.shared_state_dict().items()}
+    if not all(torch.isfinite(v).all() for v in new_state.local.values()) or not all(
+            np.isfinite(v).all() for v in shared_out.values()):
+        raise PrivacyError("training produced non-finite values; nothing is sent or kept")
     touched = None
     weighting = cfg.fed.item_weighting
     if not (pcfg.dp or pcfg.user_dp or pcfg.ddp) and weighting in ("auto", "touched"):
@@ -386,12 +394,17 @@ def release_counts(cfg: RunConfig, data: ClientData, counts: dict[str, float],
     if not math.isfinite(span):
         raise PrivacyError("evaluation counts of explicit ratings without a bounded rating "
                            "scale cannot be released with DP (unbounded errors)")
-    scale = {k: (span ** 2 if k == keys.SUM_SQ_ERR else span if k == keys.SUM_ABS_ERR
-                 else 1.0) for k in sorted(counts)}
+    # a fixed key set: which keys a client has must not depend on its data
+    names = count_keys(cfg) + ([] if data.implicit else
+                               [keys.NUM_RATINGS, keys.SUM_SQ_ERR, keys.SUM_ABS_ERR])
+    values = np.array([counts.get(k, 0.0) for k in names], np.float64)
+    if not np.isfinite(values).all():
+        raise PrivacyError("evaluation counts are not finite; nothing is released")
+    scale = np.array([span ** 2 if k == keys.SUM_SQ_ERR else span if k == keys.SUM_ABS_ERR
+                      else 1.0 for k in names])
     gen = privacy.dp_generator(p, seed, server_round, privacy.EVAL_NOISE)
-    std = sigma * math.sqrt(len(scale))
-    noise = torch.randn(len(scale), generator=gen, dtype=torch.float64).numpy() * std
-    out = {k: float(counts[k] + noise[i] * scale[k]) for i, k in enumerate(scale)}
+    noise = privacy.secure_normal(len(names), gen).numpy() * sigma * math.sqrt(len(names))
+    out = {k: float(v) for k, v in zip(names, values + noise * scale)}
     new = dataclasses.replace(ledger, history=history, evaluations=ledger.evaluations + 1,
                               epsilon=after, delta=p.delta,
                               unit=ledger.unit or privacy.UNIT_OF_PRIVACY)

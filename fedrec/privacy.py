@@ -97,6 +97,15 @@ def dp_seed(cfg: PrivacyConfig, *stream: int) -> int:
     return int(seq.generate_state(1, np.uint64)[0])
 
 
+def secure_normal(shape: tuple[int, ...] | int, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal noise in float64 drawn as Opacus's ``secure_mode`` does (one draw
+    discarded, then the sum of four draws halved), robust to floating-point attacks."""
+    size = (shape,) if isinstance(shape, int) else tuple(shape)
+    torch.normal(0.0, 1.0, size=(1,), generator=generator)
+    draws = torch.normal(0.0, 1.0, size=(4, *size), generator=generator, dtype=torch.float64)
+    return draws.sum(0) / 2
+
+
 def dp_generator(cfg: PrivacyConfig, *stream: int,
                  device: torch.device | str = "cpu") -> torch.Generator:
     """A torch generator for DP noise or sampling (see ``dp_seed``)."""

@@ -14,10 +14,13 @@ Two files per partition/node in its state dir, both written atomically (temporar
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +130,20 @@ def load_ledger(path: Path, *, trained_evidence: Path | None = None) -> Ledger |
         raise StateError(f"{path}: privacy ledger has a bad field ({err})") from None
 
 
+@contextlib.contextmanager
+def ledger_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a ledger (``ledger-<p>.lock``, flock) across processes:
+    two messages handled at once (two runs on one node) must not both read the same
+    spend and both add to it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def reset_ledger(state_dir: str | Path, partition: int | str, reason: str) -> Path:
     """Start a new, empty ledger deliberately; the old one (if any) is kept aside.
 
@@ -136,18 +153,24 @@ def reset_ledger(state_dir: str | Path, partition: int | str, reason: str) -> Pa
     if not reason.strip():
         raise StateError("a ledger reset needs a reason (it is logged)")
     path = ledger_path(state_dir, partition)
+    with ledger_lock(path):
+        return _reset_ledger(path, reason)
+
+
+def _reset_ledger(path: Path, reason: str) -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     previous: Ledger | None = None
+    status = "missing"
     if path.exists():
         try:
             previous = load_ledger(path)
+            status = "kept aside"
         except StateError:
-            previous = None  # unreadable: kept aside as it is
+            status = "unreadable, kept aside"
         os.replace(path, path.with_name(f"{path.stem}.before-reset-{stamp}.json"))
     event = {"time": stamp, "reason": reason,
              "previous_epsilon": previous.epsilon if previous else None,
-             "previous_file": "unreadable" if path.exists() else
-             ("missing" if previous is None else "kept aside")}
+             "previous_file": status}
     save_ledger(path, Ledger(resets=(previous.resets if previous else []) + [event]))
     with path.with_suffix(".log").open("a") as log:
         log.write(json.dumps(event) + "\n")

@@ -122,10 +122,18 @@ def run_server(grid: Grid, cfg: RunConfig,
                               display=display if cfg.fed.verbose else None,
                               evaluator=evaluator)
     ckpt = Path(cfg.fed.checkpoint_dir) / "server.pt" if cfg.fed.checkpoint_dir else None
+    user_ledger = ckpt.parent / "user-ledger.json" if ckpt else None
     done = 0
     if cfg.fed.resume:
         done, shared, saved = resume_point(cfg, shared)
-        strategy.resume_from(done, saved["rows"], saved["server_opt"], saved["user_history"])
+        history = saved["user_history"]
+        if user_ledger is not None and user_ledger.is_file():  # written at each release
+            history = [tuple(h) for h in json.loads(user_ledger.read_text())["history"]]
+        strategy.resume_from(done, saved["rows"], saved["server_opt"], history)
+    if user_ledger is not None and cfg.privacy.user_dp:
+        strategy.on_release = lambda hist: report.write_json_atomic(
+            user_ledger, {"unit": privacy.USER_UNIT_OF_PRIVACY, "delta": cfg.privacy.delta,
+                          "history": hist})
         if display:
             display(f"resuming from {ckpt}: {done} of {cfg.fed.rounds} rounds done; DP noise "
                     "is recalibrated for the budget that remains")

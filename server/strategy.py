@@ -102,6 +102,8 @@ class FedRecStrategy(FedAvg):
         # clients sampled per round (FedAvg's rule); user-level DP divides by it
         self.expected_clients = max(int(num_nodes * cfg.fed.fraction), min_train)
         self.on_round_end: Callable[[int], None] | None = None  # checkpoint hook
+        # user-level DP: persists the noise history as soon as a noised model exists
+        self.on_release: Callable[[list[tuple[float, float, int]]], None] | None = None
         self._asked = {"train": 0, "evaluate": 0}  # messages sent this round (for timeouts)
 
     def resume_from(self, done: int, rows: list[dict[str, Any]],
@@ -266,6 +268,8 @@ class FedRecStrategy(FedAvg):
         new, facts = self.user_dp.step(clipped, done, self.expected_clients, self.server_opt)
         if facts.get("user-exhausted"):
             log.warning("round %d: user-level budget spent: model left unchanged", done)
+        elif self.on_release is not None:  # recorded before the noised model goes out
+            self.on_release(self.user_dp.history)
         self._row.update(facts)
         return new
 

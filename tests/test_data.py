@@ -10,6 +10,7 @@ import pytest
 
 from fedrec.config import DataConfig
 from fedrec.data import PairSet, load_dataset, load_split, sampled_eval_lists
+from fedrec.data.interactions import build_interactions
 from fedrec.data.sampling import ExampleBuilder, sample_negatives
 from fedrec.data.split import k_core, temporal_split
 from fedrec.data.synthetic import generate_synthetic
@@ -199,3 +200,25 @@ def test_validation_split_is_carved_from_training_only() -> None:
     assert pairs(val.train) | pairs(val.test) == pairs(full.train)
     assert not (pairs(val.train) | pairs(val.test)) & pairs(full.test)
     assert not pairs(val.train) & pairs(val.test)
+
+
+@pytest.mark.parametrize("mode", ["fraction", "random"])
+def test_one_more_rating_never_moves_another_users_ratings(mode: str) -> None:
+    """Ties in time are broken by each row's own hash, so adding a rating of user A
+    changes nothing for other users; in random mode no other rating moves at all."""
+    rows = [(f"u{u}", f"i{i}", 1.0, 7) for u in range(6) for i in range(u, u + 8)]  # all tied
+    extra = [("u0", "i99", 1.0, 7)]
+
+    def split_of(table):  # noqa: ANN001, ANN202
+        df = pd.DataFrame(table, columns=["user", "item", "rating", "timestamp"])
+        df["line"] = range(len(df))
+        data = build_interactions(df, source="t", name="t", rating_range=(0, 5))
+        sp = temporal_split(data, mode, 0.25, seed=3)
+        return {(data.user_ids[u], data.item_ids[i]) for u, i in
+                zip(sp.test.users, sp.test.items)}
+
+    before, after = split_of(rows), split_of(extra + rows)  # a row earlier in the file
+    others = lambda s: {p for p in s if p[0] != "u0"}  # noqa: E731
+    assert others(before) == others(after)
+    if mode == "random":
+        assert before - after == set() and after - before <= {("u0", "i99")}

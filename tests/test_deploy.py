@@ -76,7 +76,7 @@ def test_tls_authenticated_deployment_trains_refuses_strangers_and_keeps_state(
         return deploy.supernode_command(
             certs, keys[i][0], f"127.0.0.1:{port}", data_file=node_files[i % 2],
             catalogue=catalogue, state_dir=tmp / f"state-{i}", partition_id=i,
-            port=free_port())
+            port=free_port(), node={"allow-fault-injection": True})  # the timeout test
 
     procs.start("node0", node(0))
     procs.start("node1", node(1))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,9 @@ def test_same_config_and_seed_give_different_noise() -> None:
 def test_noise_of_two_rounds_is_independent_and_not_regenerable() -> None:
     """A client with no ratings uploads pure noise; two rounds' noise (same inputs) is
     uncorrelated, so subtracting uploads does not cancel it; a replay with the
-    server-known seed does not reproduce it."""
-    cfg = RunConfig.from_flat(FLAT)
+    server-known seed does not reproduce it. (6,800 coordinates: |corr| of independent
+    noise is ~0.012, so the 0.1 bound has 8 standard deviations of room.)"""
+    cfg = RunConfig.from_flat({**FLAT, "synthetic-items": 400, "dim": 16})
     data, shared = _client(cfg)
     empty = _empty(data)
     noise = [_update(fit_client(cfg, empty, shared, None, seed=0, server_round=r).shared,
@@ -244,6 +246,10 @@ def test_client_errors_reach_the_server_as_codes_only(
 
 @pytest.mark.parametrize(("node_floor", "run_over"), [
     ({"dp": True}, {"dp": False}),
+    ({"dp": True}, {"target-epsilon": 0.0}),  # explicit sigma, no cap: unbounded epsilon
+    ({"epsilon-cap": 1.0}, {"target-epsilon": 0.0}),
+    ({"target-epsilon": 4.0}, {"delta": 0.5}),  # a floor's delta defaults to 1e-5
+    ({"target-epsilon": 4.0}, {"dp": False}),  # a floor implies DP
     ({"target-epsilon": 1.0}, {"target-epsilon": 4.0}),
     ({"epsilon-cap": 1.0}, {"target-epsilon": 2.0}),
     ({"delta": 1e-6}, {"delta": 1e-5}),
@@ -364,3 +370,117 @@ def test_dp_negatives_do_not_depend_on_other_ratings() -> None:
             for j in range(1, 6):
                 hits += sum((u, i) in rated for u, i in zip(users, ex.items[:, j].tolist()))
         assert (hits > 0) == uniform
+
+
+def test_a_received_model_with_nan_is_refused_and_nothing_is_kept(
+        tmp_path: Path, task_identity: None) -> None:
+    """A NaN would survive clipping and noise and mark exactly the rows trained on."""
+    node = _node_files(tmp_path, "u")
+    run = {**FLAT, "num-items": 20}
+    shared = init_shared(RunConfig.from_flat(run), 20)
+    poisoned = {k: np.full_like(v, np.nan) for k, v in shared.items()}
+    reply = train_handler(_ask("train", poisoned), _context(run, node))
+    assert reply.has_error() and reply.error.code == 104
+    assert not (tmp_path / "state").exists() or not list((tmp_path / "state").glob("*.json"))
+    assert not train_handler(_ask("train", shared), _context(run, node)).has_error()
+    inf = {k: np.where(np.arange(v.size).reshape(v.shape) == 0, np.inf, v).astype(v.dtype)
+           for k, v in shared.items()}
+    assert train_handler(_ask("train", inf), _context(run, node)).error.code == 104
+
+
+def test_concurrent_messages_cannot_double_spend_a_ledger(tmp_path: Path,
+                                                           task_identity: None) -> None:
+    import threading
+
+    node = _node_files(tmp_path, "u")
+    run = {**FLAT, "num-items": 20, "rounds": 4}
+    shared = init_shared(RunConfig.from_flat(run), 20)
+    replies: list[Message] = []
+    threads = [threading.Thread(target=lambda: replies.append(
+        train_handler(_ask("train", shared), _context(run, node)))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not any(r.has_error() for r in replies)
+    ledger = load_ledger(ledger_path(tmp_path / "state", 0))
+    assert ledger.rounds == 2  # both recorded: neither overwrote the other
+    assert ledger.epsilon == pytest.approx(privacy.epsilon_of(ledger.history, 1e-5))
+    assert max(float(r.content["metrics"][keys.EPSILON]) for r in replies) == \
+        pytest.approx(ledger.epsilon)
+
+
+def _explicit() -> tuple[RunConfig, ClientData]:
+    cfg = RunConfig.from_flat({**FLAT, "feedback": "explicit", "objective": "mse",
+                               "eval-noise-multiplier": 2.0, "target-epsilon": 8.0})
+    return cfg, _client(cfg)[0]
+
+
+def test_released_counts_carry_the_stated_noise_and_a_fixed_key_set() -> None:
+    from fedrec.federated import release_counts
+    from fedrec.state import Ledger
+
+    cfg, data = _explicit()
+    assert data.rating_span == 4.0  # synthetic ratings 1-5
+    names = ["num-users", "sum-sq-err", "sum-abs-err"]
+    draws = {k: [] for k in names}
+    out = {}
+    for r in range(300):
+        out, _ = release_counts(cfg, data, {}, Ledger(), seed=0, server_round=r)
+        for k in names:
+            draws[k].append(out[k])
+    m = len(out)  # every count key, whatever the client had
+    assert m == 1 + 4 * 2 + 3 and "sum-recall-at-20" in out
+    for k, scale in (("num-users", 1.0), ("sum-sq-err", 16.0), ("sum-abs-err", 4.0)):
+        assert np.std(draws[k]) == pytest.approx(2.0 * math.sqrt(m) * scale, rel=0.15), k
+
+
+def test_a_release_that_would_cross_the_cap_is_refused() -> None:
+    from fedrec.errors import PrivacyError
+    from fedrec.federated import release_counts
+    from fedrec.state import Ledger
+
+    cfg, data = _explicit()
+    sigma = privacy.calibrate_remaining(7.99, 1e-5, [], 0.125, 32)
+    near = Ledger(history=[(sigma, 0.125, 32)])
+    with pytest.raises(PrivacyError, match="past the cap"):
+        release_counts(cfg, data, {}, near, seed=0, server_round=1)
+
+
+def test_user_level_clip_covers_every_key_and_the_denominator_is_the_sample() -> None:
+    from fedrec.aggregate import ClippedSum
+
+    current = {"a": np.zeros(3), "b": np.zeros(4)}
+    acc = ClippedSum(current, 1.0)
+    norm = acc.add({"a": np.full(3, 0.1), "b": np.full(4, 10.0)})  # the big part is "b"
+    total = math.sqrt(sum(float(np.sum(v ** 2)) for v in acc.sums.values()))
+    assert norm > 19 and total == pytest.approx(1.0)
+    acc.add({"a": np.full(3, 0.1), "b": np.full(4, 10.0)})
+    mean = acc.noisy_mean(0.0, 3, torch.Generator().manual_seed(0))  # 3 sampled, 2 came
+    change = math.sqrt(sum(float(np.sum(v ** 2)) for v in mean.values()))
+    assert change == pytest.approx(2.0 / 3)
+
+
+def test_dp_clients_divide_by_the_configured_batch_and_draw_batches_from_os_entropy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedrec.federated as federated
+
+    cfg = RunConfig.from_flat({**FLAT, "local-epochs": 2})
+    sizes: list[float] = []
+    seen: list[tuple[int, Any]] = []
+    original_set, original_train = privacy.set_expected_batch_size, federated.train_epochs
+    monkeypatch.setattr(privacy, "set_expected_batch_size",
+                        lambda opt, size: (sizes.append(size), original_set(opt, size)))
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append((kwargs["generator"].initial_seed(),
+                     args[3].rng.bit_generator.state["state"]["state"]))
+        return original_train(*args, **kwargs)
+
+    monkeypatch.setattr(federated, "train_epochs", spy)
+    for pid in (0, 1, 0):  # two clients of different sizes, then the first again
+        data, shared = _client(cfg, pid)
+        res = fit_client(cfg, data, shared, None, seed=0, server_round=1)
+        assert res.ledger.history[0][2] == 2 * 8  # local-epochs x round(1 / (1/8)) steps
+    assert sizes == [16, 16, 16]  # batch-size, never q * n
+    assert len({s for s, _ in seen}) == 3 and len({n for _, n in seen}) == 3

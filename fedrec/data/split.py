@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from fedrec.data.interactions import Interactions
 from fedrec.errors import DataError
@@ -76,20 +77,36 @@ def remap(data: Interactions) -> Interactions:
     )
 
 
+def row_keys(data: Interactions, seed: int) -> np.ndarray:
+    """A pseudo-random uint64 per row from its own (user id, item id) and ``seed`` only:
+    adding or removing another row never changes it."""
+    frame = pd.DataFrame({"u": data.user_ids[data.users].astype(str),
+                          "i": data.item_ids[data.items].astype(str)})
+    key = f"fedrec{seed:010d}"[-16:]
+    return pd.util.hash_pandas_object(frame, index=False, hash_key=key).to_numpy()
+
+
 def temporal_split(data: Interactions, mode: str, test_fraction: float, seed: int) -> Split:
     """Per-user split by time: each user's latest interactions go to test.
 
     Args:
         data: interactions.
-        mode: ``"leave-last-out"`` (the last one) or ``"fraction"`` (the last
-            ``round(test_fraction * n_u)``, at least 1).
-        test_fraction: share held out in fraction mode.
-        seed: breaks ties between equal timestamps.
+        mode: ``"leave-last-out"`` (the last one), ``"fraction"`` (the last
+            ``round(test_fraction * n_u)``, at least 1) or ``"random"`` (each rating to
+            test with probability ``test_fraction``, decided by its own hash: independent
+            of every other rating, as record-level DP's unit assumes).
+        test_fraction: share held out in fraction and random mode.
+        seed: breaks ties between equal timestamps (by each row's own hash, so one row
+            more or less never reorders the others) and keys the random mode.
 
-    Users with a single interaction keep it in train; every user keeps >= 1 train item.
+    In the time-based modes users with a single interaction keep it in train and every
+    user keeps >= 1 train item.
     """
-    rng = np.random.default_rng(seed)
-    order = np.lexsort((rng.random(len(data)), data.timestamps, data.users))
+    keys = row_keys(data, seed)
+    if mode == "random":
+        is_test = keys < np.uint64(min(test_fraction, 1.0) * 2.0 ** 64)
+        return Split(data.subset(~is_test), data.subset(is_test), implicit=True)
+    order = np.lexsort((keys, data.timestamps, data.users))
     users = data.users[order]
     counts = np.bincount(users, minlength=data.n_users)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
