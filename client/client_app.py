@@ -310,9 +310,14 @@ class _DDPClient(NumPyClient):
         if len(parameters) != len(order):
             raise ValueError(f"expected {len(order)} shared arrays, got {len(parameters)}")
         shared = dict(zip(order, parameters))
-        dim = int(sum(a.size for a in parameters)) + len(ddp.count_keys(cfg))
-        plan = ddp.client_plan(cfg, dim=dim, n_min=int(config[keys.DDP_N_MIN]),
-                               mu_client=float(config[keys.DDP_MU_CLIENT]))
+        task = str(config[keys.DDP_TASK])
+        if task not in ("prior", "train", "evaluate"):
+            raise ValueError(f"unknown distributed-DP task {task!r}")
+        sent = data.n_items if task == "prior" else int(sum(a.size for a in parameters))
+        plan = ddp.client_plan(cfg, dim=sent + len(ddp.count_keys(cfg)),
+                               n_min=int(config[keys.DDP_N_MIN]),
+                               mu_client=float(config[keys.DDP_MU_CLIENT]),
+                               prior=task == "prior")
         path = state_path(cfg.fed.state_dir, pid)
         lpath = ledger_path(cfg.fed.state_dir, pid)
         server_round = int(config.get("server-round", 0))
@@ -321,7 +326,7 @@ class _DDPClient(NumPyClient):
             rep = ddp_client_round(cfg, data, shared, load_state(path),
                                    load_ledger(lpath, trained_evidence=path), plan,
                                    seed=cfg.data.seed + pid, server_round=server_round,
-                                   train=bool(config[keys.DDP_TRAIN]), state_file=path)
+                                   task=task, state_file=path)
             if rep.ints is None:
                 raise PrivacyError("this release would take the node past its epsilon cap")
             save_ledger(lpath, rep.ledger)

@@ -35,6 +35,8 @@ from fedrec.errors import PrivacyError
 CLIENT_BOUND = 2 ** 29
 MODULUS = 2 ** 48
 EVAL_SHARE = 0.5  # integer norm of the counts relative to the update's
+PRIOR_KEY = "item_bias.weight"  # the table the popularity prior initialises (MF)
+PRIOR_SCALE = 1.0  # item biases start at this many standard deviations of popularity
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ def min_survivors(cfg: RunConfig, sampled: int) -> int:
 
 
 def plan_round(cfg: RunConfig, *, sampled: int, dim: int, history: privacy.SkellamHistory,
-               releases_left: int) -> DDPPlan:
+               releases_left: int, clip: float | None = None) -> DDPPlan:
     """The plan for the next release.
 
     ``user-target-epsilon`` > 0: ``mu_total`` is calibrated so that ``history`` plus
@@ -88,7 +90,7 @@ def plan_round(cfg: RunConfig, *, sampled: int, dim: int, history: privacy.Skell
     """
     p = cfg.privacy
     l_u = float(2 ** p.ddp_bits)
-    base = DDPPlan(p.user_clip, eval_clip(cfg), l_u, EVAL_SHARE * l_u, dim,
+    base = DDPPlan(clip or p.user_clip, eval_clip(cfg), l_u, EVAL_SHARE * l_u, dim,
                    min_survivors(cfg, sampled), 0.0)
     if p.user_target_epsilon > 0:
         mu_total = privacy.calibrate_skellam(p.user_target_epsilon, p.delta, history,
@@ -99,13 +101,24 @@ def plan_round(cfg: RunConfig, *, sampled: int, dim: int, history: privacy.Skell
                    mu_total / base.n_min)
 
 
-def client_plan(cfg: RunConfig, *, dim: int, n_min: int, mu_client: float) -> DDPPlan:
+def client_plan(cfg: RunConfig, *, dim: int, n_min: int, mu_client: float,
+                prior: bool = False) -> DDPPlan:
     """A client's copy of the server's plan: its own clip and scales, the server's share
     size (``mu_client``) and honest minimum (``n_min``), which the client checks against
-    its own ledger before it sends anything."""
+    its own ledger before it sends anything. ``prior``: the item-count release (its
+    vector has norm 1 per user, clipped to 1)."""
     l_u = float(2 ** cfg.privacy.ddp_bits)
-    return DDPPlan(cfg.privacy.user_clip, eval_clip(cfg), l_u, EVAL_SHARE * l_u, dim,
-                   int(n_min), float(mu_client))
+    return DDPPlan(1.0 if prior else cfg.privacy.user_clip, eval_clip(cfg), l_u,
+                   EVAL_SHARE * l_u, dim, int(n_min), float(mu_client))
+
+
+def prior_vector(train_users: np.ndarray, train_items: np.ndarray, n_items: int
+                 ) -> np.ndarray:
+    """A client's item-count contribution: ``1/sqrt(n_u)`` for each item a user rated
+    (L2 norm 1 per user); ``[n_items]``."""
+    per_user = np.bincount(train_users).astype(np.float64)
+    weights = 1.0 / np.sqrt(np.maximum(per_user[train_users], 1.0))
+    return np.bincount(train_items, weights=weights, minlength=n_items)
 
 
 def secagg_shares(n: int, dropout: float, risk: float = 1e-3) -> tuple[int, int]:
@@ -190,24 +203,45 @@ class DDPServer:
     """The server's side of distributed DP: plans each release, decodes the secure sum,
     takes the server step and accounts epsilon from the shares that actually arrived.
 
-    A run of R rounds makes R + 1 releases: round r carries the clients' updates and the
-    evaluation counts of the model they received (w_{r-1}); a last, evaluation-only
-    release measures w_R. ``history`` (Skellam entries) is part of the server checkpoint.
+    A run of R rounds makes up to R + 2 releases: with ``ddp-prior`` (MF), release 0
+    carries each client's item counts (norm 1 per user), from which the item biases
+    start, so the model begins at the DP popularity ranking; round r carries the clients'
+    updates and the evaluation counts of the model they received (w_{r-1}); a last,
+    evaluation-only release measures w_R. ``history`` (Skellam entries) is part of the
+    server checkpoint.
     """
 
-    def __init__(self, cfg: RunConfig, update_dim: int,
-                 history: privacy.SkellamHistory | None = None) -> None:
+    def __init__(self, cfg: RunConfig, update_dim: int, n_items: int,
+                 history: privacy.SkellamHistory | None = None,
+                 prior: bool = False) -> None:
         self.cfg = cfg
-        self.update_dim = update_dim
+        self.update_dim, self.n_items = update_dim, n_items
         self.dim = update_dim + len(count_keys(cfg))
+        self.prior = prior
         self.history: privacy.SkellamHistory = list(history or [])
 
     def plan(self, sampled: int, release: int) -> DDPPlan:
-        """The plan of release ``release`` (1..R training rounds, R + 1 the final
-        evaluation) for ``sampled`` clients. Raises BudgetError when nothing is left."""
-        left = self.cfg.fed.rounds + 1 - release + 1
-        return plan_round(self.cfg, sampled=sampled, dim=self.dim, history=self.history,
+        """The plan of release ``release`` (0 the prior, 1..R training rounds, R + 1 the
+        final evaluation) for ``sampled`` clients. Every release gets the same share
+        size, calibrated for the largest sensitivity. Raises BudgetError when nothing is
+        left."""
+        left = self.cfg.fed.rounds + 2 - release  # this release and every later one
+        plan = plan_round(self.cfg, sampled=sampled, dim=self.dim, history=self.history,
                           releases_left=left)
+        if release > 0:
+            return plan
+        return client_plan(self.cfg, dim=self.n_items + len(count_keys(self.cfg)),
+                           n_min=plan.n_min, mu_client=plan.mu_client, prior=True)
+
+    def apply_prior(self, total: np.ndarray, plan: DDPPlan, arrays: dict[str, np.ndarray]
+                    ) -> dict[str, np.ndarray]:
+        """Item biases from the noisy item counts: standardised, times PRIOR_SCALE."""
+        counts, _ = decode(total, plan, self.n_items)
+        spread = float(counts.std()) or 1.0
+        bias = PRIOR_SCALE * (counts - counts.mean()) / spread
+        out = dict(arrays)
+        out[PRIOR_KEY] = bias.reshape(arrays[PRIOR_KEY].shape).astype(arrays[PRIOR_KEY].dtype)
+        return out
 
     def epsilon(self) -> float:
         """User-level epsilon spent (from the shares that reached each sum)."""

@@ -26,7 +26,7 @@ from fedrec.config import DataConfig, RunConfig
 from fedrec.data import ExampleBuilder, Split, load_file, load_split
 from fedrec.data.interactions import Interactions
 from fedrec.data.split import temporal_split, to_feedback
-from fedrec.ddp import DDPPlan, count_keys, encode
+from fedrec.ddp import DDPPlan, count_keys, encode, prior_vector
 from fedrec.errors import ConfigError, DataError, PrivacyError, StateError
 from fedrec.evaluate import evaluate_counts
 from fedrec.metrics import finalize, merge_counts
@@ -448,11 +448,12 @@ class DDPReply:
 
 def ddp_client_round(cfg: RunConfig, data: ClientData, shared: Arrays,
                      state: ClientState | None, ledger: Ledger | None, plan: DDPPlan, *,
-                     seed: int, server_round: int, train: bool = True,
+                     seed: int, server_round: int, task: str = "train",
                      state_file: Path | None = None) -> DDPReply:
-    """One distributed-DP release of a client: counts of the model it received and, when
-    ``train``, its clipped update after local (non-DP) training, encoded with its noise
-    share (``fedrec.ddp.encode``).
+    """One distributed-DP release of a client, encoded with its noise share
+    (``fedrec.ddp.encode``): for ``task`` "train", the counts of the model it received
+    and its clipped update after local (non-DP) training; "evaluate", the counts only;
+    "prior", its item counts (``fedrec.ddp.prior_vector``).
 
     The client checks the plan against its own ledger first: if the release would take
     its user-level epsilon (assuming ``plan.n_min`` honest shares) past its cap
@@ -467,18 +468,26 @@ def ddp_client_round(cfg: RunConfig, data: ClientData, shared: Arrays,
     if cap > 0 and after > cap * (1 + 1e-9):
         return DDPReply(None, state, ledger, ledger.epsilon)
     order = shared_order(cfg, data.n_items)
+    new_state = state
+    rng = np.random.default_rng(privacy.dp_seed(p, seed, server_round, privacy.USER_NOISE))
+    if task == "prior":
+        counts = np.zeros(len(count_keys(cfg)))
+        ints = encode(prior_vector(data.train.users, data.train.items, data.n_items),
+                      counts, plan, rng)
+        return DDPReply(ints, state, dataclasses.replace(
+            ledger, user_history=privacy.add_skellam_entry(ledger.user_history, entry),
+            epsilon=after, delta=p.delta, unit=privacy.USER_UNIT_OF_PRIVACY), after)
     counts = count_vector(cfg, evaluate_client(cfg, data, shared, state if state.local
                                                else None, seed=seed,
                                                state_file=state_file))
     update = np.zeros(sum(v.size for v in shared.values()))
-    new_state = state
+    train = task == "train"
     if train:
         res = fit_client(cfg, data, shared, state, ledger, seed=seed,
                          server_round=server_round, state_file=state_file)
         if res.shared is not None:
             update = flatten(res.shared, order) - flatten(shared, order)
             new_state = res.state
-    rng = np.random.default_rng(privacy.dp_seed(p, seed, server_round, privacy.USER_NOISE))
     ints = encode(update, counts, plan, rng)
     new_ledger = dataclasses.replace(
         ledger, user_history=privacy.add_skellam_entry(ledger.user_history, entry),

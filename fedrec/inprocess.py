@@ -22,7 +22,7 @@ import numpy as np
 
 from fedrec.aggregate import ClippedSum, MeanAccumulator, ServerOptimizer, Update, UserLevelDP
 from fedrec.config import RunConfig
-from fedrec.ddp import DDPServer
+from fedrec.ddp import PRIOR_KEY, DDPServer
 from fedrec.errors import ConfigError
 from fedrec.federated import (
     cached_split,
@@ -133,7 +133,9 @@ def _run_ddp(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
     clients = [split_for_users(split, users) for users in parts]
     shared = init_shared(cfg, split.n_items)
     order = shared_order(cfg, split.n_items)
-    server = DDPServer(cfg, int(sum(v.size for v in shared.values())))
+    prior = cfg.privacy.ddp_prior and PRIOR_KEY in shared
+    server = DDPServer(cfg, int(sum(v.size for v in shared.values())), split.n_items,
+                       prior=prior)
     opt = ServerOptimizer(cfg.fed, item_keys(cfg, split.n_items))
     states: list[ClientState | None] = [None] * len(clients)
     ledgers: list[Ledger | None] = [None] * len(clients)
@@ -141,9 +143,10 @@ def _run_ddp(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
     drop_rng = np.random.default_rng(cfg.data.seed + 1)
     rows: list[dict[str, Any]] = []
     pending: dict[str, Any] | None = None
-    for release in range(1, cfg.fed.rounds + 2):
+    for release in range(0 if prior else 1, cfg.fed.rounds + 2):
         t0 = time.perf_counter()
-        train = release <= cfg.fed.rounds
+        train = 1 <= release <= cfg.fed.rounds
+        task = "train" if train else ("prior" if release == 0 else "evaluate")
         chosen = _sample(cfg, len(clients), rng) if train else list(range(len(clients)))
         try:
             plan = server.plan(len(chosen), release)
@@ -151,13 +154,13 @@ def _run_ddp(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
             break
         dropped = set(drop_rng.choice(chosen, int(round(dropouts * len(chosen))),
                                       replace=False).tolist()) if dropouts else set()
-        total = np.zeros(server.dim, np.int64)
+        total = np.zeros(plan.dim, np.int64)
         survivors = refused = 0
         for i in chosen:
             if i in dropped:
                 continue
             rep = ddp_client_round(cfg, clients[i], shared, states[i], ledgers[i], plan,
-                                   seed=cfg.data.seed + i, server_round=release, train=train)
+                                   seed=cfg.data.seed + i, server_round=release, task=task)
             if rep.ints is None:
                 refused += 1
                 continue
@@ -165,6 +168,9 @@ def _run_ddp(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
             total += rep.ints
             survivors += 1
         server.account(plan, survivors)
+        if task == "prior":
+            shared = server.apply_prior(total, plan, shared)
+            continue
         mean, counts = server.mean_update(total, plan, len(chosen))
         if pending is not None:  # these counts measure the model the clients received
             released = finalize(counts, cfg.eval.ks)

@@ -30,4 +30,4 @@ TRAIN_SECONDS = "train-seconds"
 # distributed DP (fedrec.ddp): the plan a server sends with each SecAgg+ fit round
 DDP_MU_CLIENT = "ddp-mu-client"  # Skellam parameter of one client's noise share
 DDP_N_MIN = "ddp-n-min"  # honest clients whose shares the guarantee counts on
-DDP_TRAIN = "ddp-train"  # 1: train and send the update; 0: evaluation counts only
+DDP_TASK = "ddp-task"  # "prior" (item counts), "train" (update + counts), "evaluate"

@@ -67,14 +67,19 @@ class DDPStrategy(Strategy):
                  display: Callable[[str], None] | None = None,
                  evaluator: Callable[[Arrays], dict[str, float]] | None = None) -> None:
         self.cfg, self.current, self.order = cfg, shared, order
-        self.ddp = ddp.DDPServer(cfg, int(sum(v.size for v in shared.values())), history)
+        prior = cfg.privacy.ddp_prior and ddp.PRIOR_KEY in shared and offset == 0
+        self.first_release = 0 if prior else offset + 1
+        n_items = shared[item_keys[0]].shape[0]
+        self.ddp = ddp.DDPServer(cfg, int(sum(v.size for v in shared.values())), n_items,
+                                 history, prior=prior)
         self.server_opt = ServerOptimizer(cfg.fed, item_keys)
         if server_opt:
             self.server_opt.load_state_dict(server_opt)
-        self.offset, self.rows = offset, list(rows or [])
+        self.rows = list(rows or [])
         self.pending = pending  # the last training round's row, awaiting its counts
         self.display, self.evaluator = display, evaluator
         self.plan: ddp.DDPPlan | None = None
+        self.task = "train"
         self.sampled = 0
         self.on_round_end: Callable[[int], None] | None = None  # checkpoint hook
         self._t0 = time.perf_counter()
@@ -86,10 +91,11 @@ class DDPStrategy(Strategy):
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         """Sample clients (FedAvg's rule) and send the model with this release's plan."""
-        release = server_round + self.offset
+        release = self.first_release + server_round - 1
         self._t0 = time.perf_counter()
         n = client_manager.num_available()
-        train = release <= self.cfg.fed.rounds
+        train = 1 <= release <= self.cfg.fed.rounds
+        self.task = "train" if train else ("prior" if release == 0 else "evaluate")
         k = max(min(self.cfg.fed.min_clients, n), int(self.cfg.fed.fraction * n)) if train \
             else n
         try:
@@ -101,14 +107,14 @@ class DDPStrategy(Strategy):
         self.sampled = k
         clients = client_manager.sample(num_clients=k, min_num_clients=k)
         config = {"server-round": release, keys.DDP_MU_CLIENT: self.plan.mu_client,
-                  keys.DDP_N_MIN: self.plan.n_min, keys.DDP_TRAIN: int(train)}
+                  keys.DDP_N_MIN: self.plan.n_min, keys.DDP_TASK: self.task}
         return [(c, FitIns(parameters, dict(config))) for c in clients]
 
     def aggregate_fit(self, server_round: int,
                       results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Any]]:
         """Recover the exact integer sum, account it, step the model, complete rows."""
-        release = server_round + self.offset
+        release = self.first_release + server_round - 1
         assert self.plan is not None
         survivors = len(results)
         if not survivors:
@@ -116,6 +122,9 @@ class DDPStrategy(Strategy):
         mean = parameters_to_ndarrays(results[0][1].parameters)[0]
         total = secure_sum(mean, survivors)
         self.ddp.account(self.plan, survivors)
+        if self.task == "prior":  # item biases start from the noisy item counts
+            self.current = self.ddp.apply_prior(total, self.plan, self.current)
+            return ndarrays_to_parameters([self.current[k] for k in self.order]), {}
         update, counts = self.ddp.mean_update(total, self.plan, self.sampled)
         released = finalize(counts, self.cfg.eval.ks)
         if self.pending is not None:  # these counts measure the model clients received

@@ -231,7 +231,8 @@ def run_ddp_server(grid: Grid, context: Context, cfg: RunConfig,
              f"{cfg.privacy.ddp_dropout:.0%} of the clients drop out or collude")
         if not privacy.noise_is_secret(cfg.privacy):
             show(f"WARNING: {privacy.NOT_SECRET}")
-    run_secagg(grid, context, strategy, cfg.fed.rounds + 1 - done, nodes)
+    releases = cfg.fed.rounds + 2 - strategy.first_release  # through the final evaluation
+    run_secagg(grid, context, strategy, releases, nodes)
     rows = strategy.rows + ([strategy.pending] if strategy.pending else [])
     return write_results(cfg, rows, strategy.current)
 

@@ -199,10 +199,13 @@ def test_secagg_path_equals_in_process_and_the_server_sees_only_masked_vectors(
             continue
         vector = bytes_to_ndarray(masked[1]).ravel()  # masked[0]: the weight factor
         assert vector.min() >= 0 and vector.max() < ddp.MODULUS  # uniform mod 2^48
+        prior_release = len(vector) < update_dim  # the item-count release (n_items + counts)
+        if prior_release:
+            continue
         returned = unflatten_like(vector[:update_dim].astype(np.float64), shared, order)
         sent = {k: np.zeros(v.shape) for k, v in shared.items()}
         aucs.append(membership_auc(sent, returned, keys, items, n_items))
-    assert len(aucs) == 5 * 3  # 5 clients x (2 training + 1 evaluation) releases
+    assert len(aucs) == 5 * 3  # 5 clients x (2 training + 1 evaluation) releases (+ prior)
     assert abs(float(np.mean(aucs)) - 0.5) < 0.1  # the norm attack on a masked vector
 
 
@@ -228,3 +231,30 @@ def test_secagg_round_completes_with_dropouts_below_the_threshold(tmp_path: Path
     assert [r["clients"] for r in rows] == [9, 9]
     assert metrics["user_epsilon"] <= 8.0 + 1e-6
     assert all(math.isfinite(r["recall@20"]) for r in rows)
+
+
+def test_the_prior_release_starts_item_biases_at_the_popularity_ranking() -> None:
+    """Release 0 sums each client's item counts (norm 1 per user); with no noise the item
+    biases become the standardised popularity counts of fedrec.baselines."""
+    from fedrec.baselines import popularity_scores
+
+    cfg = RunConfig.from_flat(FLAT)
+    split = load_split(cfg.data)
+    shared = init_shared(cfg, split.n_items)
+    update_dim = sum(v.size for v in shared.values())
+    server = ddp.DDPServer(cfg, update_dim, split.n_items, prior=True)
+    plan = server.plan(5, 0)
+    assert plan.clip == 1.0 and plan.dim == split.n_items + len(ddp.count_keys(cfg))
+    quiet = ddp.DDPPlan(plan.clip, plan.eval_clip, plan.l_update, plan.l_eval, plan.dim,
+                        plan.n_min, 0.0)
+    rng = np.random.default_rng(0)
+    total = sum(ddp.encode(ddp.prior_vector(c.train.users, c.train.items, split.n_items),
+                           np.zeros(len(ddp.count_keys(cfg))), quiet, rng)
+                for c in (split_for_users(split, users) for users in
+                          partition_users("cross-silo", split.n_users, 5, 0)))
+    bias = server.apply_prior(total, quiet, shared)[ddp.PRIOR_KEY].ravel()
+    counts = popularity_scores(split, float("inf"), 1e-5, rng)
+    expected = (counts - counts.mean()) / counts.std()
+    # per-client vectors of several users are clipped to norm 1 in cross-silo: same order
+    assert np.corrcoef(bias, expected)[0, 1] > 0.9
+    assert abs(bias.mean()) < 1e-6 and bias.std() == pytest.approx(ddp.PRIOR_SCALE, rel=1e-3)
