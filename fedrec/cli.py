@@ -63,6 +63,8 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
         if getattr(args, "target_epsilon", None) is not None:
             raise ConfigError("give either --noise-multiplier or --target-epsilon, not both")
         flat["target-epsilon"] = 0.0  # an explicit sigma replaces the default target
+    if getattr(args, "ddp", None) and getattr(args, "dp", None) is None:
+        flat["dp"] = False  # distributed DP replaces record-level DP unless asked for both
     for section in SECTIONS:
         for f in fields(SECTIONS[section]):
             value = getattr(args, f.name, None)

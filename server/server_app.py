@@ -48,8 +48,9 @@ def final_metrics(rows: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
     out: dict[str, Any] = {k: v for k, v in last.items()
                            if "@" in k or k in ("train-loss",)}
     out["rounds"] = len(rows)
-    out["epsilon"] = max((r.get("epsilon-max", 0.0) for r in rows), default=0.0)
-    out["epsilon_mean"] = last.get("epsilon-mean", 0.0)
+    if cfg.privacy.dp:
+        out["epsilon"] = max((r.get("epsilon-max", 0.0) for r in rows), default=0.0)
+        out["epsilon_mean"] = last.get("epsilon-mean", 0.0)
     out["delta"] = cfg.privacy.delta if cfg.privacy.dp or cfg.privacy.user_dp else 0.0
     out["dp"] = cfg.privacy.dp
     if cfg.privacy.dp:
