@@ -165,6 +165,7 @@ class PrivacyConfig:
     ddp_dropout: float = 0.1  # ddp: share of sampled clients that may drop or collude
     ddp_bits: int = 16  # ddp: a clipped update becomes integers of L2 norm 2^bits
     ddp_prior: bool = True  # ddp: first release item counts, start item biases from them
+    ddp_prior_weight: float = 1.0  # ddp: the prior's share of the budget, in rounds' worth
     eval_clip: float = 0.0  # ddp: L2 clip of a client's eval counts; 0: one user's worth
     eval_noise_multiplier: float = 0.0  # DP clients release eval counts with this noise; 0: none
     insecure_noise_seed: int = -1  # >= 0: reproducible, NOT secret DP noise (experiments only)
@@ -178,6 +179,8 @@ class PrivacyConfig:
         _check(0 <= self.ddp_dropout < 1, "ddp-dropout", "a number in [0, 1)",
                self.ddp_dropout)
         _check(8 <= self.ddp_bits <= 22, "ddp-bits", "an integer in [8, 22]", self.ddp_bits)
+        _check(self.ddp_prior_weight > 0, "ddp-prior-weight", "a number > 0",
+               self.ddp_prior_weight)
         _check(self.eval_clip >= 0, "eval-clip", "a number >= 0", self.eval_clip)
         _check(not (self.ddp and (self.dp or self.user_dp)), "ddp",
                "false with dp or user-dp (distributed DP replaces both: turn them off)",

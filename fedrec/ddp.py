@@ -77,13 +77,15 @@ def min_survivors(cfg: RunConfig, sampled: int) -> int:
 
 
 def plan_round(cfg: RunConfig, *, sampled: int, dim: int, history: privacy.SkellamHistory,
-               releases_left: int, clip: float | None = None) -> DDPPlan:
+               releases_left: int, clip: float | None = None,
+               prior_weight: float = 0.0) -> DDPPlan:
     """The plan for the next release.
 
     ``user-target-epsilon`` > 0: ``mu_total`` is calibrated so that ``history`` plus
     ``releases_left`` releases spend at most the target (a resume spreads what remains).
     Else ``user-noise-multiplier`` z sets ``mu_total = (z l2)^2 / 2`` (the variance of a
-    Gaussian of std z l2).
+    Gaussian of std z l2). ``prior_weight`` w > 0 adds one more release with ``mu / w``
+    (the prior, which then costs about w releases' worth of the budget).
 
     Raises:
         BudgetError: the budget is spent.
@@ -93,8 +95,9 @@ def plan_round(cfg: RunConfig, *, sampled: int, dim: int, history: privacy.Skell
     base = DDPPlan(clip or p.user_clip, eval_clip(cfg), l_u, EVAL_SHARE * l_u, dim,
                    min_survivors(cfg, sampled), 0.0)
     if p.user_target_epsilon > 0:
+        scaled = [(1 / prior_weight, base.l2, base.l1, 1)] if prior_weight > 0 else []
         mu_total = privacy.calibrate_skellam(p.user_target_epsilon, p.delta, history,
-                                             base.l2, base.l1, max(1, releases_left))
+                                             base.l2, base.l1, max(1, releases_left), scaled)
     else:
         mu_total = (p.user_noise_multiplier * base.l2) ** 2 / 2
     return DDPPlan(base.clip, base.eval_clip, base.l_update, base.l_eval, dim, base.n_min,
@@ -205,7 +208,8 @@ class DDPServer:
 
     A run of R rounds makes up to R + 2 releases: with ``ddp-prior`` (MF), release 0
     carries each client's item counts (norm 1 per user), from which the item biases
-    start, so the model begins at the DP popularity ranking; round r carries the clients'
+    start, so the model begins at the DP popularity ranking (it gets ``ddp-prior-weight``
+    rounds' worth of the budget: its noise parameter is mu / weight); round r carries the clients'
     updates and the evaluation counts of the model they received (w_{r-1}); a last,
     evaluation-only release measures w_R. ``history`` (Skellam entries) is part of the
     server checkpoint.
@@ -226,12 +230,14 @@ class DDPServer:
         size, calibrated for the largest sensitivity. Raises BudgetError when nothing is
         left."""
         left = self.cfg.fed.rounds + 2 - release  # this release and every later one
-        plan = plan_round(self.cfg, sampled=sampled, dim=self.dim, history=self.history,
-                          releases_left=left)
+        weight = self.cfg.privacy.ddp_prior_weight
         if release > 0:
-            return plan
+            return plan_round(self.cfg, sampled=sampled, dim=self.dim,
+                              history=self.history, releases_left=left)
+        plan = plan_round(self.cfg, sampled=sampled, dim=self.dim, history=self.history,
+                          releases_left=left - 1, prior_weight=weight)
         return client_plan(self.cfg, dim=self.n_items + len(count_keys(self.cfg)),
-                           n_min=plan.n_min, mu_client=plan.mu_client, prior=True)
+                           n_min=plan.n_min, mu_client=plan.mu_client / weight, prior=True)
 
     def apply_prior(self, total: np.ndarray, plan: DDPPlan, arrays: dict[str, np.ndarray]
                     ) -> dict[str, np.ndarray]:

@@ -543,9 +543,11 @@ def add_skellam_entry(history: Sequence[tuple[float, float, float, int]],
 
 def calibrate_skellam(target_epsilon: float, delta: float,
                       history: Sequence[tuple[float, float, float, int]], l2: float,
-                      l1: float, releases: int) -> float:
+                      l1: float, releases: int,
+                      scaled: Sequence[tuple[float, float, float, int]] = ()) -> float:
     """The smallest total ``mu`` such that ``history`` plus ``releases`` more releases at
-    sensitivity (``l2``, ``l1``) spend at most ``target_epsilon``.
+    sensitivity (``l2``, ``l1``) spend at most ``target_epsilon``; ``scaled`` adds
+    releases ``(factor, l2, l1, count)`` whose parameter is ``factor * mu``.
 
     Raises:
         BudgetError: the history alone reaches the target.
@@ -556,7 +558,8 @@ def calibrate_skellam(target_epsilon: float, delta: float,
                           f"reaches the target {target_epsilon:g}")
 
     def eps(mu: float) -> float:
-        return skellam_epsilon(hist + [(mu, l2, l1, releases)], delta)
+        more = [(f * mu, a, b, n) for f, a, b, n in scaled]
+        return skellam_epsilon(hist + more + [(mu, l2, l1, releases)], delta)
 
     lo, hi = 1e-6 * l2 * l2, l2 * l2
     while eps(hi) > target_epsilon:
