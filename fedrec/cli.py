@@ -8,6 +8,7 @@ the code. Errors print one line (no traceback) and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import difflib
 import inspect
 import logging
 import re
@@ -15,10 +16,19 @@ import sys
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from fedrec import __version__
-from fedrec.config import RUN_MANAGED_KEYS, SECTIONS, RunConfig
+from fedrec.config import (
+    ACCOUNTANTS,
+    DATASETS,
+    FAULT_KINDS,
+    MODELS,
+    OBJECTIVES,
+    RUN_MANAGED_KEYS,
+    SECTIONS,
+    RunConfig,
+)
 from fedrec.errors import ConfigError, FedrecError
 
 log = logging.getLogger("fedrec")
@@ -32,6 +42,39 @@ def _field_help(cls: type) -> dict[str, str]:
     src = inspect.getsource(cls)
     return {m.group(1): m.group(2).strip()
             for m in re.finditer(r"^\s+(\w+): [^=]+=[^#\n]*#\s*(.+)$", src, re.M)}
+
+
+# Fixed choices of string options (the config checks them too; argparse shows them).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dataset": DATASETS, "model": MODELS, "objective": OBJECTIVES, "accountant": ACCOUNTANTS,
+    "fault_kind": FAULT_KINDS, "feedback": ("implicit", "explicit"),
+    "split": ("fraction", "leave-last-out", "random"),
+    "negative_sampling": ("auto", "unseen", "uniform"), "optimizer": ("adam", "sgd"),
+    "device": ("auto", "cpu", "cuda"), "grad_sample_mode": ("ghost", "hooks"),
+    "partition": ("cross-device", "cross-silo"),
+    "item_weighting": ("auto", "touched", "uniform"), "server_opt": ("avg", "adam"),
+    "aggregation": ("mean", "median", "trimmed-mean", "krum"),
+}
+PATHS = ("data_dir", "data_file", "test_file")
+# Testing switches: accepted, but left out of the user help.
+HIDDEN = ("fault_rate", "fault_kind")
+# Options a federated run does not use (it has local-epochs; it evaluates every round;
+# num-items is for deployments without the dataset on the server).
+NOT_FEDERATED = ("epochs", "eval_every", "num_items")
+# Federated-only privacy options, meaningless for centralized training.
+FEDERATED_PRIVACY = ("user_dp", "user_target_epsilon", "user_noise_multiplier", "user_clip",
+                     "ddp", "ddp_dropout", "ddp_bits", "ddp_prior", "ddp_prior_weight",
+                     "eval_clip", "eval_noise_multiplier")
+
+
+def _metavar(name: str, default: Any) -> str:
+    if name in PATHS:
+        return "PATH"
+    if isinstance(default, int):
+        return "N"
+    if isinstance(default, float):
+        return "X"
+    return "TEXT"
 
 
 def add_config_options(parser: argparse.ArgumentParser,
@@ -48,12 +91,43 @@ def add_config_options(parser: argparse.ArgumentParser,
             flag = "--" + f.name.replace("_", "-")
             default = f.default if f.default is not MISSING else None
             text = helps.get(f.name, "")
+            shown = argparse.SUPPRESS if f.name in HIDDEN else None
             if isinstance(default, bool):
                 group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                   default=None, help=f"{text} (default: {default})")
+                                   default=None,
+                                   help=shown or f"{text} (default: {default})")
+            elif f.name in CHOICES:
+                group.add_argument(flag, dest=f.name, default=None, choices=CHOICES[f.name],
+                                   help=shown or f"{text} (default: {default})")
             else:
-                group.add_argument(flag, dest=f.name, default=None, metavar="V",
-                                   help=f"{text} (default: {default!r})")
+                group.add_argument(flag, dest=f.name, default=None,
+                                   metavar=_metavar(f.name, default),
+                                   help=shown or f"{text} (default: {default!r})")
+
+
+class _Parser(argparse.ArgumentParser):
+    """No abbreviations (``--epsilon`` is not ``--epsilon-cap``); unknown options get a
+    "did you mean" from the options this command has."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.set_defaults(_parser=self)  # the innermost command's parser reports errors
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        """Add close matches to "unrecognized arguments"."""
+        if message.startswith("unrecognized arguments:"):
+            known = [o for a in self._actions for o in a.option_strings]
+            hints = []
+            for word in message.split(":", 1)[1].split():
+                if word.startswith("--"):
+                    close = difflib.get_close_matches(word.split("=")[0], known, n=3,
+                                                      cutoff=0.6)
+                    if close:
+                        hints.append(f"{word}: did you mean {' or '.join(close)}?")
+            if hints:
+                message += "\n" + "\n".join(hints)
+        super().error(message)
 
 
 def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:
@@ -237,11 +311,12 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (exposed for docs and tests)."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fedrec", description="Federated, privacy-preserving recommendation.")
     parser.add_argument("--version", action="version", version=f"fedrec {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
 
     p = sub.add_parser("centralized", help="train and evaluate one model centrally",
                        description="Train a model centrally on a dataset, evaluate it "
@@ -250,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/centralized", help="results directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
-    add_config_options(p, ("data", "model", "train", "privacy", "eval"))
+    add_config_options(p, ("data", "model", "train", "privacy", "eval"),
+                       exclude=FEDERATED_PRIVACY)
     p.set_defaults(func=_cmd_centralized)
 
     s = sub.add_parser("simulate", help="federated training on Flower's simulation engine",
@@ -265,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true",
                    help="continue a killed or interrupted run of this --out from its last "
                         "server checkpoint (same options; --rounds may grow)")
-    add_config_options(s, exclude=RUN_MANAGED)
+    add_config_options(s, exclude=RUN_MANAGED + NOT_FEDERATED)
     s.set_defaults(func=_cmd_simulate)
 
     ps = sub.add_parser("privacy-sweep", help="federated runs over epsilon x seeds x DP modes",
@@ -282,11 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--attack-clients", type=int, default=20,
                     help="clients whose uploads the leakage attack inspects per point")
     ps.add_argument("--quiet", action="store_true", help="no progress lines")
-    add_config_options(ps, exclude=(*RUN_MANAGED, "dp", "user_dp", "seed"))
+    add_config_options(ps, exclude=(*RUN_MANAGED, *NOT_FEDERATED, "dp", "user_dp", "ddp",
+                                    "seed"))
     ps.set_defaults(func=_cmd_sweep)
 
     data = sub.add_parser("data", help="download or inspect datasets")
-    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION",
+                               parser_class=_Parser)
     d = dsub.add_parser("download", help="fetch a GroupLens MovieLens zip and verify it",
                         formatter_class=fmt)
     d.add_argument("name", choices=["ml-100k", "ml-1m", "ml-latest-small"],
@@ -319,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="A node's privacy ledger (STATE_DIR/ledger-P.json) "
                          "holds everything its epsilon is computed from. It is never reset "
                          "silently: 'reset' is the explicit, logged operator action.")
-    lsub = led.add_subparsers(dest="ledger_command", required=True, metavar="ACTION")
+    lsub = led.add_subparsers(dest="ledger_command", required=True, metavar="ACTION",
+                              parser_class=_Parser)
     for name, text in (("show", "print a node's epsilon and history size"),
                        ("reset", "start a new ledger (the old one is kept aside; logged)")):
         lp = lsub.add_parser(name, help=text)
@@ -332,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     dep = sub.add_parser("deploy", help="certificates, keys and commands for a deployment",
                          description="Helpers for a SuperLink + SuperNodes deployment with "
                          "TLS and node authentication; see docs/DEPLOY.md.")
-    dsub2 = dep.add_subparsers(dest="deploy_command", required=True, metavar="ACTION")
+    dsub2 = dep.add_subparsers(dest="deploy_command", required=True, metavar="ACTION",
+                               parser_class=_Parser)
     c = dsub2.add_parser("certs", help="dev CA, server certificate, SuperNode key pairs",
                          formatter_class=fmt)
     c.add_argument("--dir", default="deploy/certs", help="output folder")
@@ -394,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedrec`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

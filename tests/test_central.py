@@ -80,3 +80,23 @@ def test_help_explains_every_option() -> None:
         if action.option_strings and action.dest != "help":
             assert action.help, action.option_strings
     assert "--noise-multiplier" in text and "sigma" in text
+
+
+def test_cli_refuses_abbreviations_and_unused_options_with_suggestions(
+        capsys: pytest.CaptureFixture) -> None:
+    from fedrec.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main(["simulate", "--epsilon", "4"])  # not --epsilon-cap by prefix
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --epsilon 4" in err and "--epsilon-cap" in err
+    with pytest.raises(SystemExit):
+        main(["simulate", "--epochs", "3"])  # federated runs use --local-epochs
+    assert "did you mean --local-epochs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["centralized", "--user-dp"])  # federated-only privacy option
+    capsys.readouterr()
+    sim = build_parser()._subparsers._group_actions[0].choices["simulate"]  # type: ignore[union-attr]
+    text = sim.format_help()
+    assert "--fault-rate" not in text and "{synthetic,ml-100k" in text and " V " not in text
+    assert sim.parse_args(["--fault-rate", "0.1"]).fault_rate == "0.1"  # hidden, accepted
