@@ -11,7 +11,9 @@ import argparse
 import difflib
 import inspect
 import logging
+import os
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
@@ -154,12 +156,55 @@ def _cmd_centralized(args: argparse.Namespace) -> int:
                        quiet=args.quiet)
 
 
+SUPERVISED = "FEDREC_SUPERVISED"  # set in the child that runs the simulation
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)  # bad options fail here, before anything starts
+    if os.environ.get(SUPERVISED) != "1":
+        return _supervise(args._argv, Path(args.out))
     from server.simulation import simulate  # Flower is imported only here
 
-    simulate(config_from_args(args), Path(args.out), overwrite=args.overwrite,
-             quiet=args.quiet, verbose=args.verbose, resume=args.resume)
+    simulate(cfg, Path(args.out), overwrite=args.overwrite, quiet=args.quiet,
+             verbose=args.verbose, resume=args.resume)
     return 0
+
+
+def _supervise(argv: Sequence[str], out: Path) -> int:
+    """Run the simulation in a child process group; Ctrl-C or SIGTERM stops all of it.
+
+    Flower's simulation engine (Ray) ignores Ctrl-C in its driver and prints pages of
+    tracebacks on SIGTERM. The child runs in its own session, so a terminal's SIGINT
+    reaches only this process, which then kills the child's whole group (the server and
+    Ray's workers), removes the unfinished results folder, keeps the checkpoint and client
+    state that ``--resume`` needs, and prints one line.
+    """
+    import signal
+    import subprocess
+    import time
+
+    stop: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: stop.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        child = subprocess.Popen([sys.executable, "-m", "fedrec", *argv],
+                                 env={**os.environ, SUPERVISED: "1"}, start_new_session=True)
+        while child.poll() is None and not stop:
+            time.sleep(0.1)
+        if not stop:
+            return int(child.returncode)
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for leftover in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    from server.simulation import resume_hint
+
+    print(f"\nfedrec: stopped by {signal.Signals(stop[0]).name}; {resume_hint(out)}",
+          file=sys.stderr)
+    return 130
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -477,6 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:
         args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args._argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

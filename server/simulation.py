@@ -42,6 +42,18 @@ def work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
 
 
+def resume_hint(out: Path) -> str:
+    """One line: what an interrupted run of ``out`` kept and how to continue it."""
+    ckpt = work_dir(out) / "checkpoint" / "server.pt"
+    if not ckpt.is_file():
+        return "no round had finished, nothing to resume: run again (with --overwrite)"
+    from fedrec.state import load_checkpoint
+
+    done = load_checkpoint(ckpt)["round"]
+    return (f"{done} round(s) are checkpointed in {work_dir(out)}; continue with the same "
+            "command and --resume")
+
+
 def _prepare_work(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool) -> None:
     """Create, reuse (``resume``) or refuse the work directory of ``out``."""
     work = work_dir(out)
@@ -119,8 +131,7 @@ def simulate(cfg: RunConfig, out: Path, *, overwrite: bool = False, quiet: bool 
     except BaseException:
         run.abort()
         if (work / "checkpoint" / "server.pt").is_file() and not quiet:
-            print(f"interrupted: continue with the same options and --resume "
-                  f"(checkpoint in {work})")
+            print(f"interrupted: {resume_hint(out)}")
         raise
     if not quiet:
         from fedrec.commands import format_table

@@ -177,3 +177,37 @@ def test_a_server_error_mid_run_stops_the_simulation_and_the_run_resumes(
     metrics = simulate(cfg, out, quiet=True, resume=True)
     rows = json.loads((out / "rounds.json").read_text())
     assert [r["round"] for r in rows] == [1, 2, 3] and np.isfinite(metrics["recall@20"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_and_sigterm_stop_a_simulation_cleanly(tmp_path: Path, sig: int) -> None:
+    """``fedrec simulate`` stops within seconds, with one line on how to resume and no
+    traceback; the checkpoint survives and ``--resume`` completes the run."""
+    from fedrec.state import load_checkpoint
+    from server.simulation import simulate, work_dir
+
+    out = tmp_path / "run"
+    opts = ["--synthetic-users", "30", "--synthetic-items", "50", "--dim", "4",
+            "--batch-size", "32", "--negatives", "2", "--partition", "cross-silo",
+            "--num-clients", "2", "--no-dp", "--rounds", "6"]
+    ckpt = work_dir(out) / "checkpoint" / "server.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "fedrec", "simulate", "--out", str(out),
+                             *opts], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (ckpt.is_file() and load_checkpoint(ckpt)["round"] >= 1):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 15 and proc.returncode == 130
+    assert "Traceback" not in err and "--resume" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".run.tmp-*"))
+    if sig == signal.SIGINT:
+        cfg = RunConfig.from_flat({"synthetic-users": 30, "synthetic-items": 50, "dim": 4,
+                                   "batch-size": 32, "negatives": 2, "partition": "cross-silo",
+                                   "num-clients": 2, "dp": False, "rounds": 6})
+        metrics = simulate(cfg, out, quiet=True, resume=True)
+        assert metrics["rounds"] == 6
