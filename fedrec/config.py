@@ -164,7 +164,7 @@ class PrivacyConfig:
     ddp: bool = False  # distributed user-level DP: clients add noise shares, SecAgg+ sums
     ddp_dropout: float = 0.1  # ddp: share of sampled clients that may drop or collude
     ddp_bits: int = 16  # ddp: a clipped update becomes integers of L2 norm 2^bits
-    ddp_prior: bool = True  # ddp: first release item counts, start item biases from them
+    ddp_prior: bool = False  # ddp: first release item counts, start item biases from them
     ddp_prior_weight: float = 1.0  # ddp: the prior's share of the budget, in rounds' worth
     eval_clip: float = 0.0  # ddp: L2 clip of a client's eval counts; 0: one user's worth
     eval_noise_multiplier: float = 0.0  # DP clients release eval counts with this noise; 0: none

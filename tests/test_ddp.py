@@ -159,8 +159,8 @@ def test_secagg_path_equals_in_process_and_the_server_sees_only_masked_vectors(
     monkeypatch.setattr(secagg, "run_secagg",
                         lambda grid, *a: original(_Recorder(grid), *a))
     _Recorder.replies = []
-    flat = {**FLAT, "insecure-noise-seed": 3, "state-dir": str(tmp_path / "state"),
-            "out-dir": str(tmp_path / "run")}
+    flat = {**FLAT, "insecure-noise-seed": 3, "ddp-prior": True,
+            "state-dir": str(tmp_path / "state"), "out-dir": str(tmp_path / "run")}
     metrics = _simulate(flat, nodes=5)
     shared, rows = run_inprocess(RunConfig.from_flat(flat))
     flower = torch.load(tmp_path / "run" / "shared_model.pt")
