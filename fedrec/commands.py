@@ -45,8 +45,9 @@ def centralized(cfg: RunConfig, out: Path, *, overwrite: bool = False,
                 print("note: this is synthetic data; pass --dataset/--data-dir for real data")
         total = cfg.train.epochs * steps_per_epoch(len(split.train), cfg.train.batch_size,
                                                   poisson=cfg.privacy.dp)
+        tty = sys.stderr.isatty()  # a bar on a terminal; one line per epoch in a log file
         bar = tqdm(total=total, desc=f"training {cfg.model.model}", unit="step",
-                   disable=quiet, file=sys.stderr)
+                   disable=quiet or not tty, file=sys.stderr)
 
         def on_epoch(row: dict[str, Any]) -> None:
             run.add_row(row)
@@ -57,6 +58,10 @@ def centralized(cfg: RunConfig, out: Path, *, overwrite: bool = False,
             if "epsilon" in row:
                 shown["eps"] = f"{row['epsilon']:.2f}"
             bar.set_postfix(shown)
+            if not quiet and not tty:
+                print(f"epoch {row['epoch']}/{cfg.train.epochs} "
+                      + " ".join(f"{k} {v}" for k, v in shown.items())
+                      + f" ({row['seconds']:.1f}s)", file=sys.stderr, flush=True)
 
         t0 = time.perf_counter()
         model, metrics, _ = run_centralized(cfg, split, on_epoch=on_epoch,

@@ -24,8 +24,24 @@ from fedrec.partition import num_partitions
 from fedrec.report import RunDir, write_json_atomic
 
 
+class _DropKnown(logging.Filter):
+    """Flower's notices that say nothing about this run."""
+
+    KNOWN = ("DEPRECATED FEATURE", "This is a deprecated feature",
+             "fraction_evaluate is set to 0.0")  # fedrec asks for no evaluation under DP
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for a known notice."""
+        text = record.getMessage()
+        return not any(k in text for k in self.KNOWN)
+
+
 def _quiet_flower() -> None:
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(logging.WARNING)
+    flwr_log.propagate = False  # Flower has its own handler: no second copy via root
+    for handler in flwr_log.handlers:
+        handler.addFilter(_DropKnown())
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
