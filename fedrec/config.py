@@ -57,7 +57,7 @@ class DataConfig:
     sep: str = ","  # field separator of a generic CSV
     user_col: str = "user"  # generic CSV column names
     item_col: str = "item"
-    rating_col: str = "rating"
+    rating_col: str = "rating"  # "" for implicit-only data (every row a positive)
     time_col: str = "timestamp"  # "" if the file has none (row order is then time)
     encoding: str = "utf-8"  # text encoding of a generic CSV
     feedback: str = "implicit"  # "implicit" (ranking) or "explicit" (rating regression)
@@ -97,6 +97,9 @@ class DataConfig:
         _check(self.synthetic_items >= 10, "synthetic-items", "an integer >= 10",
                self.synthetic_items)
         _check(len(self.sep) >= 1, "sep", "a non-empty separator", self.sep)
+        _check(bool(self.rating_col) or self.feedback == "implicit", "rating-col",
+               "a column name with feedback 'explicit' (explicit ratings need a rating "
+               "column)", self.rating_col)
 
 
 @dataclass(frozen=True)

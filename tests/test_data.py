@@ -222,3 +222,17 @@ def test_one_more_rating_never_moves_another_users_ratings(mode: str) -> None:
     assert others(before) == others(after)
     if mode == "random":
         assert before - after == set() and after - before <= {("u0", "i99")}
+
+
+def test_implicit_only_csv_without_a_rating_column(tmp_path: Path) -> None:
+    from fedrec.config import RunConfig
+    from fedrec.errors import ConfigError
+
+    path = tmp_path / "clicks.csv"
+    path.write_text("user,item\nu1,i1\nu1,i2\nu2,i1\nu2,i3\nu3,i2\nu3,i3\nu3,i1\n")
+    cfg = RunConfig.from_flat({"dataset": "csv", "data-file": str(path), "rating-col": "",
+                               "time-col": ""})
+    split = load_split(cfg.data)
+    assert len(split.train) + len(split.test) == 7 and (split.train.ratings == 1).all()
+    with pytest.raises(ConfigError, match="rating-col"):
+        RunConfig.from_flat({"dataset": "csv", "rating-col": "", "feedback": "explicit"})

@@ -118,10 +118,12 @@ def load_table(
 ) -> Interactions:
     """A generic CSV/TSV or Parquet file with a header naming its columns.
 
-    Ratings must be finite and >= 0; ``time_col=""`` uses row order as time.
+    Ratings must be finite and >= 0; ``rating_col=""`` reads implicit-only data (every
+    row a positive, rating 1); ``time_col=""`` uses row order as time.
     """
     cols: dict[str, str | int | None] = {
-        "user": user_col, "item": item_col, "rating": rating_col, "timestamp": time_col or None,
+        "user": user_col, "item": item_col, "rating": rating_col or None,
+        "timestamp": time_col or None,
     }
     if path.suffix.lower() in (".parquet", ".pq"):
         ratings = read_parquet(path, columns=cols)

@@ -167,6 +167,8 @@ def read_delimited(
             out[role] = _column(path, role, df.iloc[:, positions[role]], line_no)
     if "timestamp" not in out:
         out["timestamp"] = np.arange(len(out), dtype=np.float64)
+    if "rating" not in out:  # implicit-only data (clicks, purchases): every row a positive
+        out["rating"] = np.ones(len(out), dtype=np.float64)
     return out
 
 
@@ -196,4 +198,6 @@ def read_parquet(path: Path, *, columns: dict[str, str | int | None]) -> pd.Data
         out[role] = _column(path, role, col, out["line"].to_numpy())
     if "timestamp" not in out:
         out["timestamp"] = np.arange(len(out), dtype=np.float64)
+    if "rating" not in out:  # implicit-only data (clicks, purchases): every row a positive
+        out["rating"] = np.ones(len(out), dtype=np.float64)
     return out
