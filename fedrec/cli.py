@@ -248,8 +248,10 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     from fedrec.federated import node_data, partition_data
     from fedrec.partition import num_partitions
     from fedrec.recommend import recommend
-    from fedrec.state import global_path, load_global, load_state, state_path
+    from fedrec.state import find_partition, global_path, load_global, load_state, state_path
 
+    if args.partition is None:  # which node/partition holds this user
+        args.partition = find_partition(args.state_dir, str(args.user))
     shared, flat = load_global(global_path(args.state_dir, args.partition))
     cfg = RunConfig.from_flat(flat)
     if args.data_file:
@@ -261,7 +263,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 
         n = num_partitions(cfg.fed.partition, cached_split(cfg.data).n_users,
                            cfg.fed.num_clients)
-        data = partition_data(cfg, args.partition, n)
+        data = partition_data(cfg, int(args.partition), n)
     path = state_path(args.state_dir, args.partition)
     state = load_state(path)
     if state is None:
@@ -432,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--user", required=True, help="original user id (as in the data file)")
     r.add_argument("--state-dir", required=True,
                    help="the node's state dir (simulation: RUN/client-state)")
-    r.add_argument("--partition", type=int, default=0, help="partition / node id")
+    r.add_argument("--partition", default=None,
+                   help="partition / node id (default: the one whose state holds --user)")
     r.add_argument("-k", type=int, default=10, help="how many items")
     r.add_argument("--data-file", default="", help="deployment: the node's ratings file")
     r.add_argument("--catalogue-file", default="", help="deployment: the item catalogue")

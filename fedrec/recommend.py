@@ -6,6 +6,7 @@ the node), so it cannot score items for a user.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,13 +33,21 @@ class Recommendation:
         return ("because you liked " + " and ".join(self.because)) if self.because else ""
 
 
+def liked_cut(data: ClientData, cfg: RunConfig) -> float:
+    """The rating from which an item counts as liked: the top quarter of the rating scale
+    (4 on 1-5), at least ``threshold``; any rating for implicit-only data."""
+    lo, hi = data.train.rating_range
+    cut = lo + 0.75 * (hi - lo) if math.isfinite(hi) and hi > lo else -math.inf
+    return max(cut, cfg.data.threshold or -math.inf)
+
+
 def recommend(cfg: RunConfig, data: ClientData, state: ClientState,
               shared: dict[str, torch.Tensor], user: str, k: int = 10,
               explain: int = 2) -> list[Recommendation]:
     """Top-``k`` unseen items for ``user`` (an original user id held by this node).
 
-    Explanations: the user's training items with the highest cosine similarity to the
-    recommended item's embedding.
+    Explanations: the user's highly rated training items (``liked_cut``) with the highest
+    cosine similarity to the recommended item's embedding.
     """
     if user not in data.user_ids:
         shown = ", ".join(data.user_ids[:5])
@@ -60,7 +69,7 @@ def recommend(cfg: RunConfig, data: ClientData, state: ClientState,
     vectors = model.item_vectors().numpy()
     unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     liked = data.train.items[(data.train.users == uid)
-                             & (data.train.ratings >= (cfg.data.threshold or 0))]
+                             & (data.train.ratings >= liked_cut(data, cfg))]
     titles = data.train.titles
 
     def name(i: int) -> str:

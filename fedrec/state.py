@@ -65,6 +65,22 @@ def state_path(state_dir: str | Path, partition: int | str) -> Path:
     return Path(state_dir) / f"client-{partition}.pt"
 
 
+def find_partition(state_dir: str | Path, user: str) -> str:
+    """The partition whose state file holds ``user`` (scans ``client-*.pt``).
+
+    Raises:
+        StateError: no state file holds the user.
+    """
+    folder = Path(state_dir)
+    files = sorted(folder.glob("client-*.pt"))
+    for path in files:
+        state = load_state(path)
+        if state is not None and user in state.user_ids:
+            return path.stem.removeprefix("client-")
+    raise StateError(f"{folder}: no client state holds user {user!r} ({len(files)} state "
+                     "files searched)")
+
+
 def ledger_path(state_dir: str | Path, partition: int | str) -> Path:
     """The privacy ledger of one partition (or node)."""
     return Path(state_dir) / f"ledger-{partition}.json"

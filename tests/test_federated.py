@@ -118,3 +118,32 @@ def test_state_file_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(StateError, match="holds users"):
         fit_client(cfg, data, shared, state, seed=0, server_round=1, state_file=path)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_recommend_finds_the_users_partition_and_explains_from_liked_items(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from fedrec.cli import main
+    from fedrec.federated import partition_data
+    from fedrec.recommend import liked_cut
+    from fedrec.state import save_global
+
+    cfg = RunConfig.from_flat({**FLAT, "dp": False, "num-clients": 3,
+                               "state-dir": str(tmp_path)})
+    shared = init_shared(cfg, load_split(cfg.data).n_items)
+    for pid in range(3):
+        data = partition_data(cfg, pid, 3)
+        res = fit_client(cfg, data, shared, None, seed=pid, server_round=1)
+        save_state(state_path(tmp_path, pid), res.state)
+        save_global(tmp_path / f"global-{pid}.pt", shared, cfg.to_flat())
+    data = partition_data(cfg, 2, 3)
+    user = data.user_ids[0]
+    assert main(["recommend", "--user", user, "--state-dir", str(tmp_path), "-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"top 3 for user {user}" in out
+    liked = {data.train.titles[i] for i, r, u in zip(data.train.items, data.train.ratings,
+                                                      data.train.users)
+             if u == 0 and r >= liked_cut(data, cfg)}
+    because = [line.split("because you liked ", 1)[1] for line in out.splitlines()
+               if "because you liked" in line]
+    assert because and all(t in liked for line in because for t in line.split(" and "))
+    assert liked_cut(data, cfg) == 4.0  # synthetic ratings are 1-5: liked = 4 or 5
