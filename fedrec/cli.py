@@ -133,8 +133,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:
-    """RunConfig from parsed options (only those given override ``base``/defaults)."""
+    """RunConfig from parsed options (only those given override ``--config``, ``base`` and
+    the defaults)."""
     flat: dict[str, Any] = dict(base or {})
+    if getattr(args, "config", None):
+        from fedrec.config import read_config_file
+
+        flat.update(read_config_file(args.config))
     if getattr(args, "noise_multiplier", None) is not None:
         if getattr(args, "target_epsilon", None) is not None:
             raise ConfigError("give either --noise-multiplier or --target-epsilon, not both")
@@ -152,6 +157,10 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
 def _cmd_centralized(args: argparse.Namespace) -> int:
     from fedrec.commands import centralized
 
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     return centralized(config_from_args(args), Path(args.out), overwrite=args.overwrite,
                        quiet=args.quiet)
 
@@ -372,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/centralized", help="results directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="torch threads (0: torch's default; 1 keeps a shared machine fast)")
+    p.add_argument("--config", metavar="PATH", default=None,
+                   help="a TOML file of config keys, or a results dir (its config.json) to "
+                        "rerun; options given here override it")
     add_config_options(p, ("data", "model", "train", "privacy", "eval"),
                        exclude=FEDERATED_PRIVACY)
     p.set_defaults(func=_cmd_centralized)
@@ -385,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/simulate", help="results directory")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     s.add_argument("--quiet", action="store_true", help="no per-round display")
+    s.add_argument("--config", metavar="PATH", default=None,
+                   help="a TOML file of config keys, or a results dir (its config.json) to "
+                        "rerun; options given here override it")
     s.add_argument("--resume", action="store_true",
                    help="continue a killed or interrupted run of this --out from its last "
                         "server checkpoint (same options; --rounds may grow)")
@@ -405,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--attack-clients", type=int, default=20,
                     help="clients whose uploads the leakage attack inspects per point")
     ps.add_argument("--quiet", action="store_true", help="no progress lines")
+    ps.add_argument("--config", metavar="PATH", default=None,
+                   help="a TOML file of config keys, or a results dir (its config.json) to "
+                        "rerun; options given here override it")
     add_config_options(ps, exclude=(*RUN_MANAGED, *NOT_FEDERATED, "dp", "user_dp", "ddp",
                                     "seed"))
     ps.set_defaults(func=_cmd_sweep)

@@ -8,14 +8,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
-from fedrec import __version__
 from fedrec.central import run_centralized
 from fedrec.config import RunConfig
 from fedrec.data import load_split
 from fedrec.privacy import UNIT_OF_PRIVACY
-from fedrec.report import RunDir
+from fedrec.report import RunDir, plot_curves, run_facts
 from fedrec.train import steps_per_epoch
 
 
@@ -70,10 +70,14 @@ def centralized(cfg: RunConfig, out: Path, *, overwrite: bool = False,
         metrics["wall_seconds"] = time.perf_counter() - t0
         if cfg.privacy.dp:
             metrics["unit_of_privacy"] = UNIT_OF_PRIVACY
-        run.write_json("config.json", {"fedrec_version": __version__, "command": "centralized",
-                                       **cfg.to_flat()})
+        run.write_json("config.json", {**run_facts("centralized"), **cfg.to_flat()})
         run.write_json("metrics.json", metrics)
         run.write_rows("epochs")
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                   run.path / "model.pt")
+        k = max(cfg.eval.ks)
+        plot_curves(run.rows, "epoch", ["loss", f"recall@{k}", f"ndcg@{k}"],
+                    run.path / "epochs.png", f"{cfg.model.model} on {cfg.data.dataset}")
         path = run.commit()
     except BaseException:
         run.abort()

@@ -14,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from fedrec.errors import ConfigError
@@ -451,3 +453,38 @@ def changed_keys(saved: dict[str, Any], cfg: RunConfig, ignore: Sequence[str] = 
 def flat_defaults() -> dict[str, Any]:
     """Every key with its default value."""
     return RunConfig().to_flat()
+
+
+# Keys a results directory's config.json holds besides the config (fedrec.report.run_facts)
+RUN_FACT_KEYS = ("fedrec_version", "command", "python", "torch_version", "flwr_version",
+                 "opacus_version", "numpy_version", "git_commit")
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Flat config keys from a TOML file (``key = value`` lines, kebab-case keys) or from a
+    results directory's ``config.json`` (its run facts and run-managed keys dropped).
+
+    Raises:
+        ConfigError: naming the file: unreadable, not a table, or an unknown key.
+    """
+    file = Path(path)
+    if file.is_dir():
+        file = file / "config.json"
+    try:
+        text = file.read_text()
+        values = json.loads(text) if file.suffix == ".json" else tomllib.loads(text)
+    except OSError as err:
+        raise ConfigError(f"{file}: cannot read the config file ({err.strerror})") from None
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{file}: not a valid {'JSON' if file.suffix == '.json' else 'TOML'}"
+                          f" config file ({err})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{file}: expected a table of config keys")
+    values = {k: v for k, v in values.items()
+              if k not in RUN_FACT_KEYS and k not in RUN_MANAGED_KEYS}
+    known = _flat_fields()
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        raise ConfigError(f"{file}: unknown config key(s) {unknown}; valid keys: "
+                          f"{', '.join(sorted(known))}")
+    return values

@@ -16,12 +16,12 @@ import signal
 import socket
 import subprocess
 import time
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import tomllib
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -57,7 +57,7 @@ def make_certificates(out: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1
     IP addresses): the names the SuperNodes and ``flwr`` use to reach the SuperLink.
     """
     out.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedrec development CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)

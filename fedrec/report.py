@@ -75,6 +75,66 @@ class RowWriter:
         write_json_atomic(self.path / f"{stem}.json", self.rows)
 
 
+def run_facts(command: str) -> dict[str, Any]:
+    """What produced a run: command, package versions, Python and the git commit of the
+    fedrec source (when it is a git checkout), for ``config.json``."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    from fedrec import __version__
+
+    facts: dict[str, Any] = {"fedrec_version": __version__, "command": command,
+                             "python": platform.python_version()}
+    for pkg in ("torch", "flwr", "opacus", "numpy"):
+        try:
+            facts[f"{pkg}_version"] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            facts[f"{pkg}_version"] = None
+    try:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], timeout=10,
+                             capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--",
+                                "fedrec", "server", "client"], timeout=10,
+                               capture_output=True, text=True).stdout.strip()
+        facts["git_commit"] = (out.stdout.strip() + ("+dirty" if dirty else "")
+                               if out.returncode == 0 else None)
+    except (OSError, subprocess.SubprocessError):
+        facts["git_commit"] = None
+    return facts
+
+
+def plot_curves(rows: list[dict[str, Any]], x: str, metrics: list[str], path: Path,
+                title: str) -> None:
+    """A PNG of ``metrics`` against ``x`` (one panel each), for rows that have them."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [m for m in metrics if any(isinstance(r.get(m), int | float) and
+                                       math.isfinite(r[m]) for r in rows)]
+    if not shown:
+        return
+    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.2), squeeze=False)
+    for ax, m in zip(axes[0], shown):
+        pts = [(r[x], r[m]) for r in rows if isinstance(r.get(m), int | float)
+               and math.isfinite(r[m])]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3)
+        ax.set_xlabel(x)
+        ax.set_ylabel(m)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    write_bytes_atomic(path, png.getvalue())
+
+
 class RunDir(RowWriter):
     """A results directory under construction; ``commit()`` moves it to ``out``."""
 

@@ -19,7 +19,7 @@ import torch
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedrec import __version__, privacy, report
+from fedrec import privacy, report
 from fedrec.config import RunConfig
 from fedrec.errors import ConfigError
 from fedrec.federated import cached_split, catalogue_size, init_shared, item_keys
@@ -179,13 +179,16 @@ def write_results(cfg: RunConfig, rows: list[dict[str, Any]], final_arrays: dict
     if cfg.fed.out_dir:
         out = Path(cfg.fed.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        report.write_json_atomic(out / "config.json", {"fedrec_version": __version__,
-                                                       "command": "federated",
+        report.write_json_atomic(out / "config.json", {**report.run_facts("federated"),
                                                        **cfg.to_flat()})
         writer = report.RowWriter(out)
         for row in rows:
             writer.add_row(row)
         writer.write_rows("rounds")
+        k = max(cfg.eval.ks)
+        report.plot_curves(rows, "round", [f"recall@{k}", f"ndcg@{k}", "user-epsilon",
+                                           "epsilon-max"], out / "rounds.png",
+                           f"federated {cfg.model.model}")
         report.write_json_atomic(out / "metrics.json", metrics)
         final = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in final_arrays.items()}
         torch.save(final, out / "shared_model.pt")

@@ -100,3 +100,24 @@ def test_cli_refuses_abbreviations_and_unused_options_with_suggestions(
     text = sim.format_help()
     assert "--fault-rate" not in text and "{synthetic,ml-100k" in text and " V " not in text
     assert sim.parse_args(["--fault-rate", "0.1"]).fault_rate == "0.1"  # hidden, accepted
+
+
+def test_runs_are_reproducible_from_a_config_file_or_results_dir(tmp_path: Path) -> None:
+    import json
+
+    toml = tmp_path / "c.toml"
+    toml.write_text("synthetic-users = 40\nsynthetic-items = 50\nepochs = 2\ndp = false\n")
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert main(["centralized", "--config", str(toml), "--out", str(first), "--quiet",
+                 "--threads", "1"]) == 0
+    saved = json.loads((first / "config.json").read_text())
+    assert saved["synthetic-users"] == 40 and saved["torch_version"] and "git_commit" in saved
+    assert {"model.pt", "epochs.png", "metrics.json"} <= {p.name for p in first.iterdir()}
+    # rerun from the results dir, changing one option
+    assert main(["centralized", "--config", str(first), "--epochs", "1", "--out",
+                 str(second), "--quiet"]) == 0
+    again = json.loads((second / "config.json").read_text())
+    assert again["synthetic-users"] == 40 and again["epochs"] == 1
+    (tmp_path / "bad.toml").write_text("bogus = 1\n")
+    assert main(["centralized", "--config", str(tmp_path / "bad.toml"), "--out",
+                 str(tmp_path / "c")]) == 2
