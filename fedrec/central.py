@@ -115,12 +115,21 @@ def run_centralized(
     *,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     on_step: Callable[[], None] | None = None,
+    stop: Callable[[dict[str, Any], RecModel], bool] | None = None,
 ) -> tuple[RecModel, dict[str, float], list[dict[str, Any]]]:
-    """Train centrally and evaluate.
+    """Train centrally and evaluate (``stop(row, model)`` True ends training early).
+
+    With ``early-stopping`` N > 0 a validation split is carved from the training data
+    (each user's latest ``test-fraction``), the model trains on the rest, is checked on
+    validation every epoch and stops after N epochs without a better Recall@K; the best
+    epoch's model is evaluated on the test split (``best_epoch`` in the metrics). The
+    test split is never used for the choice.
 
     Returns:
         (trained raw model, final metrics, per-epoch rows).
     """
+    if cfg.train.early_stopping:
+        return _run_with_early_stopping(cfg, split, on_epoch=on_epoch, on_step=on_step)
     device = resolve_device(cfg.train.device)
     model = build_model(cfg.model, split.n_users, split.n_items,
                         offset=rating_offset(split), seed=cfg.data.seed).to(device)
@@ -164,9 +173,12 @@ def run_centralized(
             row.update(metrics)
         if cfg.privacy.dp:
             row["epsilon"] = trainer.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
+        done = stop is not None and stop(row, model)
         rows.append(row)
         if on_epoch is not None:
             on_epoch(row)
+        if done:
+            break
     metrics = dict(metrics)
     metrics["train_seconds"] = time.perf_counter() - start
     if cfg.privacy.dp:
@@ -175,4 +187,39 @@ def run_centralized(
         metrics["noise_multiplier"] = trainer.noise_multiplier
         metrics["sample_rate"] = q
         metrics["noise_secret"] = privacy.noise_is_secret(cfg.privacy)
+    return model, metrics, rows
+
+
+
+def _run_with_early_stopping(
+    cfg: RunConfig, split: Split, *, on_epoch: Callable[[dict[str, Any]], None] | None,
+    on_step: Callable[[], None] | None,
+) -> tuple[RecModel, dict[str, float], list[dict[str, Any]]]:
+    """``run_centralized`` with a validation split and patience (see there)."""
+    from fedrec.data.split import temporal_split
+
+    inner = temporal_split(split.train, cfg.data.split, cfg.data.test_fraction, cfg.data.seed)
+    inner.implicit = split.implicit
+    k = f"recall@{max(cfg.eval.ks)}"
+    best: dict[str, Any] = {}
+    patience = cfg.train.early_stopping
+
+    def stop(row: dict[str, Any], model: RecModel) -> bool:
+        for m in [m for m in row if "@" in m]:  # these were measured on validation
+            row[f"validation-{m}"] = row.pop(m)
+        score = row.get(f"validation-{k}")
+        if score is not None and score > best.get("score", -1.0):
+            best.update(score=score, epoch=row["epoch"],
+                        state={n: t.detach().clone() for n, t in model.state_dict().items()})
+        return row["epoch"] - best.get("epoch", 0) >= patience
+
+    every = cfg.replace(**{"eval-every": 1, "early-stopping": 0})
+    model, _, rows = run_centralized(every, inner, on_epoch=on_epoch, on_step=on_step,
+                                     stop=stop)
+    model.load_state_dict(best["state"])
+    counts = evaluate_counts(model, split.train, split.test, ks=cfg.eval.ks,
+                             implicit=split.implicit, eval_negatives=cfg.data.eval_negatives,
+                             seed=cfg.data.seed)
+    metrics: dict[str, float] = {**finalize(counts, cfg.eval.ks), "best_epoch": best["epoch"],
+                                 f"validation-{k}": best["score"], "epochs_run": len(rows)}
     return model, metrics, rows

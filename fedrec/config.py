@@ -136,6 +136,7 @@ class TrainConfig:
     optimizer: str = "adam"  # "adam" or "sgd"
     objective: str = "bce"  # "bce" or "bpr" (implicit), "mse" (explicit)
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
+    early_stopping: int = 0  # central: stop after N epochs without validation gain; 0: off
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
@@ -148,6 +149,8 @@ class TrainConfig:
                self.objective)
         _check(self.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'",
                self.device)
+        _check(self.early_stopping >= 0, "early-stopping", "an integer >= 0",
+               self.early_stopping)
 
 
 @dataclass(frozen=True)
@@ -375,6 +378,9 @@ class RunConfig:
                "items a user did not rate depend on the user's other ratings)",
                self.data.negative_sampling)
 
+        _check(not (self.privacy.dp and self.train.early_stopping), "early-stopping",
+               "0 with dp (choosing the epoch on validation ratings would read private data "
+               "outside epsilon)", self.train.early_stopping)
         _check(not (self.privacy.user_dp and self.fed.aggregation != "mean"), "aggregation",
                "'mean' with user-dp (robust rules would change the clipped sum's "
                "sensitivity)", self.fed.aggregation)

@@ -121,3 +121,19 @@ def test_runs_are_reproducible_from_a_config_file_or_results_dir(tmp_path: Path)
     (tmp_path / "bad.toml").write_text("bogus = 1\n")
     assert main(["centralized", "--config", str(tmp_path / "bad.toml"), "--out",
                  str(tmp_path / "c")]) == 2
+
+
+def test_early_stopping_chooses_the_epoch_on_validation_and_reports_it() -> None:
+    from fedrec.central import run_centralized
+    from fedrec.config import RunConfig
+    from fedrec.data import load_split
+
+    cfg = RunConfig.from_flat({"synthetic-users": 60, "synthetic-items": 80, "dim": 8,
+                               "epochs": 30, "lr": 0.05, "dp": False, "early-stopping": 2})
+    _, metrics, rows = run_centralized(cfg, load_split(cfg.data))
+    val = [r["validation-recall@20"] for r in rows]
+    assert metrics["best_epoch"] == 1 + val.index(max(val))
+    assert metrics["epochs_run"] == len(rows) <= metrics["best_epoch"] + 2
+    assert 0 <= metrics["recall@20"] <= 1 and all("recall@20" not in r for r in rows)
+    with pytest.raises(Exception, match="early-stopping"):
+        RunConfig.from_flat({"dp": True, "early-stopping": 3})
