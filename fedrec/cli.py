@@ -334,7 +334,8 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         print("written:\n  " + "\n  ".join(str(p) for p in paths))
         return 0
     if act == "superlink":
-        cmd = deploy.superlink_command(Path(args.dir), host=args.host, port=args.port)
+        cmd = deploy.superlink_command(Path(args.dir), host=args.host, port=args.port,
+                                       database=args.database)
     else:
         node: dict[str, object] = {}
         if args.require_dp:
@@ -500,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--dir", default="deploy/certs", help="folder with the certificates")
     sl.add_argument("--host", default="0.0.0.0", help="interface to listen on")
     sl.add_argument("--port", type=int, default=8000, help="the SuperLink's HTTPS port")
+    sl.add_argument("--database", default="deploy/superlink.db",
+                    help="the SuperLink's state file (registered nodes, runs): a restart "
+                         "keeps them; ':flwr-in-memory:' forgets them")
     sl.add_argument("--print-only", action="store_true", help="print the command only")
     sl.set_defaults(func=_cmd_deploy)
     sn = dsub2.add_parser("supernode", help="start flower-supernode for this machine",

@@ -261,6 +261,7 @@ class FedConfig:
     secagg_threshold: int = 0  # SecAgg+ shares needed to unmask (ddp); 0: a majority of them
     checkpoint_dir: str = ".fedrec-checkpoint"  # server checkpoint, written every round ("": off)
     resume: bool = False  # continue from the checkpoint in checkpoint-dir up to `rounds`
+    overwrite: bool = False  # server: replace an existing out-dir and checkpoint
     num_items: int = 0  # size of the item catalogue (0: read it from the dataset)
     state_dir: str = ".fedrec-state"  # where each client keeps its user embeddings and epsilon
     out_dir: str = ""  # server: results directory ("" writes none)
@@ -437,7 +438,8 @@ class RunConfig:
 
 
 # Keys a run sets itself per results directory (simulate, privacy-sweep), not user options.
-RUN_MANAGED_KEYS = ("out-dir", "state-dir", "verbose", "checkpoint-dir", "resume")
+RUN_MANAGED_KEYS = ("out-dir", "state-dir", "verbose", "checkpoint-dir", "resume",
+                    "overwrite")
 
 
 def changed_keys(saved: dict[str, Any], cfg: RunConfig, ignore: Sequence[str] = ()

@@ -92,6 +92,25 @@ def resume_point(cfg: RunConfig, shared: dict[str, Any]
     return saved["round"], saved["shared"], saved
 
 
+def check_fresh(cfg: RunConfig) -> None:
+    """A run never silently replaces an earlier run's results or checkpoint.
+
+    Raises:
+        ConfigError: ``out-dir`` holds results, or ``checkpoint-dir`` a checkpoint, and
+            neither ``resume`` nor ``overwrite`` is set.
+    """
+    if cfg.fed.resume or cfg.fed.overwrite:
+        return
+    out = Path(cfg.fed.out_dir) if cfg.fed.out_dir else None
+    if out is not None and (out / "metrics.json").exists():
+        raise ConfigError(f"out-dir {out} holds an earlier run's results; set resume=true to "
+                          "continue it or overwrite=true to replace them")
+    ckpt = Path(cfg.fed.checkpoint_dir) / "server.pt" if cfg.fed.checkpoint_dir else None
+    if ckpt is not None and ckpt.exists():
+        raise ConfigError(f"{ckpt}: an earlier run's checkpoint; set resume=true to continue "
+                          "it or overwrite=true to start over")
+
+
 def wait_for_nodes(grid: Grid, minimum: int = 1, timeout: float = 600.0) -> None:
     """Block until ``minimum`` nodes are connected.
 
@@ -115,6 +134,7 @@ def run_server(grid: Grid, cfg: RunConfig,
     when clients do not report evaluation counts (record-level DP without
     ``eval-noise-multiplier``).
     """
+    check_fresh(cfg)
     wait_for_nodes(grid)
     n_items = catalogue_size(cfg)
     shared = init_shared(cfg, n_items)
@@ -203,6 +223,7 @@ def run_ddp_server(grid: Grid, context: Context, cfg: RunConfig,
     from fedrec.federated import shared_order
     from server.secagg import DDPStrategy, run_secagg
 
+    check_fresh(cfg)
     wait_for_nodes(grid)
     n_items = catalogue_size(cfg)
     shared = init_shared(cfg, n_items)

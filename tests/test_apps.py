@@ -230,3 +230,22 @@ def test_user_level_dp_spends_the_target_exactly_across_a_resume(tmp_path: Path)
     assert len(zs) == 2
     assert resumed["user_epsilon"] == pytest.approx(epsilon_of(zs, 1e-5), rel=1e-9)
     assert resumed["user_epsilon"] <= 2.0 + 1e-6
+
+
+def test_a_server_run_never_silently_replaces_results_or_a_checkpoint(tmp_path: Path) -> None:
+    from server.server_app import check_fresh
+
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    cfg = RunConfig.from_flat({"out-dir": str(out), "checkpoint-dir": str(ckpt)})
+    check_fresh(cfg)  # nothing there yet
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    with pytest.raises(ConfigError, match="overwrite=true"):
+        check_fresh(cfg)
+    (out / "metrics.json").unlink()
+    ckpt.mkdir()
+    (ckpt / "server.pt").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="resume=true"):
+        check_fresh(cfg)
+    check_fresh(cfg.replace(overwrite=True))
+    check_fresh(cfg.replace(resume=True))

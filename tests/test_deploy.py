@@ -101,7 +101,8 @@ def test_tls_authenticated_deployment_trains_refuses_strangers_and_keeps_state(
     assert before is not None and before.rounds == 2 and spent.evaluations == 2
     procs.stop("node0")
     procs.start("node0", node(0))
-    second = _flwr_run(procs, tmp, tmp / "run2", rounds=1, items=60, eps=6.0)
+    second = _flwr_run(procs, tmp, tmp / "run2", rounds=1, items=60, eps=6.0,
+                       extra=" overwrite=true")
     after = load_state(state_path(tmp / "state-0", 0))
     ledger = load_ledger(ledger_path(tmp / "state-0", 0))
     assert after is not None and after.rounds == 3
@@ -113,7 +114,8 @@ def test_tls_authenticated_deployment_trains_refuses_strangers_and_keeps_state(
     # A node that does not answer within round-timeout: the round goes on without it.
     # (fault-rate 0.5: node 1 sleeps past the deadline in round 1, train and evaluate)
     third = _flwr_run(procs, tmp, tmp / "run3", rounds=1, items=60, eps=8.0,
-                      extra=" fault-rate=0.5 fault-kind='timeout' round-timeout=20.0")
+                      extra=" fault-rate=0.5 fault-kind='timeout' round-timeout=20.0 "
+                            "overwrite=true")
     row = json.loads((tmp / "run3" / "rounds.json").read_text())[0]
     assert (row["clients"], row["timeouts"], row["failures"]) == (1, 1, 0), row
     assert (row["eval-clients"], row["eval-timeouts"]) == (1, 1), row
