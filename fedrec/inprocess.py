@@ -44,6 +44,15 @@ from fedrec.state import ClientState, Ledger
 Arrays = dict[str, np.ndarray]
 
 
+def _federation(cfg: RunConfig) -> tuple[Any, list[Any], Arrays]:
+    """(the split, every partition's client data, the initial shared arrays)."""
+    split = cached_split(cfg.data)
+    parts = partition_users(cfg.fed.partition, split.n_users, cfg.fed.num_clients,
+                            cfg.data.seed)
+    return split, [split_for_users(split, users) for users in parts], init_shared(
+        cfg, split.n_items)
+
+
 def _sample(cfg: RunConfig, n: int, rng: np.random.Generator) -> list[int]:
     """Clients sampled for a round, by FedAvg's rule."""
     k = max(min(cfg.fed.min_clients, n), int(cfg.fed.fraction * n))
@@ -68,11 +77,7 @@ def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | N
     if cfg.fed.fault_rate > 0:
         raise ConfigError("fault-rate: fault injection runs through Flower's messaging; use "
                           "fedrec simulate")
-    split = cached_split(cfg.data)
-    parts = partition_users(cfg.fed.partition, split.n_users, cfg.fed.num_clients,
-                            cfg.data.seed)
-    clients = [split_for_users(split, users) for users in parts]
-    shared = init_shared(cfg, split.n_items)
+    split, clients, shared = _federation(cfg)
     keys = item_keys(cfg, split.n_items)
     server = ServerOptimizer(cfg.fed, keys)
     states: list[ClientState | None] = [None] * len(clients)
@@ -127,11 +132,7 @@ def _run_ddp(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
              dropouts: float) -> tuple[Arrays, list[dict[str, Any]]]:
     """Distributed user-level DP (``fedrec.ddp``): the clients' integers are summed here
     exactly as SecAgg+ sums them; R training releases and a final evaluation release."""
-    split = cached_split(cfg.data)
-    parts = partition_users(cfg.fed.partition, split.n_users, cfg.fed.num_clients,
-                            cfg.data.seed)
-    clients = [split_for_users(split, users) for users in parts]
-    shared = init_shared(cfg, split.n_items)
+    split, clients, shared = _federation(cfg)
     order = shared_order(cfg, split.n_items)
     prior = cfg.privacy.ddp_prior and PRIOR_KEY in shared
     server = DDPServer(cfg, int(sum(v.size for v in shared.values())), split.n_items,

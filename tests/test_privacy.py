@@ -246,16 +246,19 @@ def test_layer_left_out_of_the_graph_gets_zero_gradient() -> None:
 def test_ghost_clipping_with_frozen_tables() -> None:
     """Frozen MLP embedding tables: book-keeping (which back-propagates to the trainable
     tables only) is not used, and Opacus's two-pass clipping is exact for the MLP."""
-    model = _model("neumf", "small")
-    model.user_mlp.weight.requires_grad_(False)
-    model.item_mlp.weight.requires_grad_(False)
+    model = _model_frozen()
     assert not supports_bookkeeping(model)
+    _assert_two_pass(model)
+    _assert_exact(_model_frozen(), "bce", False)
+
+
+def _assert_two_pass(model: nn.Module) -> None:
+    """make_private falls back to Opacus's own two-pass DP loss for ``model``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         po = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), RowLoss("bce"),
                           PrivacyConfig(dp=True), sample_rate=0.5, noise_multiplier=1.0)
     assert type(po.criterion) is DPLossFastGradientClipping
-    _assert_exact(_model_frozen(), "bce", False)
 
 
 def _model_frozen() -> nn.Module:
@@ -312,8 +315,4 @@ def test_bookkeeping_only_for_fedrec_layers() -> None:
     assert supports_bookkeeping(model)
     model.mlp.append(torch.nn.LayerNorm(4))
     assert not supports_bookkeeping(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        po = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), RowLoss("bce"),
-                          PrivacyConfig(dp=True), sample_rate=0.5, noise_multiplier=1.0)
-    assert type(po.criterion) is DPLossFastGradientClipping
+    _assert_two_pass(model)
