@@ -57,9 +57,13 @@ def full_ranking_counts(model: RecModel, train: Interactions, test: Interactions
 def sampled_counts(model: RecModel, train: Interactions, test: Interactions,
                    ks: tuple[int, ...], n_negatives: int, seed: int) -> dict[str, float]:
     """Summed per-user metrics under the sampled protocol (1 positive + N negatives)."""
-    seen = PairSet(np.concatenate([train.users, test.users]),
-                   np.concatenate([train.items, test.items]), train.n_items)
-    users, lists = sampled_eval_lists(test, seen, n_negatives, seed)
+    if test.negatives is not None:  # a published protocol's fixed negatives
+        users = test.users.copy()
+        lists = np.concatenate([test.items[:, None], test.negatives], axis=1)
+    else:
+        seen = PairSet(np.concatenate([train.users, test.users]),
+                       np.concatenate([train.items, test.items]), train.n_items)
+        users, lists = sampled_eval_lists(test, seen, n_negatives, seed)
     device = next(model.parameters()).device
     scores = model(torch.from_numpy(users).to(device), torch.from_numpy(lists).to(device)).cpu()
     rank = (scores[:, 1:] > scores[:, :1]).sum(1)  # 0 = best
@@ -100,7 +104,7 @@ def evaluate_counts(model: RecModel, train: Interactions, test: Interactions, *,
     """
     was_training = model.training
     model.eval()
-    if eval_negatives > 0:
+    if eval_negatives > 0 or test.negatives is not None:
         counts = sampled_counts(model, train, test, ks, eval_negatives, seed)
     else:
         counts = full_ranking_counts(model, train, test, ks)

@@ -236,3 +236,50 @@ def test_implicit_only_csv_without_a_rating_column(tmp_path: Path) -> None:
     assert len(split.train) + len(split.test) == 7 and (split.train.ratings == 1).all()
     with pytest.raises(ConfigError, match="rating-col"):
         RunConfig.from_flat({"dataset": "csv", "rating-col": "", "feedback": "explicit"})
+
+
+def test_fixed_negatives_file_reproduces_a_published_protocol(tmp_path: Path) -> None:
+    import torch
+
+    from fedrec.config import RunConfig
+    from fedrec.errors import DataError
+    from fedrec.evaluate import evaluate_counts
+    from fedrec.metrics import finalize
+
+    base = {"synthetic-users": 20, "synthetic-items": 40, "split": "leave-last-out"}
+    split = load_split(RunConfig.from_flat(base).data)
+    test = split.test
+    lines = []
+    for u, i in zip(test.user_ids[test.users], test.item_ids[test.items]):
+        lines.append(f"({u},{i})\t" + "\t".join(str(x) for x in test.item_ids[:3]))
+    path = tmp_path / "test.negative"
+    path.write_text("\n".join(lines) + "\n")
+    fixed = load_split(RunConfig.from_flat({**base, "negatives-file": str(path)}).data)
+    assert fixed.test.negatives.shape == (len(test), 3)
+
+    class ByIndex:  # scores item j as j: the positive ranks against items 0, 1, 2
+        n_items = split.n_items
+
+        def __call__(self, users, items):  # noqa: ANN001, ANN204
+            return items.double()
+
+        def parameters(self):  # noqa: ANN201
+            return iter([torch.zeros(1)])
+
+        def eval(self):  # noqa: ANN201
+            return self
+
+        def train(self, mode=True):  # noqa: ANN001, ANN201
+            return self
+
+        training = False
+
+    counts = evaluate_counts(ByIndex(), fixed.train, fixed.test, ks=(1,), implicit=True)  # type: ignore[arg-type]
+    hit = (fixed.test.items >= 2).mean()  # no negative of 0, 1, 2 scores above index >= 2
+    assert finalize(counts, (1,))["hr@1"] == pytest.approx(hit)
+    path.write_text(lines[0] + "\n")
+    with pytest.raises(DataError, match="no negatives for held-out pair"):
+        load_split(RunConfig.from_flat({**base, "negatives-file": str(path)}).data)
+    path.write_text(lines[0] + "\tnot-an-item\n")
+    with pytest.raises(DataError, match="line 1: items \\['not-an-item'\\]"):
+        load_split(RunConfig.from_flat({**base, "negatives-file": str(path)}).data)

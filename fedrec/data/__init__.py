@@ -94,5 +94,46 @@ def load_split(cfg: DataConfig) -> Split:
         split = temporal_split(data, cfg.split, cfg.test_fraction, cfg.seed)
     if cfg.validation:  # tuning: the test interactions are dropped, never seen
         split = temporal_split(split.train, cfg.split, cfg.test_fraction, cfg.seed)
+    elif cfg.negatives_file:
+        split.test.negatives = read_negatives(Path(cfg.negatives_file), split.test)
     split.implicit = implicit
     return split
+
+
+def read_negatives(path: Path, test: Interactions) -> np.ndarray:
+    """Fixed evaluation negatives ``[len(test), N]`` from a ``test.negative`` file: one line
+    per held-out pair, ``(user,item)`` then N negative item ids (original ids), separated
+    by tabs or spaces.
+
+    Raises:
+        DataError: naming the file and line (bad syntax, unknown item, a line of another
+            length) or a held-out pair the file does not cover.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: negatives file not found")
+    item_index = {str(i): n for n, i in enumerate(test.item_ids)}
+    lists: dict[tuple[str, str], list[int]] = {}
+    width = None
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        head, *rest = line.split()
+        if not (head.startswith("(") and head.endswith(")") and head.count(",") == 1):
+            raise DataError(f"{path}, line {n}: expected '(user,item)' first, got {head!r}")
+        user, item = head[1:-1].split(",")
+        unknown = [r for r in rest if r not in item_index]
+        if unknown:
+            raise DataError(f"{path}, line {n}: items {unknown[:3]} are not in the data")
+        if width is None:
+            width = len(rest)
+        if len(rest) != width or width == 0:
+            raise DataError(f"{path}, line {n}: {len(rest)} negatives; expected {width} as "
+                            "on the first line (and at least one)")
+        lists[(user, item)] = [item_index[r] for r in rest]
+    out = np.zeros((len(test), width or 0), dtype=np.int64)
+    for row, (u, i) in enumerate(zip(test.user_ids[test.users], test.item_ids[test.items])):
+        key = (str(u), str(i))
+        if key not in lists:
+            raise DataError(f"{path}: no negatives for held-out pair ({u},{i})")
+        out[row] = lists[key]
+    return out

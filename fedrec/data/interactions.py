@@ -26,6 +26,8 @@ class Interactions:
         rating_range: (low, high) of the dataset's rating scale.
         name: dataset name; synthetic is True for generated data.
         cleaning: counts of what cleaning dropped, by reason.
+        negatives: optional fixed negatives per row ``[len, N]`` (item ids), for the
+            sampled evaluation protocol from a published negatives file.
     """
 
     users: np.ndarray
@@ -40,6 +42,7 @@ class Interactions:
     name: str
     synthetic: bool = False
     cleaning: dict[str, int] = field(default_factory=dict)
+    negatives: np.ndarray | None = None
 
     @property
     def n_users(self) -> int:
@@ -60,6 +63,7 @@ class Interactions:
             self.users[mask], self.items[mask], self.ratings[mask], self.timestamps[mask],
             self.user_ids, self.item_ids, self.titles, self.genres, self.rating_range,
             self.name, self.synthetic, dict(self.cleaning),
+            None if self.negatives is None else self.negatives[mask],
         )
 
     def summary(self) -> str:
