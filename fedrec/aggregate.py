@@ -120,6 +120,9 @@ class ServerOptimizer:
     BETA1, BETA2, TAU = 0.9, 0.99, 1e-3
 
     def __init__(self, fed: FedConfig, item_keys: Sequence[str]) -> None:
+        if fed.server_opt == "auto" or fed.server_lr <= 0:
+            raise ValueError("server-opt 'auto' / server-lr 0 are unresolved: use a "
+                             "RunConfig's fed section")
         self.kind, self.lr = fed.server_opt, fed.server_lr
         self.item_keys = list(item_keys)
         self.m: dict[str, np.ndarray] = {}

@@ -128,6 +128,7 @@ def run_centralized(
     Returns:
         (trained raw model, final metrics, per-epoch rows).
     """
+    cfg = cfg.for_central()
     if cfg.train.early_stopping:
         return _run_with_early_stopping(cfg, split, on_epoch=on_epoch, on_step=on_step)
     device = resolve_device(cfg.train.device)

@@ -36,6 +36,7 @@ def format_table(metrics: dict[str, Any], title: str) -> str:
 def centralized(cfg: RunConfig, out: Path, *, overwrite: bool = False,
                 quiet: bool = False) -> int:
     """``fedrec centralized``: train, evaluate, write ``out``, print a summary."""
+    cfg = cfg.for_central()
     run = RunDir(out, overwrite=overwrite)
     try:
         split = load_split(cfg.data)

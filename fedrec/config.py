@@ -110,13 +110,13 @@ class ModelConfig:
     """Model architecture."""
 
     model: str = "mf"  # "mf" (dot product + biases), "neumf" (GMF + MLP) or "mlp"
-    dim: int = 32  # embedding dimension
+    dim: int = 0  # embedding dimension; 0: the setting's tuned default (see RECIPES)
     mlp_layers: str = "64,32,16"  # hidden sizes of the MLP tower (neumf, mlp)
     init_std: float = 0.01  # std of the normal embedding initialisation
 
     def __post_init__(self) -> None:
         _check(self.model in MODELS, "model", f"one of {MODELS}", self.model)
-        _check(self.dim >= 1, "dim", "an integer >= 1", self.dim)
+        _check(self.dim >= 0, "dim", "an integer >= 1 (0: auto)", self.dim)
         _check(self.init_std > 0, "init-std", "a number > 0", self.init_std)
         _check_int_list(self.mlp_layers, "mlp-layers", "64,32,16")
 
@@ -130,21 +130,21 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation: the same for centralized and federated training."""
 
-    epochs: int = 20  # epochs (centralized) or local epochs per round (federated)
-    batch_size: int = 1024  # (expected) examples per step; one example = one rating + negatives
-    lr: float = 0.002  # learning rate
+    epochs: int = 40  # centralized epochs (federated runs use local-epochs)
+    batch_size: int = 0  # examples per step (one = a rating + negatives); 0: auto
+    lr: float = 0.0  # learning rate; 0: the setting's tuned default
     weight_decay: float = 0.0  # L2 penalty applied by the optimizer
-    optimizer: str = "adam"  # "adam" or "sgd"
+    optimizer: str = "auto"  # "adam", "sgd" or "auto" (the setting's tuned choice)
     objective: str = "bce"  # "bce" or "bpr" (implicit), "mse" (explicit)
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
     early_stopping: int = 0  # central: stop after N epochs without validation gain; 0: off
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
-        _check(self.batch_size >= 1, "batch-size", "an integer >= 1", self.batch_size)
-        _check(self.lr > 0, "lr", "a number > 0", self.lr)
+        _check(self.batch_size >= 0, "batch-size", "an integer >= 1 (0: auto)", self.batch_size)
+        _check(self.lr >= 0, "lr", "a number > 0 (0: auto)", self.lr)
         _check(self.weight_decay >= 0, "weight-decay", "a number >= 0", self.weight_decay)
-        _check(self.optimizer in ("adam", "sgd"), "optimizer", "'adam' or 'sgd'",
+        _check(self.optimizer in ("adam", "sgd", "auto"), "optimizer", "'adam', 'sgd' or 'auto'",
                self.optimizer)
         _check(self.objective in OBJECTIVES, "objective", f"one of {OBJECTIVES}",
                self.objective)
@@ -161,7 +161,7 @@ class PrivacyConfig:
     dp: bool = True  # train with DP-SGD (--no-dp to turn it off)
     noise_multiplier: float = 1.0  # sigma, used when target-epsilon is 0
     target_epsilon: float = 8.0  # > 0: sigma is calibrated to spend exactly this over the run
-    max_grad_norm: float = 1.0  # per-example clipping norm C
+    max_grad_norm: float = 0.0  # per-example clipping norm C; 0: auto
     sample_rate: float = 0.0  # DP-SGD Poisson rate q; 0: batch-size/n centrally, 1/8 on clients
     delta: float = 1e-5  # delta of the (epsilon, delta) guarantee
     accountant: str = "rdp"  # "rdp" or "prv"
@@ -204,7 +204,8 @@ class PrivacyConfig:
                self.noise_multiplier)
         _check(self.target_epsilon >= 0 and math.isfinite(self.target_epsilon),
                "target-epsilon", "a finite number >= 0", self.target_epsilon)
-        _check(self.max_grad_norm > 0, "max-grad-norm", "a number > 0", self.max_grad_norm)
+        _check(self.max_grad_norm >= 0, "max-grad-norm", "a number > 0 (0: auto)",
+               self.max_grad_norm)
         _check(0 <= self.sample_rate <= 1, "sample-rate", "a number in [0, 1]",
                self.sample_rate)
         _check(self.eval_noise_multiplier >= 0, "eval-noise-multiplier", "a number >= 0",
@@ -239,8 +240,8 @@ class EvalConfig:
 class FedConfig:
     """Federation: partitioning, rounds, sampling, client state, budget cap."""
 
-    rounds: int = 10  # federated rounds
-    local_epochs: int = 1  # local epochs per round (each client)
+    rounds: int = 20  # federated rounds
+    local_epochs: int = 0  # local epochs per round (each client); 0: auto
     partition: str = "cross-silo"  # "cross-device" (a client per user) or "cross-silo"
     num_clients: int = 10  # cross-silo: number of clients (0: the number of nodes)
     fraction: float = 1.0  # share of clients sampled for training each round
@@ -248,8 +249,8 @@ class FedConfig:
     fraction_evaluate: float = 1.0  # share of clients evaluated each round
     epsilon_cap: float = 0.0  # a client never trains past this epsilon; 0: target-epsilon
     item_weighting: str = "auto"  # non-DP aggregation of item rows: "auto", "touched", "uniform"
-    server_lr: float = 1.0  # server step on the averaged update (1: FedAvg)
-    server_opt: str = "avg"  # server optimizer: "avg" (FedAvg with server-lr) or "adam"
+    server_lr: float = 0.0  # server step on the averaged update (1: FedAvg); 0: auto
+    server_opt: str = "auto"  # "avg" (FedAvg with server-lr), "adam" (FedAdam) or "auto"
     aggregation: str = "mean"  # "mean" (fedrec FedAvg), or robust: "median", "trimmed-mean", "krum"
     trim_fraction: float = 0.1  # trimmed-mean: share cut at each end, per coordinate
     krum_malicious: int = 1  # krum: assumed number of malicious clients per round
@@ -270,7 +271,8 @@ class FedConfig:
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "rounds", "an integer >= 1", self.rounds)
-        _check(self.local_epochs >= 1, "local-epochs", "an integer >= 1", self.local_epochs)
+        _check(self.local_epochs >= 0, "local-epochs", "an integer >= 1 (0: auto)",
+               self.local_epochs)
         _check(self.partition in ("cross-device", "cross-silo"), "partition",
                "'cross-device' or 'cross-silo'", self.partition)
         _check(self.num_clients >= 0, "num-clients", "an integer >= 0", self.num_clients)
@@ -301,9 +303,11 @@ class FedConfig:
         _check(0 <= self.fault_rate <= 1, "fault-rate", "a number in [0, 1]", self.fault_rate)
         _check(self.fault_kind in FAULT_KINDS, "fault-kind", f"one of {FAULT_KINDS}",
                self.fault_kind)
-        _check(self.server_opt in ("avg", "adam"), "server-opt", "'avg' or 'adam'",
+        _check(self.server_opt in ("avg", "adam", "auto"), "server-opt",
+               "'avg', 'adam' or 'auto'",
                self.server_opt)
-        _check(0 < self.server_lr <= 100, "server-lr", "a number in (0, 100]", self.server_lr)
+        _check(0 <= self.server_lr <= 100, "server-lr", "a number in (0, 100] (0: auto)",
+               self.server_lr)
 
 
 SECTIONS: dict[str, type] = {
@@ -363,9 +367,40 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     return value
 
 
+# Keys whose default depends on the setting, with the value that means "auto".
+AUTO: dict[str, Any] = {"dim": 0, "optimizer": "auto", "lr": 0.0, "batch-size": 0,
+                        "max-grad-norm": 0.0, "sample-rate": 0.0, "local-epochs": 0,
+                        "server-opt": "auto", "server-lr": 0.0}
+# The tuned defaults per setting: chosen on a validation split carved from ML-100K's
+# training data (simulations/tune.py; docs/BENCHMARKS.md has the grids and the results on
+# the test split, simulations/benchmark_defaults.py measures them).
+RECIPES: dict[str, dict[str, Any]] = {
+    "central": {"dim": 64, "optimizer": "adam", "lr": 0.002, "batch-size": 1024,
+                "max-grad-norm": 1.0, "sample-rate": 0.0, "local-epochs": 1,
+                "server-opt": "avg", "server-lr": 1.0},
+    "central-dp": {"dim": 8, "optimizer": "adam", "lr": 0.02, "batch-size": 1024,
+                   "max-grad-norm": 0.25, "sample-rate": 0.05, "local-epochs": 1,
+                   "server-opt": "avg", "server-lr": 1.0},
+    "cross-silo": {"dim": 64, "optimizer": "adam", "lr": 0.01, "batch-size": 1024,
+                   "max-grad-norm": 1.0, "sample-rate": 0.0, "local-epochs": 2,
+                   "server-opt": "avg", "server-lr": 1.0},
+    "cross-silo-dp": {"dim": 8, "optimizer": "sgd", "lr": 80.0, "batch-size": 1024,
+                      "max-grad-norm": 0.25, "sample-rate": 0.05, "local-epochs": 2,
+                      "server-opt": "avg", "server-lr": 1.0},
+    "cross-device": {"dim": 32, "optimizer": "sgd", "lr": 1.0, "batch-size": 16,
+                     "max-grad-norm": 1.0, "sample-rate": 0.125, "local-epochs": 1,
+                     "server-opt": "adam", "server-lr": 0.05},
+}
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """The whole configuration of one run."""
+    """The whole configuration of one run.
+
+    Keys at their "auto" value (``AUTO``) take the tuned default of the run's setting
+    (``RECIPES``): ``central``/``central-dp`` for centralized training (``for_central``),
+    else by partition and DP (``cross-silo``, ``cross-silo-dp``, ``cross-device``).
+    """
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -373,8 +408,42 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     fed: FedConfig = field(default_factory=FedConfig)
+    central: bool = field(default=False, compare=False, repr=False)  # a centralized run
+
+    @property
+    def setting(self) -> str:
+        """The recipe this run's auto keys take."""
+        dp = self.privacy.dp
+        if self.central:
+            return "central-dp" if dp else "central"
+        if self.fed.partition == "cross-device":
+            return "cross-device"
+        return "cross-silo-dp" if dp else "cross-silo"
+
+    def _resolve(self) -> None:
+        """Replace auto values by the setting's recipe (once, at construction)."""
+        recipe = RECIPES[self.setting]
+        known = _flat_fields()
+        autos = []
+        for key, sentinel in AUTO.items():
+            section, f = known[key]
+            obj = getattr(self, section)
+            if getattr(obj, f.name) == sentinel:
+                autos.append(key)
+                object.__setattr__(self, section, dataclasses.replace(
+                    obj, **{f.name: recipe[key]}))
+        object.__setattr__(self, "_autos", tuple(autos))
+
+    def for_central(self) -> RunConfig:
+        """This config for centralized training: auto keys take the central recipe."""
+        if self.central:
+            return self
+        flat = self.to_flat()
+        flat.update({k: AUTO[k] for k in getattr(self, "_autos", ())})
+        return RunConfig.from_flat(flat, central=True)
 
     def __post_init__(self) -> None:
+        self._resolve()
         _check(not (self.privacy.dp and self.data.negative_sampling == "unseen"),
                "negative-sampling", "'uniform' or 'auto' with dp (negatives drawn from the "
                "items a user did not rate depend on the user's other ratings)",
@@ -400,12 +469,14 @@ class RunConfig:
         return self.fed.epsilon_cap or self.privacy.target_epsilon
 
     @classmethod
-    def from_flat(cls, values: Mapping[str, Any], *, ignore: tuple[str, ...] = ()) -> RunConfig:
+    def from_flat(cls, values: Mapping[str, Any], *, ignore: tuple[str, ...] = (),
+                  central: bool = False) -> RunConfig:
         """Build from flat kebab-case keys; unknown keys raise ConfigError.
 
         Args:
             values: e.g. ``{"noise-multiplier": 1.2, "top-k": "10,20"}``.
             ignore: keys owned by another layer (e.g. federation settings), skipped.
+            central: resolve auto keys for centralized training.
 
         Raises:
             ConfigError: an unknown key, a wrong type or an out-of-range value.
@@ -420,7 +491,8 @@ class RunConfig:
                 raise ConfigError(f"unknown config key '{key}'; valid keys: {valid}")
             section, f = known[key]
             per_section[section][f.name] = _coerce(key, value, f.default)
-        return cls(**{s: SECTIONS[s](**kw) for s, kw in per_section.items()})
+        return cls(**{s: SECTIONS[s](**kw) for s, kw in per_section.items()},
+                   central=central)
 
     def to_flat(self) -> dict[str, Any]:
         """The resolved configuration as flat kebab-case keys (for snapshots)."""
@@ -432,10 +504,11 @@ class RunConfig:
         return out
 
     def replace(self, **flat: Any) -> RunConfig:
-        """A copy with some flat keys changed."""
+        """A copy with some flat keys changed (auto keys re-resolved for the new setting)."""
         merged = self.to_flat()
+        merged.update({k: AUTO[k] for k in getattr(self, "_autos", ())})
         merged.update(flat)
-        return RunConfig.from_flat(merged)
+        return RunConfig.from_flat(merged, central=self.central)
 
 
 # Keys a run sets itself per results directory (simulate, privacy-sweep), not user options.
@@ -460,8 +533,9 @@ def changed_keys(saved: dict[str, Any], cfg: RunConfig, ignore: Sequence[str] = 
 
 
 def flat_defaults() -> dict[str, Any]:
-    """Every key with its default value."""
-    return RunConfig().to_flat()
+    """Every key with its default value as written (auto keys at their auto value)."""
+    return {f.name.replace("_", "-"): f.default for cls in SECTIONS.values()
+            for f in fields(cls)}
 
 
 # Keys a results directory's config.json holds besides the config (fedrec.report.run_facts)

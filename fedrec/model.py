@@ -215,6 +215,9 @@ def build_model(cfg: ModelConfig, n_users: int, n_items: int, *, offset: float =
     >>> m(torch.tensor([0, 2]), torch.tensor([[1, 4], [0, 3]])).shape
     torch.Size([2, 2])
     """
+    if cfg.dim < 1:
+        raise ValueError("dim 0 is 'auto': build the model from a RunConfig's resolved "
+                         "model section")
     gen = torch.Generator().manual_seed(seed)
     model: RecModel
     # layer constructors draw PyTorch's default init from the global generator before

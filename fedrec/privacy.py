@@ -326,6 +326,8 @@ def make_private(
     """
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
+    if cfg.max_grad_norm <= 0:
+        raise ValueError("max-grad-norm 0 is 'auto': use a RunConfig's privacy section")
     if generator is None:  # never Opacus's default, the global (possibly seeded) generator
         generator = torch.Generator(device=_device_of(model))
         generator.manual_seed(int.from_bytes(os.urandom(8), "little"))

@@ -48,6 +48,9 @@ def resolve_device(name: str) -> torch.device:
 def build_optimizer(params: Iterator[nn.Parameter] | list[nn.Parameter],
                     cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam or SGD with the configured learning rate and L2 penalty."""
+    if cfg.lr <= 0 or cfg.optimizer == "auto":
+        raise ValueError("lr 0 / optimizer 'auto' are unresolved: use a RunConfig's train "
+                         "section")
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

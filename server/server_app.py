@@ -151,13 +151,13 @@ def run_server(grid: Grid, cfg: RunConfig,
         if user_ledger is not None and user_ledger.is_file():  # written at each release
             history = [tuple(h) for h in json.loads(user_ledger.read_text())["history"]]
         strategy.resume_from(done, saved["rows"], saved["server_opt"], history)
+        if display:
+            display(f"resuming from {ckpt}: {done} of {cfg.fed.rounds} rounds done; DP noise "
+                    "is recalibrated for the budget that remains")
     if user_ledger is not None and cfg.privacy.user_dp:
         strategy.on_release = lambda hist: report.write_json_atomic(
             user_ledger, {"unit": privacy.USER_UNIT_OF_PRIVACY, "delta": cfg.privacy.delta,
                           "history": hist})
-        if display:
-            display(f"resuming from {ckpt}: {done} of {cfg.fed.rounds} rounds done; DP noise "
-                    "is recalibrated for the budget that remains")
     if ckpt is not None:
         def checkpoint(round_: int) -> None:
             save_checkpoint(ckpt, round_, strategy.current, strategy.server_opt.state_dict(),

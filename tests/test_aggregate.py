@@ -59,5 +59,5 @@ def test_server_adam_takes_one_normalised_step_and_checkpoints_its_moments() -> 
     again = ServerOptimizer(FedConfig(server_opt="adam", server_lr=0.1), item_keys=[])
     again.load_state_dict(opt.state_dict())
     np.testing.assert_allclose(again.step(ups, new)["w"], opt.step(ups, new)["w"])
-    plain = ServerOptimizer(FedConfig(server_lr=2.0), item_keys=[])
+    plain = ServerOptimizer(FedConfig(server_opt="avg", server_lr=2.0), item_keys=[])
     np.testing.assert_allclose(plain.step(ups, cur)["w"], 2.0)

@@ -257,7 +257,7 @@ def _assert_two_pass(model: nn.Module) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         po = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), RowLoss("bce"),
-                          PrivacyConfig(dp=True), sample_rate=0.5, noise_multiplier=1.0)
+                          PrivacyConfig(dp=True, max_grad_norm=1.0), sample_rate=0.5, noise_multiplier=1.0)
     assert type(po.criterion) is DPLossFastGradientClipping
 
 
@@ -276,7 +276,7 @@ def test_hooks_mode_matches_ghost_norms() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         po = make_private(model, opt, RowLoss("bce"),
-                          PrivacyConfig(dp=True, grad_sample_mode="hooks"),
+                          PrivacyConfig(dp=True, grad_sample_mode="hooks", max_grad_norm=1.0),
                           sample_rate=0.5, noise_multiplier=0.0)
     users, items, targets = _batch()
     po.criterion(po.model(users, items), targets).backward()
@@ -301,7 +301,7 @@ def test_accountant_continues_history() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        po = make_private(model, opt, RowLoss("bce"), PrivacyConfig(dp=True),
+        po = make_private(model, opt, RowLoss("bce"), PrivacyConfig(dp=True, max_grad_norm=1.0),
                           sample_rate=0.5, noise_multiplier=1.0, history=[(1.0, 0.5, 10)])
     po.optimizer.expected_batch_size = B
     users, items, targets = _batch(dtype=torch.float32)

@@ -481,6 +481,7 @@ def test_dp_clients_divide_by_the_configured_batch_and_draw_batches_from_os_entr
     for pid in (0, 1, 0):  # two clients of different sizes, then the first again
         data, shared = _client(cfg, pid)
         res = fit_client(cfg, data, shared, None, seed=0, server_round=1)
-        assert res.ledger.history[0][2] == 2 * 8  # local-epochs x round(1 / (1/8)) steps
+        steps = 2 * round(1 / cfg.privacy.sample_rate)  # local-epochs x round(1 / q)
+        assert res.ledger.history[0][2] == steps
     assert sizes == [16, 16, 16]  # batch-size, never q * n
     assert len({s for s, _ in seen}) == 3 and len({n for _, n in seen}) == 3

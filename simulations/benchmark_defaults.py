@@ -1,0 +1,98 @@
+"""What a user gets without tuning: fedrec's defaults on ML-100K, with the ratios the
+defaults promise, measured side by side in one run.
+
+Every fedrec run here passes no hyperparameter: only the dataset, the setting
+(centralized, cross-silo 10 clients, cross-device one client per user) and the DP mode.
+The defaults (``fedrec.config.RECIPES``) were chosen with ``simulations/tune.py`` on a
+validation split carved from training; this script measures them on the test split.
+
+    pip install -e ".[bench]"   # implicit, for the ALS reference
+    python simulations/benchmark_defaults.py --data-dir ../shared/datasets/ml-100k \\
+        --out results/benchmark_defaults.json
+
+Writes ``central_over_als``, ``federated_over_central`` (cross-silo and cross-device),
+``dp8_over_nonprivate`` (centralized and cross-silo) and the epsilon = 1 results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fedrec.central import run_centralized  # noqa: E402
+from fedrec.config import RunConfig  # noqa: E402
+from fedrec.data import load_split  # noqa: E402
+from fedrec.inprocess import run_inprocess  # noqa: E402
+from fedrec.report import write_json_atomic  # noqa: E402
+
+
+def central(flat: dict[str, Any]) -> float:
+    """Recall@20 of ``fedrec centralized`` with these keys only."""
+    cfg = RunConfig.from_flat(flat).for_central()
+    _, metrics, _ = run_centralized(cfg, load_split(cfg.data))
+    return float(metrics["recall@20"])
+
+
+def federated(flat: dict[str, Any]) -> float:
+    """Recall@20 after the default rounds (in process, equal to a Flower simulation)."""
+    _, rows = run_inprocess(RunConfig.from_flat(flat))
+    return float(rows[-1]["recall@20"])
+
+
+def main() -> None:
+    """Run every default and print the ratios."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data-dir", required=True, help="MovieLens 100K folder")
+    ap.add_argument("--out", default="results/benchmark_defaults.json")
+    ap.add_argument("--skip-cross-device", action="store_true",
+                    help="leave out the 943-client runs (the slowest)")
+    args = ap.parse_args()
+    data = {"dataset": "ml-100k", "data-dir": args.data_dir}
+    silo = {**data, "partition": "cross-silo", "num-clients": 10}
+    device = {**data, "partition": "cross-device"}
+    runs: dict[str, tuple[Any, dict[str, Any]]] = {
+        "central": (central, {**data, "dp": False}),
+        "central_dp8": (central, {**data, "dp": True, "target-epsilon": 8.0}),
+        "central_dp1": (central, {**data, "dp": True, "target-epsilon": 1.0}),
+        "cross_silo": (federated, {**silo, "dp": False}),
+        "cross_silo_dp8": (federated, {**silo, "dp": True, "target-epsilon": 8.0}),
+        "cross_silo_dp1": (federated, {**silo, "dp": True, "target-epsilon": 1.0}),
+    }
+    if not args.skip_cross_device:
+        runs["cross_device"] = (federated, {**device, "dp": False})
+    result: dict[str, Any] = {"recall@20": {}, "seconds": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, (fn, flat) in runs.items():
+            t0 = time.perf_counter()
+            result["recall@20"][name] = fn(flat)
+            result["seconds"][name] = time.perf_counter() - t0
+            print(f"{name:<16} Recall@20 {result['recall@20'][name]:.4f} "
+                  f"({result['seconds'][name]:.0f}s)", flush=True)
+        from benchmark_central import run_implicit_peer
+
+        als = run_implicit_peer(load_split(RunConfig.from_flat(data).data), "als", 0)
+    r = result["recall@20"]
+    r["implicit_als"] = als["recall@20"]
+    result["central_over_als"] = r["central"] / r["implicit_als"]
+    result["federated_over_central"] = {k: r[k] / r["central"] for k in
+                                        ("cross_silo", "cross_device") if k in r}
+    result["dp8_over_nonprivate"] = {"central": r["central_dp8"] / r["central"],
+                                     "cross_silo": r["cross_silo_dp8"] / r["cross_silo"]}
+    result["dp1_over_nonprivate"] = {"central": r["central_dp1"] / r["central"],
+                                     "cross_silo": r["cross_silo_dp1"] / r["cross_silo"]}
+    print(f"implicit ALS     Recall@20 {r['implicit_als']:.4f}")
+    for key in ("central_over_als", "federated_over_central", "dp8_over_nonprivate",
+                "dp1_over_nonprivate"):
+        print(f"{key}: {result[key]}")
+    write_json_atomic(Path(args.out), result)
+
+
+if __name__ == "__main__":
+    main()
