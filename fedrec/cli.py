@@ -165,13 +165,33 @@ def _cmd_centralized(args: argparse.Namespace) -> int:
                        quiet=args.quiet)
 
 
-SUPERVISED = "FEDREC_SUPERVISED"  # set in the child that runs the simulation
+SUPERVISED = "FEDREC_SUPERVISED"  # the supervisor's pid, set in the child it starts
+
+
+def _die_with_supervisor(supervisor: int, poll: float = 0.2) -> None:
+    """In the supervised child: if the supervisor dies (even by SIGKILL, which it cannot
+    forward), kill this child's whole process group (the server and Ray's workers), so a
+    killed ``fedrec simulate`` never leaves a run going on in the background."""
+    import signal
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(poll)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    if os.getppid() != supervisor:  # already orphaned before the watch began
+        watch()
+    threading.Thread(target=watch, name="fedrec-supervisor-watch", daemon=True).start()
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # bad options fail here, before anything starts
-    if os.environ.get(SUPERVISED) != "1":
+    supervisor = os.environ.get(SUPERVISED, "")
+    if not supervisor.isdigit():
         return _supervise(args._argv, Path(args.out))
+    _die_with_supervisor(int(supervisor))
     from server.simulation import simulate  # Flower is imported only here
 
     simulate(cfg, Path(args.out), overwrite=args.overwrite, quiet=args.quiet,
@@ -186,7 +206,8 @@ def _supervise(argv: Sequence[str], out: Path) -> int:
     tracebacks on SIGTERM. The child runs in its own session, so a terminal's SIGINT
     reaches only this process, which then kills the child's whole group (the server and
     Ray's workers), removes the unfinished results folder, keeps the checkpoint and client
-    state that ``--resume`` needs, and prints one line.
+    state that ``--resume`` needs, and prints one line. If this process is killed
+    outright, the child notices and kills its own group (``_die_with_supervisor``).
     """
     import signal
     import subprocess
@@ -197,7 +218,8 @@ def _supervise(argv: Sequence[str], out: Path) -> int:
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         child = subprocess.Popen([sys.executable, "-m", "fedrec", *argv],
-                                 env={**os.environ, SUPERVISED: "1"}, start_new_session=True)
+                                 env={**os.environ, SUPERVISED: str(os.getpid())},
+                                 start_new_session=True)
         while child.poll() is None and not stop:
             time.sleep(0.1)
         if not stop:

@@ -97,8 +97,37 @@ def test_robust_rules_ignore_two_scaled_updates_in_ten(rule: str) -> None:
     assert np.abs(out - 1.0).max() < 0.5  # the plain mean would be ~2e5
 
 
+def _proc_stat(pid: str) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of ``pid``."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        stat = _proc_stat(entry.name) if entry.name.isdigit() else None
+        if stat and stat[0] != "Z" and int(stat[1]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is in process group ``pgid``."""
+    for entry in Path("/proc").iterdir():
+        stat = _proc_stat(entry.name) if entry.name.isdigit() else None
+        if stat and stat[0] != "Z" and int(stat[2]) == pgid:
+            return True
+    return False
+
+
 def test_a_killed_simulation_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
-    """SIGKILL ``fedrec simulate`` mid-run; ``--resume`` continues; epsilon never resets."""
+    """SIGKILL ``fedrec simulate`` mid-run: the simulation stops with it (nothing goes on
+    in the background), ``--resume`` continues, epsilon never resets."""
     from fedrec.errors import ConfigError, FedrecError
     from fedrec.state import ledger_path, load_checkpoint, load_ledger, load_state, state_path
     from server.simulation import simulate, work_dir
@@ -120,9 +149,16 @@ def test_a_killed_simulation_resumes_from_its_last_checkpoint(tmp_path: Path) ->
                 assert proc.poll() is None, (tmp_path / "log.txt").read_text()
                 assert time.monotonic() < deadline, (tmp_path / "log.txt").read_text()
                 time.sleep(0.05)
+            children = _children(proc.pid)  # the supervised simulation (own session)
+            assert len(children) == 1, children
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)  # the server and its Ray workers
+            os.kill(proc.pid, signal.SIGKILL)  # kill -9 on fedrec itself: nothing to forward
             proc.wait(timeout=60)
+        # the orphaned simulation notices and takes its group (server, Ray workers) with it
+        deadline = time.monotonic() + 60
+        while _group_alive(children[0]):
+            assert time.monotonic() < deadline, "the simulation outlived a killed fedrec"
+            time.sleep(0.05)
     saved = load_checkpoint(ckpt)
     done = saved["round"]
     assert 2 <= done < 8 and not out.exists()
