@@ -355,9 +355,11 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         paths = deploy.split_data(config_from_args(args).data, args.nodes, Path(args.out))
         print("written:\n  " + "\n  ".join(str(p) for p in paths))
         return 0
-    if act == "superlink":
-        cmd = deploy.superlink_command(Path(args.dir), host=args.host, port=args.port,
-                                       database=args.database)
+    if act == "gateway":
+        cmd = deploy.gateway_command(Path(args.dir), args.upstream, args.host, args.port)
+    elif act == "superlink":
+        cmd = deploy.superlink_command(Path(args.dir), host=args.control_host,
+                                       port=args.control_port, database=args.database)
     else:
         node: dict[str, object] = {}
         if args.require_dp:
@@ -370,20 +372,41 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         cmd = deploy.supernode_command(
             Path(args.dir), Path(args.key), args.superlink, data_file=Path(args.data_file),
             catalogue=Path(args.catalogue_file), state_dir=Path(args.state_dir),
-            partition_id=args.partition, port=args.port, node=node)
+            partition_id=args.partition, port=args.port, node=node,
+            trusted_entities=Path(args.trusted_entities) if args.trusted_entities else None)
+    gateway = act == "superlink" and not args.no_gateway
+    upstream = f"127.0.0.1:{args.control_port}" if act == "superlink" else ""
     print(shlex.join(cmd), flush=True)
+    if gateway:
+        print(shlex.join(deploy.gateway_command(Path(args.dir), upstream, args.host,
+                                                args.port)), flush=True)
     if args.print_only:
         return 0
     need = [Path(args.dir) / "ca.crt"]
-    if act == "superlink":
+    if act in ("superlink", "gateway"):
         need += [Path(args.dir) / "server.pem", Path(args.dir) / "server.key"]
     else:
         need += [Path(args.key), Path(args.data_file), Path(args.catalogue_file)]
+        if args.trusted_entities:
+            need.append(Path(args.trusted_entities))
     missing = [str(p) for p in need if not p.is_file()]
     if missing:
         raise ConfigError(f"{', '.join(missing)}: not found (run 'fedrec deploy certs' / "
                           "'fedrec deploy split-data', or check the paths)")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    if act == "gateway":
+        from fedrec.gateway import serve
+
+        serve(args.upstream, Path(args.dir), args.host, args.port)
+        return 0
+    if act == "superlink":
+        if args.control_host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: the Control API listens on {args.control_host}: whoever reaches "
+                  "it can register node keys and submit runs (Flower 1.42 does not "
+                  "authenticate it)", file=sys.stderr, flush=True)
+        if gateway:
+            return deploy.run_superlink_with_gateway(cmd, Path(args.dir), upstream,
+                                                     args.host, args.port)
     os.execvp(cmd[0], cmd)  # replaces this process: stop it with Ctrl-C or its PID
 
 
@@ -518,21 +541,47 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dir", default="deploy/certs", help="folder with ca.crt")
     f.add_argument("--flwr-home", default="", help="default: $FLWR_HOME or ~/.flwr")
     f.set_defaults(func=_cmd_deploy)
-    sl = dsub2.add_parser("superlink", help="start flower-superlink (TLS + node auth)",
-                          formatter_class=fmt)
+    sl = dsub2.add_parser(
+        "superlink", formatter_class=fmt,
+        help="start flower-superlink (TLS + node auth) on loopback and the Fleet gateway",
+        description="Starts flower-superlink with TLS and node authentication, listening on "
+        "loopback only (its Control API, which Flower 1.42 does not authenticate, stays on "
+        "this machine), and the fedrec Fleet gateway on --host:--port, which forwards only "
+        "what SuperNodes call. Run 'flwr' here or through an SSH tunnel.")
     sl.add_argument("--dir", default="deploy/certs", help="folder with the certificates")
-    sl.add_argument("--host", default="0.0.0.0", help="interface to listen on")
-    sl.add_argument("--port", type=int, default=8000, help="the SuperLink's HTTPS port")
+    sl.add_argument("--host", default="0.0.0.0",
+                    help="interface the Fleet gateway listens on (SuperNodes connect here)")
+    sl.add_argument("--port", type=int, default=9092, help="the Fleet gateway's HTTPS port")
+    sl.add_argument("--control-host", default="127.0.0.1",
+                    help="interface of the SuperLink itself (Control, Fleet and Runtime "
+                         "APIs): keep it on loopback")
+    sl.add_argument("--control-port", type=int, default=8000,
+                    help="the SuperLink's HTTPS port (flwr run / flwr supernode register)")
+    sl.add_argument("--no-gateway", action="store_true",
+                    help="start the SuperLink only (no SuperNode on another machine can "
+                         "connect unless you expose it some other way)")
     sl.add_argument("--database", default="deploy/superlink.db",
                     help="the SuperLink's state file (registered nodes, runs): a restart "
                          "keeps them; ':flwr-in-memory:' forgets them")
     sl.add_argument("--print-only", action="store_true", help="print the command only")
     sl.set_defaults(func=_cmd_deploy)
+    gw = dsub2.add_parser("gateway", formatter_class=fmt,
+                          help="the Fleet gateway alone (deploy superlink starts it)")
+    gw.add_argument("--dir", default="deploy/certs", help="folder with the certificates")
+    gw.add_argument("--upstream", default="127.0.0.1:8000", help="the SuperLink's address")
+    gw.add_argument("--host", default="0.0.0.0", help="interface to listen on")
+    gw.add_argument("--port", type=int, default=9092, help="HTTPS port")
+    gw.add_argument("--print-only", action="store_true", help="print the command only")
+    gw.set_defaults(func=_cmd_deploy)
     sn = dsub2.add_parser("supernode", help="start flower-supernode for this machine",
                           formatter_class=fmt)
     sn.add_argument("--dir", default="deploy/certs", help="folder with ca.crt")
     sn.add_argument("--key", required=True, help="this node's private key")
-    sn.add_argument("--superlink", default="localhost:8000", help="SuperLink address")
+    sn.add_argument("--superlink", default="localhost:9092",
+                    help="the SuperLink's Fleet gateway address")
+    sn.add_argument("--trusted-entities", default="",
+                    help="YAML of Ed25519 keys: run only apps signed by one of them "
+                         "(Flower Hub signatures; an unsigned local 'flwr run' is refused)")
     sn.add_argument("--data-file", required=True, help="this node's ratings file")
     sn.add_argument("--catalogue-file", required=True, help="the shared item catalogue")
     sn.add_argument("--state-dir", required=True, help="user embeddings + accountant")

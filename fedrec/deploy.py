@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import tomllib
 from collections.abc import Sequence
@@ -69,6 +70,8 @@ def make_certificates(out: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1
                                        False), critical=True)
           .sign(ca_key, hashes.SHA384()))
     sans: list[x509.GeneralName] = []
+    # loopback always: the Fleet gateway verifies the SuperLink behind it on 127.0.0.1
+    hosts = list(dict.fromkeys([*hosts, "localhost", "127.0.0.1"]))
     for host in hosts:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(host)))
@@ -134,17 +137,71 @@ def write_federation(flwr_home: Path, name: str, address: str, root_certificates
     return path
 
 
-def superlink_command(certs: Path, host: str = "0.0.0.0", port: int = 8000,
+def superlink_command(certs: Path, host: str = "127.0.0.1", port: int = 8000,
                       database: str = ":flwr-in-memory:") -> list[str]:
     """``flower-superlink`` with TLS, SuperNode authentication, no runtime installs.
 
-    In Flower 1.42 the Fleet, Control and Runtime APIs share one HTTPS address.
+    In Flower 1.42 the Fleet, Control and Runtime APIs share one HTTPS address, and the
+    Control API is not authenticated: keep ``host`` on loopback and let SuperNodes in
+    through the Fleet gateway (``gateway_command``, ``fedrec.gateway``).
     """
     return ["flower-superlink", "--ssl-ca-certfile", str(certs / "ca.crt"),
             "--ssl-certfile", str(certs / "server.pem"),
             "--ssl-keyfile", str(certs / "server.key"),
             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
             "--host", host, "--port", str(port), "--database", database]
+
+
+def gateway_command(certs: Path, upstream: str, host: str = "0.0.0.0",
+                    port: int = 9092) -> list[str]:
+    """The Fleet gateway (``fedrec deploy gateway``) in front of the SuperLink."""
+    return [sys.executable, "-m", "fedrec", "deploy", "gateway", "--dir", str(certs),
+            "--upstream", upstream, "--host", host, "--port", str(port)]
+
+
+def _die_with_parent() -> None:
+    """In a child before exec (Linux): SIGKILL it when the parent dies, however it dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's handlers stop it instead
+        pass
+
+
+def run_superlink_with_gateway(superlink: list[str], certs: Path, upstream: str,
+                               host: str, port: int) -> int:
+    """Run the SuperLink (a child that dies with this process) and the gateway here.
+
+    Returns when either stops (Ctrl-C/SIGTERM stop both); the SuperLink is terminated.
+    """
+    import threading
+
+    from fedrec.gateway import build_server
+
+    child = subprocess.Popen(superlink, preexec_fn=_die_with_parent)  # noqa: PLW1509
+    server = build_server(upstream, certs, host, port)
+    stopped: list[int] = []
+
+    def watch() -> None:  # the SuperLink died: stop the gateway, report its code
+        stopped.append(child.wait())
+        server.should_exit = True
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        wait_port(int(upstream.rsplit(":", 1)[1]), timeout=120, host=upstream.rsplit(":", 1)[0],
+                  proc=child)
+        print(f"SuperLink on {upstream} (Control API: keep it here); Fleet gateway on "
+              f"{host}:{port} (SuperNodes: --superlink <this host>:{port})", flush=True)
+        server.run()
+    finally:
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    return int(stopped[0]) if stopped and stopped[0] else 0
 
 
 def _node_value(value: object) -> str:
@@ -158,7 +215,8 @@ def _node_value(value: object) -> str:
 
 def supernode_command(certs: Path, key: Path, superlink: str, *, data_file: Path,
                       catalogue: Path, state_dir: Path, partition_id: int = 0,
-                      port: int = 9094, node: dict[str, object] | None = None) -> list[str]:
+                      port: int = 9094, node: dict[str, object] | None = None,
+                      trusted_entities: Path | None = None) -> list[str]:
     """``flower-supernode`` for one client machine: its key, data file and state dir.
 
     ``node`` adds node-owned settings the run config cannot change: how the data file
@@ -169,10 +227,12 @@ def supernode_command(certs: Path, key: Path, superlink: str, *, data_file: Path
                    f'state-dir="{state_dir.resolve()}" partition-id={partition_id}')
     for name, value in (node or {}).items():
         node_config += f" {name}={_node_value(value)}"
-    return ["flower-supernode", "--root-certificates", str(certs / "ca.crt"),
-            "--superlink", superlink, "--auth-supernode-private-key", str(key),
-            "--host", "127.0.0.1", "--port", str(port),
-            "--node-config", node_config]
+    cmd = ["flower-supernode", "--root-certificates", str(certs / "ca.crt"),
+           "--superlink", superlink, "--auth-supernode-private-key", str(key),
+           "--host", "127.0.0.1", "--port", str(port), "--node-config", node_config]
+    if trusted_entities is not None:
+        cmd += ["--trusted-entities", str(trusted_entities)]
+    return cmd
 
 
 def split_data(cfg: DataConfig, nodes: int, out: Path) -> list[Path]:
@@ -205,15 +265,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 60.0) -> None:
-    """Block until something listens on 127.0.0.1:``port``."""
+def wait_port(port: int, timeout: float = 60.0, host: str = "127.0.0.1",
+              proc: subprocess.Popen | None = None) -> None:
+    """Block until something listens on ``host:port`` (fail early if ``proc`` exits)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with code {proc.returncode} before "
+                               f"listening on {host}:{port}")
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+    raise TimeoutError(f"nothing listens on {host}:{port}")
 
 
 class Processes:

@@ -10,12 +10,15 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedrec import deploy
 from fedrec.config import DataConfig
@@ -54,29 +57,69 @@ def _flwr_run(procs: Processes, tmp: Path, out: Path, rounds: int, items: int,
     return json.loads((out / "metrics.json").read_text())
 
 
+def _strangers_are_refused(procs: Processes, tmp: Path, certs: Path, pub: Path,
+                           public: str, run_on: Sequence[str] = ()) -> None:
+    """What a stranger holding the public ca.crt tries at the SuperLink's public address:
+    registering a node key, listing runs and nodes, submitting a run. All refused."""
+    home = tmp / "stranger-flwr"
+    deploy.write_federation(home, "there", public, certs / "ca.crt")
+    env = {**procs.env, "FLWR_HOME": str(home)}
+    for cmd in (["flwr", "supernode", "register", str(pub), "there"],
+                ["flwr", "supernode", "list", "there"], ["flwr", "ls", "there"],
+                ["flwr", "run", str(ROOT), "there", "--run-config", "rounds=1"]):
+        res = subprocess.run([*run_on, *cmd], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode != 0, (cmd, res.stdout + res.stderr)
+    # the raw HTTP calls behind them get 403 from the gateway, the Fleet calls pass
+    probe = (
+        "import httpx, sys\n"
+        f"c = httpx.Client(verify={str(certs / 'ca.crt')!r}, timeout=30)\n"
+        f"base = 'https://{public}'\n"
+        "codes = [c.post(base + p, json={}).status_code for p in ('/v1/control/list-runs',"
+        " '/v1/control/register-node', '/v1/runtime/acquire-task', '/v1/fleet/../control/"
+        "list-runs')]\n"
+        "codes += [c.get(base + '/health').status_code,"
+        " c.post(base + '/v1/fleet/get-run', json={}).status_code]\n"
+        "print(codes)\n")
+    res = subprocess.run([*run_on, sys.executable, "-c", probe], env=procs.env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    codes = json.loads(res.stdout.strip().splitlines()[-1])
+    assert codes[:4] == [403, 403, 403, 403], codes
+    # health answers; an unsigned Fleet call reaches the SuperLink and is refused by it
+    assert codes[4] == 200 and codes[5] not in (403, 200), codes
+
+
 def test_tls_authenticated_deployment_trains_refuses_strangers_and_keeps_state(
         cluster: tuple[Processes, Path]) -> None:
     procs, tmp = cluster
     certs = tmp / "certs"
     deploy.make_certificates(certs)
-    keys = [deploy.make_node_key(certs, f"supernode-{i}") for i in range(3)]  # 2 is a stranger
+    # 2 is a stranger; 3 runs only apps signed by a key of its own (--trusted-entities)
+    keys = [deploy.make_node_key(certs, f"supernode-{i}") for i in range(4)]
     data = deploy.split_data(DataConfig(synthetic_users=40, synthetic_items=60), 2, tmp / "data")
     catalogue, node_files = data[0], data[1:]
-    port = free_port()  # Flower 1.42: one HTTPS port for Fleet, Control and Runtime APIs
+    # Flower 1.42 serves Fleet, Control and Runtime APIs on one HTTPS port: fedrec keeps it
+    # on loopback and lets SuperNodes in through the Fleet gateway on another port
+    port, gport = free_port(), free_port()
     deploy.write_federation(tmp / "flwr", "fedrec-test", f"127.0.0.1:{port}",
                             certs / "ca.crt")
-    procs.start("superlink", deploy.superlink_command(certs, host="127.0.0.1", port=port))
+    procs.start("superlink", [sys.executable, "-m", "fedrec", "deploy", "superlink",
+                              "--dir", str(certs), "--host", "127.0.0.1", "--port", str(gport),
+                              "--control-port", str(port), "--database", ":flwr-in-memory:"])
     wait_port(port)
-    for _, pub in keys[:2]:
+    wait_port(gport)
+    for _, pub in (keys[0], keys[1], keys[3]):
         reg = subprocess.run(["flwr", "supernode", "register", str(pub), "fedrec-test"],
                              env=procs.env, capture_output=True, text=True, timeout=60)
         assert reg.returncode == 0, reg.stdout + reg.stderr
+    _strangers_are_refused(procs, tmp, certs, keys[2][1], f"127.0.0.1:{gport}")
 
-    def node(i: int) -> list[str]:
+    def node(i: int, **kw: object) -> list[str]:
         return deploy.supernode_command(
-            certs, keys[i][0], f"127.0.0.1:{port}", data_file=node_files[i % 2],
+            certs, keys[i][0], f"127.0.0.1:{gport}", data_file=node_files[i % 2],
             catalogue=catalogue, state_dir=tmp / f"state-{i}", partition_id=i,
-            port=free_port(), node={"allow-fault-injection": True})  # the timeout test
+            port=free_port(), node={"allow-fault-injection": True}, **kw)  # the timeout test
 
     procs.start("node0", node(0))
     procs.start("node1", node(1))
@@ -101,8 +144,20 @@ def test_tls_authenticated_deployment_trains_refuses_strangers_and_keeps_state(
     assert before is not None and before.rounds == 2 and spent.evaluations == 2
     procs.stop("node0")
     procs.start("node0", node(0))
+    # A node that trusts only apps signed by its operator's Ed25519 key refuses the
+    # unsigned app of a local 'flwr run' (Flower 1.42 signs only through Flower Hub)
+    signer = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    trusted = tmp / "trusted-entities.yaml"
+    trusted.write_text(f"fpk_fedrec_test: '{signer}'\n")
+    procs.start("node-signed-only", node(3, trusted_entities=trusted))
     second = _flwr_run(procs, tmp, tmp / "run2", rounds=1, items=60, eps=6.0,
                        extra=" overwrite=true")
+    assert "verif" in procs.log("node-signed-only").lower(), procs.log("node-signed-only")
+    assert not (tmp / "state-3").exists() or not any((tmp / "state-3").iterdir())
+    row = json.loads((tmp / "run2" / "rounds.json").read_text())[0]
+    assert row["failures"] == 1 and row["clients"] == 2, row
+    procs.stop("node-signed-only")
     after = load_state(state_path(tmp / "state-0", 0))
     ledger = load_ledger(ledger_path(tmp / "state-0", 0))
     assert after is not None and after.rounds == 3
