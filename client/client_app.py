@@ -57,6 +57,7 @@ from fedrec.state import (
 )
 
 ARRAYS, METRICS, TOUCHED = "arrays", "metrics", "touched"
+EVALUATION = "evaluation"  # eval-with-train: counts for the previous round's global model
 LEGACY_FIT, SECAGG_CONFIGS = "fitins.parameters", "secaggplus_configs"  # Flower's layouts
 log = logging.getLogger("fedrec.client")
 
@@ -230,10 +231,22 @@ def train_handler(msg: Message, context: Context,
     server_round = int(msg.content["config"].get("server-round", 0))
     fault = injected_fault(cfg, pid, server_round)
     act_on_fault(cfg, fault)
+    evaluated: dict[str, float] | None = None
     with ledger_lock(lpath):  # read, train, record: one message at a time per node
-        res = fit_client(cfg, data, shared, load_state(path),
-                         load_ledger(lpath, trained_evidence=path), seed=cfg.data.seed + pid,
-                         server_round=server_round, state_file=path)
+        ledger = load_ledger(lpath, trained_evidence=path)
+        if cfg.fused_evaluation and server_round > 1:
+            # the model received is the previous round's global model: evaluate it first,
+            # exactly as that round's evaluate message would have (one message per round)
+            try:
+                evaluated, ledger = _evaluation_counts(cfg, data, shared, pid, path, ledger,
+                                                       server_round - 1)
+            except PrivacyError as err:  # no release allowed (cap): train all the same
+                log.warning("partition %d: no evaluation with this round: %s", pid, err)
+            else:
+                if ledger is not None:
+                    save_ledger(lpath, ledger)
+        res = fit_client(cfg, data, shared, load_state(path), ledger,
+                         seed=cfg.data.seed + pid, server_round=server_round, state_file=path)
         if res.shared is not None:
             save_ledger(lpath, res.ledger)  # the spend first: a crash never loses it
             save_state(path, res.state)
@@ -255,7 +268,31 @@ def train_handler(msg: Message, context: Context,
         content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in shared_out.items()})
     if res.touched is not None:
         content[TOUCHED] = ArrayRecord({"items": Array(res.touched)})
+    if evaluated is not None:
+        content[EVALUATION] = MetricRecord(evaluated)
     return Message(content, reply_to=msg)
+
+
+def _evaluation_counts(cfg: RunConfig, data: ClientData, shared: dict[str, np.ndarray],
+                       pid: int, path: Any, ledger: Any, server_round: int
+                       ) -> tuple[dict[str, float], Any]:
+    """The counts this node may send for the global model ``shared`` (noised under DP,
+    charged to ``ledger``, which the caller holds locked and saves); and the ledger."""
+    if cfg.privacy.dp and cfg.privacy.eval_noise_multiplier <= 0:
+        raise PrivacyError("evaluation counts are not released under DP unless "
+                           "eval-noise-multiplier > 0")
+    counts = evaluate_client(cfg, data, shared, load_state(path), seed=cfg.data.seed + pid,
+                             state_file=path)
+    if cfg.privacy.dp:
+        if ledger is None:
+            raise PrivacyError("no privacy ledger yet: a node evaluates after it trained")
+        counts, ledger = release_counts(cfg, data, counts, ledger, seed=cfg.data.seed + pid,
+                                        server_round=server_round)
+        counts[keys.NUM_EXAMPLES] = 1.0
+        counts[keys.EPSILON] = ledger.epsilon
+    else:
+        counts[keys.NUM_EXAMPLES] = counts.get(keys.NUM_USERS, 0.0)
+    return counts, ledger
 
 
 @_guarded
@@ -272,26 +309,14 @@ def evaluate_handler(msg: Message, context: Context,
     act_on_fault(cfg, fault if fault in ("raise", "timeout") else None)
     path = state_path(cfg.fed.state_dir, pid)
     lpath = ledger_path(cfg.fed.state_dir, pid)
-    if cfg.privacy.dp and cfg.privacy.eval_noise_multiplier <= 0:
-        raise PrivacyError("evaluation counts are not released under DP unless "
-                           "eval-noise-multiplier > 0")
-    counts = evaluate_client(cfg, data, shared, load_state(path), seed=cfg.data.seed + pid,
-                             state_file=path)
+    with ledger_lock(lpath):
+        ledger = load_ledger(lpath, trained_evidence=path) if cfg.privacy.dp else None
+        counts, ledger = _evaluation_counts(cfg, data, shared, pid, path, ledger,
+                                            server_round)
+        if ledger is not None:
+            save_ledger(lpath, ledger)
     # the last global model stays on the node, for on-device recommendations
     save_global(global_path(cfg.fed.state_dir, pid), shared, cfg.to_flat())
-    if cfg.privacy.dp:
-        with ledger_lock(lpath):
-            ledger = load_ledger(lpath, trained_evidence=path)
-            if ledger is None:
-                raise PrivacyError("no privacy ledger yet: a node evaluates after it trained")
-            counts, ledger = release_counts(cfg, data, counts, ledger,
-                                            seed=cfg.data.seed + pid,
-                                            server_round=server_round)
-            save_ledger(lpath, ledger)
-        counts[keys.NUM_EXAMPLES] = 1.0
-        counts[keys.EPSILON] = ledger.epsilon
-    else:
-        counts[keys.NUM_EXAMPLES] = counts.get(keys.NUM_USERS, 0.0)
     return Message(RecordDict({METRICS: MetricRecord(counts)}), reply_to=msg)
 
 

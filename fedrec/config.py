@@ -247,6 +247,9 @@ class FedConfig:
     fraction: float = 1.0  # share of clients sampled for training each round
     min_clients: int = 2  # at least this many clients train each round
     fraction_evaluate: float = 1.0  # share of clients evaluated each round
+    # one message per node per round: the train message also evaluates the global model it
+    # carries (the previous round's); the last round's model gets an evaluate message
+    eval_with_train: bool = True
     epsilon_cap: float = 0.0  # a client never trains past this epsilon; 0: target-epsilon
     item_weighting: str = "auto"  # non-DP aggregation of item rows: "auto", "touched", "uniform"
     server_lr: float = 0.0  # server step on the averaged update (1: FedAvg); 0: auto
@@ -461,6 +464,19 @@ class RunConfig:
         """Whether negatives are drawn from the whole catalogue (always under DP)."""
         mode = self.data.negative_sampling
         return mode == "uniform" or (mode == "auto" and self.privacy.dp)
+
+    @property
+    def fused_evaluation(self) -> bool:
+        """Whether clients evaluate inside the train message (``eval-with-train``).
+
+        Only where it changes nothing but the message count: every client trains and is
+        evaluated each round (``fraction`` and ``fraction-evaluate`` 1), clients report
+        counts at all (not under record-level DP without ``eval-noise-multiplier``), and
+        not with distributed DP (its SecAgg+ rounds carry their own evaluation).
+        """
+        p, f = self.privacy, self.fed
+        return (f.eval_with_train and f.fraction == 1.0 and f.fraction_evaluate == 1.0
+                and not p.ddp and (not p.dp or p.eval_noise_multiplier > 0))
 
     @property
     def epsilon_cap(self) -> float:

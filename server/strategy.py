@@ -47,6 +47,7 @@ from fedrec.metrics import finalize, merge_counts
 log = logging.getLogger("fedrec.server")
 
 ARRAYS, METRICS, TOUCHED = "arrays", "metrics", "touched"
+EVALUATION = "evaluation"  # eval-with-train: a train reply's counts for the model it got
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -86,6 +87,8 @@ class FedRecStrategy(FedAvg):
             min_train_nodes=min_train,
             min_evaluate_nodes=min_train if fraction_evaluate > 0 else 0,
             min_available_nodes=num_nodes)
+        # one message per round: train replies carry the counts of the model they got
+        self.fused = cfg.fused_evaluation and self.client_eval
         # the experimenter's evaluation (simulation only), used when clients do not report
         self.evaluator = evaluator if not self.client_eval else None
         self.user_dp = UserLevelDP(cfg)
@@ -127,7 +130,14 @@ class FedRecStrategy(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """Count the evaluation messages sent (replies missing at the deadline = timeouts)."""
+        """Count the evaluation messages sent (replies missing at the deadline = timeouts).
+
+        With fused evaluation only the last round sends evaluate messages: the next
+        round's train messages evaluate every other round's model.
+        """
+        if self.fused and server_round + self.offset < self.cfg.fed.rounds:
+            self._asked["evaluate"] = 0
+            return []
         msgs = list(super().configure_evaluate(server_round + self.offset, arrays, config,
                                                grid))
         self._asked["evaluate"] = len(msgs)
@@ -210,11 +220,14 @@ class FedRecStrategy(FedAvg):
         acc = MeanAccumulator(self.current, self.item_keys)
         clipped = ClippedSum(self.current, self.cfg.privacy.user_clip) if user_dp else None
         updates: list[Update] = []
+        evaluated: list[dict[str, float]] = []
         for msg in replies:
             received += 1
             if failed(msg, server_round, "training"):
                 failures += 1
                 continue
+            if self.fused and EVALUATION in msg.content:
+                evaluated.append(dict(msg.content[EVALUATION]))
             metrics = msg.content[METRICS]
             eps.append(float(metrics.get(keys.EPSILON, 0.0)))
             if int(metrics.get(keys.EXHAUSTED, 0)):
@@ -240,6 +253,8 @@ class FedRecStrategy(FedAvg):
                 updates.append(upd)
         timeouts = self._timeouts("train", received, server_round)
         done = server_round + self.offset
+        if self.fused and self.rows and self.rows[-1]["round"] == done - 1:
+            self._fill_previous(evaluated, received - len(evaluated), timeouts)
         if clipped is not None:
             new = self._user_level_step(clipped, done)
         elif not stream and updates:
@@ -286,32 +301,44 @@ class FedRecStrategy(FedAvg):
                            ) -> MetricRecord | None:
         """Sum per-user counts from the clients into global metrics (noised under DP)."""
         parts = []
-        eps: list[float] = []
         failures = received = 0
         for msg in replies:
             received += 1
             if failed(msg, server_round, "evaluation"):
                 failures += 1
                 continue
-            counts = dict(msg.content[METRICS])
-            counts.pop(keys.NUM_EXAMPLES, None)
-            if keys.EPSILON in counts:
-                eps.append(float(counts.pop(keys.EPSILON)))
-            parts.append(counts)
-        if not self.client_eval:
+            parts.append(dict(msg.content[METRICS]))
+        if not self.client_eval or (self.fused and not self._asked["evaluate"]):
             return None
         timeouts = self._timeouts("evaluate", received, server_round)
-        total = merge_counts(parts)
-        metrics = finalize(total, self.cfg.eval.ks)
-        self._row.update(metrics)
-        self._row["evaluation"] = "clients (noised)" if self.cfg.privacy.dp else "clients"
-        if eps:
-            self._row["epsilon-max"] = max(self._row.get("epsilon-max", 0.0), max(eps))
-        self._row["eval-clients"] = len(parts)
-        self._row["eval-failures"] = failures
-        self._row["eval-timeouts"] = timeouts
+        metrics = self._eval_row(self._row, parts, failures, timeouts)
         clean = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
         return MetricRecord(clean) if clean else None
+
+    def _eval_row(self, row: dict[str, Any], parts: list[dict[str, float]], failures: int,
+                  timeouts: int) -> dict[str, float]:
+        """Merge clients' counts into ``row``'s metrics; return the metrics."""
+        eps = [float(c.pop(keys.EPSILON)) for c in parts if keys.EPSILON in c]
+        for counts in parts:
+            counts.pop(keys.NUM_EXAMPLES, None)
+        metrics = finalize(merge_counts(parts), self.cfg.eval.ks)
+        row.update(metrics)
+        row["evaluation"] = "clients (noised)" if self.cfg.privacy.dp else "clients"
+        if eps:
+            row["epsilon-max"] = max(row.get("epsilon-max", 0.0), max(eps))
+        row["eval-clients"] = len(parts)
+        row["eval-failures"] = failures
+        row["eval-timeouts"] = timeouts
+        return metrics
+
+    def _fill_previous(self, parts: list[dict[str, float]], failures: int,
+                       timeouts: int) -> None:
+        """Fused evaluation: the counts in this round's train replies are those of the
+        previous round's model; they complete its row (checkpointed with this round)."""
+        row = self.rows[-1]
+        self._eval_row(row, parts, failures, timeouts)
+        if self.display is not None:
+            self.display(format_round(row, self.cfg, evaluated_only=True))
 
     def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """The end of a round (Flower's ``evaluate_fn`` hook; round 0 is the start).
@@ -327,6 +354,7 @@ class FedRecStrategy(FedAvg):
             self._row.update(metrics)
             self._row["evaluation"] = "experimenter (simulation)"
         self._row["seconds"] = time.perf_counter() - self._t0
+        self._row["messages"] = self._asked["train"] + self._asked["evaluate"]
         self.rows.append(dict(self._row))
         if self.on_round_end is not None:
             self.on_round_end(server_round + self.offset)
@@ -336,13 +364,21 @@ class FedRecStrategy(FedAvg):
         return MetricRecord(clean) if clean else None
 
 
-def format_round(row: dict[str, Any], cfg: RunConfig) -> str:
-    """One line of the live per-round display."""
+def format_round(row: dict[str, Any], cfg: RunConfig, *, evaluated_only: bool = False
+                 ) -> str:
+    """One line of the live per-round display (``evaluated_only``: a round's metrics
+    that arrived with the next round's messages)."""
     k_small, k_big = min(cfg.eval.ks), max(cfg.eval.ks)
 
     def f(key: str) -> str:
         v = row.get(key)
         return f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else "   -  "
+
+    if evaluated_only:
+        return (f"round {row['round']:>3}/{cfg.fed.rounds}  evaluated by "
+                f"{row.get('eval-clients', 0):>4}  P@{k_small} {f(f'precision@{k_small}')}"
+                f"  R@{k_small} {f(f'recall@{k_small}')}  R@{k_big} {f(f'recall@{k_big}')}"
+                f"  NDCG@{k_big} {f(f'ndcg@{k_big}')}")
 
     text = (f"round {row['round']:>3}/{cfg.fed.rounds}  clients {row.get('clients', 0):>4}"
             f"  loss {f('train-loss')}  P@{k_small} {f(f'precision@{k_small}')}"

@@ -85,6 +85,7 @@ def test_messages_carry_no_user_data_and_epsilon_survives_restarts(
         metrics = dict(content["metrics"])
         assert all(isinstance(v, int | float) for v in metrics.values())
         if kind == "train":
+            assert set(content.metric_records) == {"metrics"}  # no unnoised counts
             assert set(content.array_records) == {"arrays"}  # with DP: no touched mask
             assert set(metrics) == allowed_train and metrics[keys.NUM_EXAMPLES] == 1
             arrays = {k: v.numpy() for k, v in content["arrays"].items()}
@@ -173,6 +174,36 @@ def test_in_process_rounds_equal_the_flower_simulation(tmp_path: Path) -> None:
             assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), key
     for key, value in shared.items():
         np.testing.assert_allclose(value, flower_model[key].numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_one_message_per_node_per_round_gives_the_rows_of_separate_evaluation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """eval-with-train: each train message also evaluates the model it carries (the
+    previous round's), so a round costs one message per node; rows, noise and epsilon
+    are those of separate evaluate messages (same reproducible stream; test only)."""
+    flat = {**SMALL, "rounds": 3, "dp": True, "target-epsilon": 6.0,
+            "eval-noise-multiplier": 2.0, "insecure-noise-seed": 5}
+    rows = {}
+    monkeypatch.setattr(server_app_module, "FedRecStrategy", RecordingStrategy)
+    for fused in (True, False):
+        RecordingStrategy.replies = []
+        run = tmp_path / f"run-{fused}"
+        _simulate({**flat, "eval-with-train": fused, "state-dir": str(run / "state"),
+                   "out-dir": str(run / "out")}, nodes=2)
+        rows[fused] = json.loads((run / "out" / "rounds.json").read_text())
+        if fused:  # the counts ride in train replies with the key set an evaluate reply has
+            train = [m for kind, m in RecordingStrategy.replies if kind == "train"]
+            evaluate = [m for kind, m in RecordingStrategy.replies if kind == "evaluate"]
+            assert [("evaluation" in m.content) for m in train] == [False] * 2 + [True] * 4
+            assert len(evaluate) == 2
+            names = set(dict(evaluate[0].content["metrics"]))
+            assert all(set(dict(m.content["evaluation"])) == names for m in train[2:])
+    assert [r["messages"] for r in rows[True]] == [2, 2, 4]  # train; train; train+evaluate
+    assert [r["messages"] for r in rows[False]] == [4, 4, 4]
+    for ours, theirs in zip(rows[True], rows[False], strict=True):
+        assert ours["evaluation"] == theirs["evaluation"] == "clients (noised)"
+        for key in ("recall@20", "ndcg@20", "precision@10", "epsilon-max", "eval-clients"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-9), key
 
 
 def test_server_checkpoints_every_round_and_a_new_run_resumes(tmp_path: Path) -> None:
