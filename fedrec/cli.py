@@ -344,16 +344,21 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         print("written:\n  " + "\n  ".join(str(f) for f in files))
         print("keep ca.key and the node private keys secret; copy supernode-<i> and ca.crt "
               "to client machine i, and register supernode-<i>.pub with the SuperLink")
+        print(f"next, on the server: fedrec deploy superlink --dir {args.dir}")
         return 0
     if act == "federation":
         path = deploy.write_federation(Path(args.flwr_home or os.environ.get(
             "FLWR_HOME", Path.home() / ".flwr")), args.name, args.address,
             Path(args.dir) / "ca.crt")
         print(f"federation {args.name!r} -> {args.address} written to {path}")
+        print(f"next, for each node key: flwr supernode register {args.dir}/supernode-0.pub "
+              f"{args.name}")
         return 0
     if act == "split-data":
         paths = deploy.split_data(config_from_args(args).data, args.nodes, Path(args.out))
         print("written:\n  " + "\n  ".join(str(p) for p in paths))
+        print(f"the catalogue has {deploy.catalogue_size(paths[0])} items: flwr run needs "
+              f"num-items={deploy.catalogue_size(paths[0])}")
         return 0
     if act == "gateway":
         cmd = deploy.gateway_command(Path(args.dir), args.upstream, args.host, args.port)
@@ -394,6 +399,10 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         raise ConfigError(f"{', '.join(missing)}: not found (run 'fedrec deploy certs' / "
                           "'fedrec deploy split-data', or check the paths)")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    if act == "supernode":
+        n_items = deploy.catalogue_size(Path(args.catalogue_file))
+        print(f"next, on the server: flwr run . <federation> --run-config \"num-items={n_items} "
+              "min-clients=<nodes> out-dir='<results dir>'\"", flush=True)
     if act == "gateway":
         from fedrec.gateway import serve
 

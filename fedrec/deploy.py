@@ -192,7 +192,8 @@ def run_superlink_with_gateway(superlink: list[str], certs: Path, upstream: str,
         wait_port(int(upstream.rsplit(":", 1)[1]), timeout=120, host=upstream.rsplit(":", 1)[0],
                   proc=child)
         print(f"SuperLink on {upstream} (Control API: keep it here); Fleet gateway on "
-              f"{host}:{port} (SuperNodes: --superlink <this host>:{port})", flush=True)
+              f"{host}:{port} (SuperNodes: --superlink <this host>:{port})\nnext, here: "
+              f"fedrec deploy federation --address {upstream} --dir {certs}", flush=True)
         server.run()
     finally:
         if child.poll() is None:
@@ -256,6 +257,14 @@ def split_data(cfg: DataConfig, nodes: int, out: Path) -> list[Path]:
         frame.to_csv(path, index=False)
         paths.append(path)
     return paths
+
+
+def catalogue_size(path: Path) -> int:
+    """Items in an item catalogue file (its rows): the ``num-items`` of ``flwr run``."""
+    try:
+        return len(pd.read_csv(path))
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise ConfigError(f"{path}: not a readable item catalogue ({err})") from None
 
 
 def free_port() -> int:

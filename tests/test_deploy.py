@@ -188,3 +188,18 @@ def test_deploy_commands_name_missing_files_before_starting_flower(
                  "--data-file", "d.csv", "--catalogue-file", "c.csv",
                  "--state-dir", str(tmp_path / "s")]) == 2
     assert "k, d.csv, c.csv: not found" in capsys.readouterr().err
+
+
+def test_deploy_commands_print_the_next_step_with_num_items(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from fedrec.cli import main
+
+    assert main(["deploy", "split-data", "--nodes", "2", "--out", str(tmp_path / "d"),
+                 "--synthetic-users", "20", "--synthetic-items", "30"]) == 0
+    assert "num-items=30" in capsys.readouterr().out
+    assert main(["deploy", "certs", "--dir", str(tmp_path / "c"), "--nodes", "1"]) == 0
+    assert "next, on the server: fedrec deploy superlink" in capsys.readouterr().out
+    assert main(["deploy", "superlink", "--dir", str(tmp_path / "c"), "--print-only"]) == 0
+    printed = capsys.readouterr().out
+    assert "--host 127.0.0.1 --port 8000" in printed  # the SuperLink: loopback
+    assert "deploy gateway" in printed and "--host 0.0.0.0 --port 9092" in printed
