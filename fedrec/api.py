@@ -9,7 +9,7 @@ True
 
 Federated runs here go through ``fedrec.inprocess`` (the Flower apps' arithmetic in one
 process, tested equal to a Flower simulation); ``fedrec simulate`` and
-``server.simulation.simulate`` run the real Flower apps.
+``simulations.simulation.simulate`` run the real Flower apps.
 """
 
 from __future__ import annotations

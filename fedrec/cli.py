@@ -192,7 +192,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if not supervisor.isdigit():
         return _supervise(args._argv, Path(args.out))
     _die_with_supervisor(int(supervisor))
-    from server.simulation import simulate  # Flower is imported only here
+    from simulations.simulation import simulate  # Flower is imported only here
 
     simulate(cfg, Path(args.out), overwrite=args.overwrite, quiet=args.quiet,
              verbose=args.verbose, resume=args.resume)
@@ -231,7 +231,7 @@ def _supervise(argv: Sequence[str], out: Path) -> int:
             signal.signal(sig, handler)
     for leftover in out.parent.glob(f".{out.name}.tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
-    from server.simulation import resume_hint
+    from simulations.simulation import resume_hint
 
     print(f"\nfedrec: stopped by {signal.Signals(stop[0]).name}; {resume_hint(out)}",
           file=sys.stderr)
@@ -239,7 +239,7 @@ def _supervise(argv: Sequence[str], out: Path) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from server.sweep import parse_epsilons, privacy_sweep  # Flower only for user-level points
+    from simulations.sweep import parse_epsilons, privacy_sweep  # Flower only for user-level points
 
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

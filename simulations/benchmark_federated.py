@@ -37,7 +37,7 @@ from fedrec.config import RunConfig
 from fedrec.data import load_split
 from fedrec.inprocess import run_inprocess
 from fedrec.report import write_json_atomic
-from server.simulation import simulate
+from simulations.simulation import simulate
 
 # MF as in the core benchmark. Clients: plain SGD (Adam's per-round restart moves every
 # touched coordinate by ~lr whatever its gradient), batch 16 (a client holds ~85

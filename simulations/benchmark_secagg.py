@@ -33,7 +33,7 @@ from benchmark_federated import TreeRss  # noqa: E402
 
 from fedrec.config import RunConfig  # noqa: E402
 from fedrec.report import write_json_atomic  # noqa: E402
-from server.simulation import simulate  # noqa: E402
+from simulations.simulation import simulate  # noqa: E402
 
 COMMON = {"partition": "cross-device", "optimizer": "sgd", "lr": 1.0, "server-opt": "adam",
           "server-lr": 0.05, "batch-size": 16, "dim": 32, "negatives": 4, "model": "mf",

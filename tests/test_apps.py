@@ -155,6 +155,17 @@ def test_core_library_does_not_import_flower() -> None:
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
+def test_server_does_not_import_the_client() -> None:
+    """Runners that compose both live in simulations/; server/ stands alone."""
+    import subprocess
+    import sys
+
+    code = ("import sys, server.server_app, server.strategy, server.secagg, server.grid; "
+            "sys.exit(1 if any(m == 'client' or m.startswith('client.') for m in sys.modules) "
+            "else 0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120).returncode == 0
+
+
 def test_in_process_rounds_equal_the_flower_simulation(tmp_path: Path) -> None:
     """fedrec.inprocess (used by benchmarks and sweeps) does the arithmetic Flower runs do.
 

@@ -130,7 +130,7 @@ def test_a_killed_simulation_resumes_from_its_last_checkpoint(tmp_path: Path) ->
     in the background), ``--resume`` continues, epsilon never resets."""
     from fedrec.errors import ConfigError, FedrecError
     from fedrec.state import ledger_path, load_checkpoint, load_ledger, load_state, state_path
-    from server.simulation import simulate, work_dir
+    from simulations.simulation import simulate, work_dir
 
     out = tmp_path / "run"
     opts = {"synthetic-users": 30, "synthetic-items": 50, "dim": 4, "batch-size": 32,
@@ -191,8 +191,8 @@ def test_a_killed_simulation_resumes_from_its_last_checkpoint(tmp_path: Path) ->
 def test_a_server_error_mid_run_stops_the_simulation_and_the_run_resumes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An exception in the ServerApp ends the simulation (no hang) and loses nothing."""
-    from server.simulation import simulate, work_dir
     from server.strategy import FedRecStrategy
+    from simulations.simulation import simulate, work_dir
 
     original = FedRecStrategy.aggregate_train
 
@@ -220,7 +220,7 @@ def test_ctrl_c_and_sigterm_stop_a_simulation_cleanly(tmp_path: Path, sig: int) 
     """``fedrec simulate`` stops within seconds, with one line on how to resume and no
     traceback; the checkpoint survives and ``--resume`` completes the run."""
     from fedrec.state import load_checkpoint
-    from server.simulation import simulate, work_dir
+    from simulations.simulation import simulate, work_dir
 
     out = tmp_path / "run"
     opts = ["--synthetic-users", "30", "--synthetic-items", "50", "--dim", "4",

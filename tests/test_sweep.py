@@ -10,7 +10,7 @@ import pytest
 
 from fedrec.cli import main
 from fedrec.errors import ConfigError
-from server.sweep import parse_epsilons, plan
+from simulations.sweep import parse_epsilons, plan
 
 ARGS = ["--synthetic-users", "40", "--synthetic-items", "200", "--rounds", "2", "--dim", "4",
         "--partition", "cross-silo", "--num-clients", "2", "--min-clients", "2",
@@ -86,7 +86,7 @@ def test_keys_added_later_at_their_default_do_not_split_a_sweep(tmp_path: Path) 
     import json
 
     from fedrec.config import RunConfig
-    from server.sweep import _check_same_config
+    from simulations.sweep import _check_same_config
 
     path = tmp_path / "config.json"
     base = RunConfig.from_flat({"rounds": 3})
