@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
@@ -294,6 +295,33 @@ def test_epsilon_grows_and_calibration_hits_target() -> None:
     assert epsilon_of([], delta) == 0.0
     # regression value (Opacus RDP): sigma 1.0, q 0.1, 200 steps, delta 1e-5
     assert epsilon_of([(1.0, 0.1, 200)], delta) == pytest.approx(11.0, abs=0.3)
+
+
+def test_epsilon_of_equals_opacus_accountant_and_calibration_is_tight() -> None:
+    """The cached per-entry RDP curves compose to Opacus's own epsilon, bit for bit; the
+    noise found for what remains spends the target (never more, by a hair less)."""
+    from opacus.accountants import RDPAccountant
+
+    from fedrec.privacy import calibrate_remaining
+
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        hist = [(float(rng.uniform(0.4, 6)), float(rng.choice([0.005, 0.05, 0.3, 1.0])),
+                 int(rng.integers(1, 400))) for _ in range(int(rng.integers(1, 5)))]
+        acc = RDPAccountant()
+        acc.history = list(hist)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert epsilon_of(hist, 1e-5) == acc.get_epsilon(1e-5), hist
+    for history, extra, target in (([], [], 8.0), ([(1.3, 0.05, 80)], [(2.0, 1.0, 3)], 7.0),
+                                   ([(0.9, 0.1, 40), (1.1, 0.1, 40)], [], 12.0)):
+        sigma = calibrate_remaining(target, 1e-5, history, 0.05, 120, "rdp", extra)
+        fixed = history + extra
+        assert epsilon_of(fixed + [(sigma, 0.05, 120)], 1e-5) <= target
+        assert epsilon_of(fixed + [(sigma * (1 - 1e-4), 0.05, 120)], 1e-5) > target
+    # with no history it is Opacus's own calibration (to its tolerance)
+    assert calibrate_remaining(3.0, 1e-5, [], 0.1, 200) == pytest.approx(
+        calibrate_noise(3.0, 1e-5, 0.1, 200), rel=0.02)
 
 
 def test_accountant_continues_history() -> None:
