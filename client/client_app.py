@@ -58,6 +58,7 @@ from fedrec.state import (
 
 ARRAYS, METRICS, TOUCHED = "arrays", "metrics", "touched"
 EVALUATION = "evaluation"  # eval-with-train: counts for the previous round's global model
+EVALUATE_RECEIVED = "evaluate-received"  # train config: the server asks for those counts
 LEGACY_FIT, SECAGG_CONFIGS = "fitins.parameters", "secaggplus_configs"  # Flower's layouts
 log = logging.getLogger("fedrec.client")
 
@@ -234,7 +235,8 @@ def train_handler(msg: Message, context: Context,
     evaluated: dict[str, float] | None = None
     with ledger_lock(lpath):  # read, train, record: one message at a time per node
         ledger = load_ledger(lpath, trained_evidence=path)
-        if cfg.fused_evaluation and server_round > 1:
+        if (cfg.fused_evaluation and server_round > 1
+                and int(msg.content["config"].get(EVALUATE_RECEIVED, 0))):
             # the model received is the previous round's global model: evaluate it first,
             # exactly as that round's evaluate message would have (one message per round)
             try:

@@ -17,6 +17,13 @@ from fedrec.data.sampling import PairSet, sampled_eval_lists
 from fedrec.model import RecModel
 
 
+def _total(scores: torch.Tensor) -> torch.Tensor:
+    """Scores with NaN/inf replaced by fixed finite values, so every metric is a finite,
+    bounded function of the data whatever model a server sends (a NaN that appeared only
+    for some items would otherwise tell, by a failed release, whether a user held them)."""
+    return torch.nan_to_num(scores, nan=0.0, posinf=1e30, neginf=-1e30)
+
+
 def _by_user(data: Interactions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     order = np.argsort(data.users, kind="stable")
     users, items = data.users[order], data.items[order]
@@ -35,7 +42,7 @@ def full_ranking_counts(model: RecModel, train: Interactions, test: Interactions
     parts = []
     for start in range(0, len(test_users), chunk):
         users = test_users[start:start + chunk]
-        scores = model.score_all(torch.from_numpy(users)).float().cpu()  # [U, n_items]
+        scores = _total(model.score_all(torch.from_numpy(users)).float().cpu())  # [U, n_items]
         lens = tr_bounds[users + 1] - tr_bounds[users]
         rows = np.repeat(np.arange(len(users)), lens)
         cols = np.concatenate([tr_items[tr_bounds[u]:tr_bounds[u + 1]] for u in users])
@@ -65,7 +72,8 @@ def sampled_counts(model: RecModel, train: Interactions, test: Interactions,
                        np.concatenate([train.items, test.items]), train.n_items)
         users, lists = sampled_eval_lists(test, seen, n_negatives, seed)
     device = next(model.parameters()).device
-    scores = model(torch.from_numpy(users).to(device), torch.from_numpy(lists).to(device)).cpu()
+    scores = _total(model(torch.from_numpy(users).to(device),
+                          torch.from_numpy(lists).to(device)).cpu())
     rank = (scores[:, 1:] > scores[:, :1]).sum(1)  # 0 = best
     uniq, inv = np.unique(users, return_inverse=True)
     inv_t = torch.from_numpy(inv)
@@ -91,7 +99,7 @@ def rating_error_counts(model: RecModel, test: Interactions) -> dict[str, float]
     pred = model(torch.from_numpy(test.users).to(device),
                  torch.from_numpy(test.items).to(device).unsqueeze(1)).squeeze(1).cpu()
     lo, hi = test.rating_range
-    pred = pred.clamp(min=lo, max=hi if np.isfinite(hi) else None)
+    pred = _total(pred).clamp(min=lo, max=hi if np.isfinite(hi) else None)
     return metrics.rating_counts(pred, torch.from_numpy(test.ratings))
 
 

@@ -161,6 +161,11 @@ def item_keys(cfg: RunConfig, n_items: int) -> list[str]:
     return build_model(cfg.model, 1, n_items).item_keys()
 
 
+# The largest magnitude a received shared value may have (a public check on the message).
+# Trained embeddings and weights stay orders of magnitude below it.
+MAX_RECEIVED_ABS = 1e4
+
+
 def _model(cfg: RunConfig, data: ClientData, shared: Arrays, state: ClientState | None,
            seed: int, path: Path | None) -> RecModel:
     model = build_model(cfg.model, data.n_users, data.n_items, offset=data.offset, seed=seed)
@@ -173,6 +178,11 @@ def _model(cfg: RunConfig, data: ClientData, shared: Arrays, state: ClientState 
     if bad:  # a NaN would pass through clipping and noise and mark the rows trained on
         raise PrivacyError(f"received shared arrays {bad} are not finite floats; refusing "
                            "to train or evaluate on them")
+    big = [k for k, v in shared.items() if np.abs(v).max(initial=0.0) > MAX_RECEIVED_ABS]
+    if big:  # checked before any data is read: a crafted model must not overflow on some
+        # items only, which would tell by a failure whether the node holds them
+        raise PrivacyError(f"received shared arrays {big} hold values beyond +-"
+                           f"{MAX_RECEIVED_ABS:g}; refusing to train or evaluate on them")
     tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in shared.items()}
     if state is not None:
         if state.user_ids != data.user_ids:

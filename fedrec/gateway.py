@@ -16,6 +16,7 @@ the SuperLink checks behind the gateway (``--enable-supernode-auth``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -32,10 +33,16 @@ FLEET_PATHS = frozenset(f"/v1/fleet/{name}" for name in (
     "send-node-heartbeat", "pull-messages", "push-messages", "get-run", "get-fab",
     "push-object", "pull-object", "confirm-message-received"))
 HEALTH_PATH = "/health"
-# hop-by-hop headers (RFC 9110 7.6.1) and those the forwarding client sets itself
+# hop-by-hop headers (RFC 9110 7.6.1), those the forwarding client sets itself, and
+# client-address headers a stranger could forge (the SuperLink trusts them from loopback)
 _DROP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-                   "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
+                   "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length",
+                   "forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+                   "x-forwarded-port", "x-real-ip"})
 UPSTREAM_TIMEOUT = 600.0  # seconds; large pushes/pulls of model objects on slow links
+MAX_BODY = 256 * 2**20  # bytes a request body may have (model objects are far smaller)
+BODY_TIMEOUT = 120.0  # seconds to receive a whole request body
+MAX_CONNECTIONS = 512  # concurrent connections; more get 503
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -57,8 +64,9 @@ class FleetGateway:
         ca_file: the CA that signed the SuperLink's certificate (verified upstream).
     """
 
-    def __init__(self, upstream: str, ca_file: Path) -> None:
+    def __init__(self, upstream: str, ca_file: Path, max_body: int = MAX_BODY) -> None:
         self.base = f"https://{upstream}"
+        self.max_body = max_body
         self.ssl = ssl.create_default_context(cafile=str(ca_file))
         self.client: httpx.AsyncClient | None = None
 
@@ -71,19 +79,26 @@ class FleetGateway:
         method, path = scope["method"], scope["path"]
         peer = scope.get("client") or ("?", 0)
         if not allowed(method, path):
-            log.warning("refused %s %s from %s: the gateway forwards only the Fleet API",
-                        method, path, peer[0])
+            log.warning("refused %s %r from %s: the gateway forwards only the Fleet API",
+                        method[:16], path[:200], peer[0])
             await _respond(send, 403, b'{"detail": "fedrec gateway: only the Fleet API is '
                                       b'served here; the Control API is on the server"}')
             return
-        body = b""
-        more = True
-        while more:
-            event = await receive()
-            body += event.get("body", b"")
-            more = event.get("more_body", False)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_body:
+            await _respond(send, 413, b'{"detail": "fedrec gateway: body too large"}')
+            return
+        try:
+            body = await asyncio.wait_for(self._read_body(receive), BODY_TIMEOUT)
+        except TimeoutError:
+            await _respond(send, 408, b'{"detail": "fedrec gateway: body too slow"}')
+            return
+        if body is None:
+            await _respond(send, 413, b'{"detail": "fedrec gateway: body too large"}')
+            return
         headers = [(k, v) for k, v in scope["headers"]
                    if k.decode("latin-1").lower() not in _DROP]
+        headers.append((b"x-forwarded-for", str(peer[0]).encode("latin-1")))
         query = scope.get("query_string", b"").decode("latin-1")
         url = self.base + path + (f"?{query}" if query else "")
         assert self.client is not None
@@ -104,6 +119,18 @@ class FleetGateway:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await response.aclose()
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The request body, or None past ``max_body`` bytes (read no further)."""
+        body = bytearray()
+        more = True
+        while more:
+            event = await receive()
+            body += event.get("body", b"")
+            if len(body) > self.max_body:
+                return None
+            more = event.get("more_body", False)
+        return bytes(body)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -133,7 +160,8 @@ def build_server(upstream: str, certs: Path, host: str, port: int) -> Any:
     config = uvicorn.Config(FleetGateway(upstream, certs / "ca.crt"), host=host, port=port,
                             ssl_certfile=str(certs / "server.pem"),
                             ssl_keyfile=str(certs / "server.key"), log_level="warning",
-                            lifespan="on")
+                            lifespan="on", limit_concurrency=MAX_CONNECTIONS,
+                            proxy_headers=False, server_header=False)
     return uvicorn.Server(config)
 
 

@@ -48,6 +48,7 @@ log = logging.getLogger("fedrec.server")
 
 ARRAYS, METRICS, TOUCHED = "arrays", "metrics", "touched"
 EVALUATION = "evaluation"  # eval-with-train: a train reply's counts for the model it got
+EVALUATE_RECEIVED = "evaluate-received"  # train config: also evaluate the model sent
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -124,6 +125,12 @@ class FedRecStrategy(FedAvg):
         self.sent = self.current
         self._row = {"round": server_round + self.offset}
         self._t0 = time.perf_counter()
+        # fused evaluation: ask for the counts of the model sent only while its round has
+        # none (not after a resume of a finished run, whose last model was evaluated)
+        previous = self.rows[-1] if self.rows else {}
+        config[EVALUATE_RECEIVED] = int(
+            self.fused and previous.get("round") == server_round + self.offset - 1
+            and "evaluation" not in previous)
         msgs = list(super().configure_train(server_round + self.offset, arrays, config, grid))
         self._asked["train"] = len(msgs)
         return msgs

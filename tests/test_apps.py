@@ -21,7 +21,7 @@ from fedrec.config import RunConfig, flat_defaults
 from fedrec.data import load_split
 from fedrec.errors import ConfigError
 from fedrec.federated import cached_split
-from fedrec.state import load_state, state_path
+from fedrec.state import ledger_path, load_state, state_path
 from server.server_app import make_server_app
 from server.strategy import FedRecStrategy
 
@@ -211,6 +211,17 @@ def test_one_message_per_node_per_round_gives_the_rows_of_separate_evaluation(
             assert all(set(dict(m.content["evaluation"])) == names for m in train[2:])
     assert [r["messages"] for r in rows[True]] == [2, 2, 4]  # train; train; train+evaluate
     assert [r["messages"] for r in rows[False]] == [4, 4, 4]
+    # resuming the finished run for one more round does not evaluate round 3's model again
+    from fedrec.state import load_ledger
+
+    run = tmp_path / "run-True"
+    spent = [load_ledger(ledger_path(run / "state", p)).evaluations for p in (0, 1)]
+    assert spent == [3, 3]
+    _simulate({**flat, "rounds": 4, "resume": True, "target-epsilon": 12.0,
+               "state-dir": str(run / "state"),
+               "checkpoint-dir": str(run / "out" / "checkpoint"),
+               "out-dir": str(run / "out4")}, nodes=2)
+    assert [load_ledger(ledger_path(run / "state", p)).evaluations for p in (0, 1)] == [4, 4]
     for ours, theirs in zip(rows[True], rows[False], strict=True):
         assert ours["evaluation"] == theirs["evaluation"] == "clients (noised)"
         for key in ("recall@20", "ndcg@20", "precision@10", "epsilon-max", "eval-clients"):

@@ -203,3 +203,45 @@ def test_deploy_commands_print_the_next_step_with_num_items(
     printed = capsys.readouterr().out
     assert "--host 127.0.0.1 --port 8000" in printed  # the SuperLink: loopback
     assert "deploy gateway" in printed and "--host 0.0.0.0 --port 9092" in printed
+
+
+def test_gateway_refuses_other_paths_large_and_slow_bodies(tmp_path: Path) -> None:
+    """The gateway's own answers, before anything is forwarded (ASGI, no network)."""
+    import asyncio
+
+    from fedrec import gateway
+
+    deploy.make_certificates(tmp_path)
+    app = gateway.FleetGateway("127.0.0.1:1", tmp_path / "ca.crt", max_body=1000)
+
+    async def call(path: str, chunks: list[bytes], length: int | None = None,
+                   method: str = "POST", delay: float = 0.0) -> int:
+        events = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+                  for i, c in enumerate(chunks)]
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            await asyncio.sleep(delay)
+            return events.pop(0)
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        headers = [] if length is None else [(b"content-length", str(length).encode())]
+        await app({"type": "http", "method": method, "path": path, "headers": headers,
+                   "client": ("203.0.113.9", 1)}, receive, send)
+        return int(sent[0]["status"])
+
+    for path in ("/v1/control/list-runs", "/v1/runtime/acquire-task", "/v1/fleet/",
+                 "/v1/fleet/get-run/", "/v1/fleet/../control/list-runs", "/V1/fleet/get-run"):
+        assert asyncio.run(call(path, [b"{}"], 2)) == 403, path
+    assert asyncio.run(call("/v1/fleet/get-run", [b"{}"], 2, method="GET")) == 403
+    assert asyncio.run(call("/v1/fleet/push-object", [b"x"], 5000)) == 413  # declared
+    chunked = [b"x" * 400] * 4  # no content-length, 1600 bytes: stops reading at 1000
+    assert asyncio.run(call("/v1/fleet/push-object", chunked)) == 413
+    gateway.BODY_TIMEOUT, old = 0.2, gateway.BODY_TIMEOUT
+    try:
+        assert asyncio.run(call("/v1/fleet/push-object", [b"x"] * 3, delay=0.15)) == 408
+    finally:
+        gateway.BODY_TIMEOUT = old
+    assert "x-forwarded-for" in gateway._DROP and "forwarded" in gateway._DROP

@@ -388,6 +388,36 @@ def test_a_received_model_with_nan_is_refused_and_nothing_is_kept(
     assert train_handler(_ask("train", inf), _context(run, node)).error.code == 104
 
 
+def test_a_crafted_model_cannot_turn_a_failure_into_a_membership_bit(
+        tmp_path: Path, task_identity: None) -> None:
+    """Huge finite weights (which overflow to inf - inf on chosen items only) are refused
+    before any data is read; scores that are not finite anyway are made finite, so an
+    evaluation always releases (noised) counts instead of failing on some items."""
+    from fedrec.evaluate import _total
+
+    node = _node_files(tmp_path, "u")
+    run = {**FLAT, "num-items": 20}
+    shared = init_shared(RunConfig.from_flat(run), 20)
+    big = {k: np.where(np.arange(v.size).reshape(v.shape) == 0, 1e20, v).astype(v.dtype)
+           for k, v in shared.items()}
+    reply = train_handler(_ask("train", big), _context(run, node))
+    assert reply.has_error() and reply.error.code == 104
+    assert not (tmp_path / "state").exists() or not list((tmp_path / "state").glob("*.json"))
+    edge = {k: np.clip(v, -1e4, 1e4) for k, v in big.items()}  # at the bound: accepted
+    assert not train_handler(_ask("train", edge), _context(run, node)).has_error()
+    cfg = RunConfig.from_flat(FLAT)
+    data, ok = _client(cfg)
+    crafted = {k: np.where(np.arange(v.size).reshape(v.shape) == 0, 1e20, v).astype(v.dtype)
+               for k, v in ok.items()}
+    from fedrec.errors import PrivacyError
+
+    with pytest.raises(PrivacyError, match="beyond"):  # refused before the data is read
+        fit_client(cfg, data, crafted, None, seed=0, server_round=1)
+    scores = torch.tensor([[0.5, float("nan"), float("inf"), -float("inf")]])
+    assert torch.isfinite(_total(scores)).all()
+    assert _total(scores)[0, 0] == 0.5
+
+
 def test_concurrent_messages_cannot_double_spend_a_ledger(tmp_path: Path,
                                                            task_identity: None) -> None:
     import threading
