@@ -39,7 +39,7 @@ import functools
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -469,12 +469,7 @@ def _calibrate_remaining(target: float, delta: float, history: Entries, extra: E
     def eps(sigma: float) -> float:
         return epsilon_of(fixed + [(sigma, sample_rate, steps)], delta, accountant)
 
-    lo, hi = 0.05, 1.0
-    while eps(hi) > target:
-        lo, hi = hi, hi * 2
-        if hi > 1e6:
-            raise BudgetError(f"no noise multiplier spends at most {target:g} over {steps} "
-                              "steps")
+    lo, hi = _bracket(eps, target, steps)
     if eps(lo) <= target:
         return lo
     for _ in range(60):  # eps decreases in sigma; keep eps(hi) <= target
@@ -486,6 +481,18 @@ def _calibrate_remaining(target: float, delta: float, history: Entries, extra: E
         if hi - lo < 1e-4 * hi:
             break
     return hi
+
+
+def _bracket(eps: Callable[[float], float], target: float, steps: int
+             ) -> tuple[float, float]:
+    """Noise multipliers ``lo < hi`` with ``eps(hi) <= target`` (``eps`` decreases)."""
+    lo, hi = 0.05, 1.0
+    while eps(hi) > target:
+        lo, hi = hi, hi * 2
+        if hi > 1e6:
+            raise BudgetError(f"no noise multiplier spends at most {target:g} over {steps} "
+                              "steps")
+    return lo, hi
 
 
 def _calibrate_rdp(target: float, delta: float, fixed: Entries, q: float,
@@ -503,12 +510,7 @@ def _calibrate_rdp(target: float, delta: float, fixed: Entries, q: float,
     def exact(sigma: float) -> float:
         return _epsilon_of_rdp(base + _rdp_curve(sigma, q) * steps, delta)
 
-    lo, hi = 0.05, 1.0
-    while exact(hi) > target:
-        lo, hi = hi, hi * 2
-        if hi > 1e6:
-            raise BudgetError(f"no noise multiplier spends at most {target:g} over {steps} "
-                              "steps")
+    lo, hi = _bracket(exact, target, steps)
     if exact(lo) <= target:
         return lo
     sigma = float(brentq(lambda x: exact(x) - target, lo, hi, rtol=1e-6))
