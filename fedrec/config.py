@@ -388,7 +388,7 @@ RECIPES: dict[str, dict[str, Any]] = {
                    "max-grad-norm": 1.0, "sample-rate": 0.0, "local-epochs": 2,
                    "server-opt": "avg", "server-lr": 1.0},
     "cross-silo-dp": {"dim": 8, "optimizer": "sgd", "lr": 80.0, "batch-size": 1024,
-                      "max-grad-norm": 0.25, "sample-rate": 0.05, "local-epochs": 2,
+                      "max-grad-norm": 0.25, "sample-rate": 0.2, "local-epochs": 2,
                       "server-opt": "avg", "server-lr": 1.0},
     "cross-device": {"dim": 32, "optimizer": "sgd", "lr": 1.0, "batch-size": 16,
                      "max-grad-norm": 1.0, "sample-rate": 0.125, "local-epochs": 1,
