@@ -391,8 +391,12 @@ RECIPES: dict[str, dict[str, Any]] = {
                       "max-grad-norm": 0.25, "sample-rate": 0.2, "local-epochs": 2,
                       "server-opt": "avg", "server-lr": 1.0},
     "cross-device": {"dim": 32, "optimizer": "sgd", "lr": 1.0, "batch-size": 16,
-                     "max-grad-norm": 1.0, "sample-rate": 0.125, "local-epochs": 1,
+                     "max-grad-norm": 1.0, "sample-rate": 0.125, "local-epochs": 2,
                      "server-opt": "adam", "server-lr": 0.05},
+    # any DP mode on one-user clients: one local epoch (what the privacy sweeps measured)
+    "cross-device-dp": {"dim": 32, "optimizer": "sgd", "lr": 1.0, "batch-size": 16,
+                        "max-grad-norm": 1.0, "sample-rate": 0.125, "local-epochs": 1,
+                        "server-opt": "adam", "server-lr": 0.05},
 }
 
 
@@ -402,7 +406,8 @@ class RunConfig:
 
     Keys at their "auto" value (``AUTO``) take the tuned default of the run's setting
     (``RECIPES``): ``central``/``central-dp`` for centralized training (``for_central``),
-    else by partition and DP (``cross-silo``, ``cross-silo-dp``, ``cross-device``).
+    else by partition and DP (``cross-silo``, ``cross-silo-dp``, ``cross-device``,
+    ``cross-device-dp``: record-level, user-level or distributed DP).
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -420,7 +425,8 @@ class RunConfig:
         if self.central:
             return "central-dp" if dp else "central"
         if self.fed.partition == "cross-device":
-            return "cross-device"
+            private = dp or self.privacy.user_dp or self.privacy.ddp
+            return "cross-device-dp" if private else "cross-device"
         return "cross-silo-dp" if dp else "cross-silo"
 
     def _resolve(self) -> None:

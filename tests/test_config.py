@@ -33,3 +33,25 @@ def test_bad_values_name_the_key(key: str, value: object, message: str) -> None:
 def test_strings_are_coerced() -> None:
     cfg = RunConfig.from_flat({"epochs": "3", "dp": "true", "lr": "0.1"})
     assert (cfg.train.epochs, cfg.privacy.dp, cfg.train.lr) == (3, True, 0.1)
+
+
+def test_auto_keys_take_the_recipe_of_the_setting() -> None:
+    """Each setting resolves 'auto' to its tuned recipe; explicit values win."""
+    from fedrec.config import RECIPES
+
+    cases = {
+        "central": ({"dp": False}, True), "central-dp": ({"dp": True}, True),
+        "cross-silo": ({"dp": False}, False), "cross-silo-dp": ({"dp": True}, False),
+        "cross-device": ({"dp": False, "partition": "cross-device"}, False),
+        "cross-device-dp": ({"dp": True, "partition": "cross-device"}, False),
+    }
+    for name, (flat, central) in cases.items():
+        cfg = RunConfig.from_flat(flat, central=central)
+        assert cfg.setting == name
+        assert cfg.fed.local_epochs == RECIPES[name]["local-epochs"]
+        assert cfg.train.lr == RECIPES[name]["lr"] and cfg.model.dim == RECIPES[name]["dim"]
+    for extra in ({"user-dp": True}, {"ddp": True}):  # every DP mode on one-user clients
+        cfg = RunConfig.from_flat({"dp": False, "partition": "cross-device", **extra})
+        assert cfg.setting == "cross-device-dp" and cfg.fed.local_epochs == 1
+    assert RunConfig.from_flat({"partition": "cross-device", "dp": False,
+                                "local-epochs": 3}).fed.local_epochs == 3
