@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,7 @@ from fedrec.federated import (
 )
 from fedrec.privacy import noise_is_secret
 from fedrec.state import (
+    Ledger,
     global_path,
     ledger_lock,
     ledger_path,
@@ -57,8 +59,6 @@ from fedrec.state import (
 )
 
 ARRAYS, METRICS, TOUCHED = "arrays", "metrics", "touched"
-EVALUATION = "evaluation"  # eval-with-train: counts for the previous round's global model
-EVALUATE_RECEIVED = "evaluate-received"  # train config: the server asks for those counts
 LEGACY_FIT, SECAGG_CONFIGS = "fitins.parameters", "secaggplus_configs"  # Flower's layouts
 log = logging.getLogger("fedrec.client")
 
@@ -236,7 +236,7 @@ def train_handler(msg: Message, context: Context,
     with ledger_lock(lpath):  # read, train, record: one message at a time per node
         ledger = load_ledger(lpath, trained_evidence=path)
         if (cfg.fused_evaluation and server_round > 1
-                and int(msg.content["config"].get(EVALUATE_RECEIVED, 0))):
+                and int(msg.content["config"].get(keys.EVALUATE_RECEIVED, 0))):
             # the model received is the previous round's global model: evaluate it first,
             # exactly as that round's evaluate message would have (one message per round)
             try:
@@ -271,13 +271,13 @@ def train_handler(msg: Message, context: Context,
     if res.touched is not None:
         content[TOUCHED] = ArrayRecord({"items": Array(res.touched)})
     if evaluated is not None:
-        content[EVALUATION] = MetricRecord(evaluated)
+        content[keys.EVALUATION] = MetricRecord(evaluated)
     return Message(content, reply_to=msg)
 
 
 def _evaluation_counts(cfg: RunConfig, data: ClientData, shared: dict[str, np.ndarray],
-                       pid: int, path: Any, ledger: Any, server_round: int
-                       ) -> tuple[dict[str, float], Any]:
+                       pid: int, path: Path, ledger: Ledger | None, server_round: int
+                       ) -> tuple[dict[str, float], Ledger | None]:
     """The counts this node may send for the global model ``shared`` (noised under DP,
     charged to ``ledger``, which the caller holds locked and saves); and the ledger."""
     if cfg.privacy.dp and cfg.privacy.eval_noise_multiplier <= 0:

@@ -25,6 +25,10 @@ def sum_key(name: str, k: int) -> str:
 RANKING_METRICS = ("precision", "recall", "ndcg", "hr")
 
 EXHAUSTED = "exhausted"  # 1 if the client's privacy budget stopped it this round
+# eval-with-train: the train config asks for the counts of the model sent, and the reply
+# carries them in a record of their own
+EVALUATE_RECEIVED = "evaluate-received"
+EVALUATION = "evaluation"
 TRAIN_SECONDS = "train-seconds"
 
 # distributed DP (fedrec.ddp): the plan a server sends with each SecAgg+ fit round

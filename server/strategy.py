@@ -47,8 +47,6 @@ from fedrec.metrics import finalize, merge_counts
 log = logging.getLogger("fedrec.server")
 
 ARRAYS, METRICS, TOUCHED = "arrays", "metrics", "touched"
-EVALUATION = "evaluation"  # eval-with-train: a train reply's counts for the model it got
-EVALUATE_RECEIVED = "evaluate-received"  # train config: also evaluate the model sent
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -109,6 +107,7 @@ class FedRecStrategy(FedAvg):
         # user-level DP: persists the noise history as soon as a noised model exists
         self.on_release: Callable[[list[tuple[float, float, int]]], None] | None = None
         self._asked = {"train": 0, "evaluate": 0}  # messages sent this round (for timeouts)
+        self._evaluate_received = False  # fused: this round's train messages evaluate
 
     def resume_from(self, done: int, rows: list[dict[str, Any]],
                     server_opt: dict[str, np.ndarray],
@@ -128,9 +127,10 @@ class FedRecStrategy(FedAvg):
         # fused evaluation: ask for the counts of the model sent only while its round has
         # none (not after a resume of a finished run, whose last model was evaluated)
         previous = self.rows[-1] if self.rows else {}
-        config[EVALUATE_RECEIVED] = int(
+        self._evaluate_received = (
             self.fused and previous.get("round") == server_round + self.offset - 1
             and "evaluation" not in previous)
+        config[keys.EVALUATE_RECEIVED] = int(self._evaluate_received)
         msgs = list(super().configure_train(server_round + self.offset, arrays, config, grid))
         self._asked["train"] = len(msgs)
         return msgs
@@ -233,8 +233,8 @@ class FedRecStrategy(FedAvg):
             if failed(msg, server_round, "training"):
                 failures += 1
                 continue
-            if self.fused and EVALUATION in msg.content:
-                evaluated.append(dict(msg.content[EVALUATION]))
+            if self._evaluate_received and keys.EVALUATION in msg.content:
+                evaluated.append(dict(msg.content[keys.EVALUATION]))
             metrics = msg.content[METRICS]
             eps.append(float(metrics.get(keys.EPSILON, 0.0)))
             if int(metrics.get(keys.EXHAUSTED, 0)):
@@ -260,7 +260,7 @@ class FedRecStrategy(FedAvg):
                 updates.append(upd)
         timeouts = self._timeouts("train", received, server_round)
         done = server_round + self.offset
-        if self.fused and self.rows and self.rows[-1]["round"] == done - 1:
+        if self._evaluate_received:
             self._fill_previous(evaluated, received - len(evaluated), timeouts)
         if clipped is not None:
             new = self._user_level_step(clipped, done)
@@ -381,16 +381,14 @@ def format_round(row: dict[str, Any], cfg: RunConfig, *, evaluated_only: bool = 
         v = row.get(key)
         return f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else "   -  "
 
+    scores = (f"P@{k_small} {f(f'precision@{k_small}')}  R@{k_small} "
+              f"{f(f'recall@{k_small}')}  R@{k_big} {f(f'recall@{k_big}')}  NDCG@{k_big} "
+              f"{f(f'ndcg@{k_big}')}")
     if evaluated_only:
         return (f"round {row['round']:>3}/{cfg.fed.rounds}  evaluated by "
-                f"{row.get('eval-clients', 0):>4}  P@{k_small} {f(f'precision@{k_small}')}"
-                f"  R@{k_small} {f(f'recall@{k_small}')}  R@{k_big} {f(f'recall@{k_big}')}"
-                f"  NDCG@{k_big} {f(f'ndcg@{k_big}')}")
-
+                f"{row.get('eval-clients', 0):>4}  {scores}")
     text = (f"round {row['round']:>3}/{cfg.fed.rounds}  clients {row.get('clients', 0):>4}"
-            f"  loss {f('train-loss')}  P@{k_small} {f(f'precision@{k_small}')}"
-            f"  R@{k_small} {f(f'recall@{k_small}')}  R@{k_big} {f(f'recall@{k_big}')}"
-            f"  NDCG@{k_big} {f(f'ndcg@{k_big}')}")
+            f"  loss {f('train-loss')}  {scores}")
     if cfg.privacy.dp:
         text += f"  eps max {row.get('epsilon-max', 0):.2f} mean {row.get('epsilon-mean', 0):.2f}"
     if "user-epsilon" in row:

@@ -222,6 +222,8 @@ def test_one_message_per_node_per_round_gives_the_rows_of_separate_evaluation(
                "checkpoint-dir": str(run / "out" / "checkpoint"),
                "out-dir": str(run / "out4")}, nodes=2)
     assert [load_ledger(ledger_path(run / "state", p)).evaluations for p in (0, 1)] == [4, 4]
+    resumed = json.loads((run / "out4" / "rounds.json").read_text())
+    assert resumed[2] == rows[True][2]  # round 3's row is kept, not overwritten
     for ours, theirs in zip(rows[True], rows[False], strict=True):
         assert ours["evaluation"] == theirs["evaluation"] == "clients (noised)"
         for key in ("recall@20", "ndcg@20", "precision@10", "epsilon-max", "eval-clients"):
