@@ -357,8 +357,8 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     if act == "split-data":
         paths = deploy.split_data(config_from_args(args).data, args.nodes, Path(args.out))
         print("written:\n  " + "\n  ".join(str(p) for p in paths))
-        print(f"the catalogue has {deploy.catalogue_size(paths[0])} items: flwr run needs "
-              f"num-items={deploy.catalogue_size(paths[0])}")
+        n_items = deploy.catalogue_size(paths[0])
+        print(f"the catalogue has {n_items} items: flwr run needs num-items={n_items}")
         return 0
     if act == "gateway":
         cmd = deploy.gateway_command(Path(args.dir), args.upstream, args.host, args.port)
@@ -380,7 +380,10 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
             partition_id=args.partition, port=args.port, node=node,
             trusted_entities=Path(args.trusted_entities) if args.trusted_entities else None)
     gateway = act == "superlink" and not args.no_gateway
-    upstream = f"127.0.0.1:{args.control_port}" if act == "superlink" else ""
+    upstream = ""
+    if act == "superlink":  # where the gateway reaches the SuperLink (a wildcard: loopback)
+        near = args.control_host if args.control_host not in ("0.0.0.0", "::") else "127.0.0.1"
+        upstream = f"{near}:{args.control_port}"
     print(shlex.join(cmd), flush=True)
     if gateway:
         print(shlex.join(deploy.gateway_command(Path(args.dir), upstream, args.host,

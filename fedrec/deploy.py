@@ -189,8 +189,8 @@ def run_superlink_with_gateway(superlink: list[str], certs: Path, upstream: str,
 
     threading.Thread(target=watch, daemon=True).start()
     try:
-        wait_port(int(upstream.rsplit(":", 1)[1]), timeout=120, host=upstream.rsplit(":", 1)[0],
-                  proc=child)
+        up_host, up_port = upstream.rsplit(":", 1)
+        wait_port(int(up_port), timeout=120, host=up_host, proc=child)
         print(f"SuperLink on {upstream} (Control API: keep it here); Fleet gateway on "
               f"{host}:{port} (SuperNodes: --superlink <this host>:{port})\nnext, here: "
               f"fedrec deploy federation --address {upstream} --dir {certs}", flush=True)
