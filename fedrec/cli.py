@@ -361,6 +361,9 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         print(f"the catalogue has {n_items} items: flwr run needs num-items={n_items}")
         return 0
     if act == "gateway":
+        if not re.fullmatch(r"[^\s:/]+:\d{1,5}", args.upstream):
+            raise ConfigError(f"--upstream: expected HOST:PORT (e.g. 127.0.0.1:8000), got "
+                              f"{args.upstream!r}")
         cmd = deploy.gateway_command(Path(args.dir), args.upstream, args.host, args.port)
     elif act == "superlink":
         cmd = deploy.superlink_command(Path(args.dir), host=args.control_host,

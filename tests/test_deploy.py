@@ -188,6 +188,8 @@ def test_deploy_commands_name_missing_files_before_starting_flower(
                  "--data-file", "d.csv", "--catalogue-file", "c.csv",
                  "--state-dir", str(tmp_path / "s")]) == 2
     assert "k, d.csv, c.csv: not found" in capsys.readouterr().err
+    assert main(["deploy", "gateway", "--dir", str(tmp_path), "--upstream", "8000"]) == 2
+    assert "--upstream: expected HOST:PORT" in capsys.readouterr().err
 
 
 def test_deploy_commands_print_the_next_step_with_num_items(
