@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedrec.aggregate import ClippedSum, MeanAccumulator, ServerOptimizer, Update, UserLevelDP
 from fedrec.config import RunConfig
@@ -68,7 +69,22 @@ def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | N
     ``dropouts`` (distributed DP only; experiments) makes that share of the sampled
     clients drop after masking, at random each round: their updates and noise shares
     are missing from the sum, as with SecAgg+'s recovery.
+
+    Runs with one torch thread, as each Flower client does: summation order then
+    matches the Flower path exactly (more threads change the last bits, and a near-tie
+    in a ranking can flip). The caller's thread count is restored afterwards.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(cfg, on_round, dropouts)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
+         dropouts: float) -> tuple[Arrays, list[dict[str, Any]]]:
+    """``run_inprocess`` at the caller's thread setting."""
     if cfg.privacy.ddp:
         return _run_ddp(cfg, on_round, dropouts)
     if cfg.fed.aggregation != "mean":
