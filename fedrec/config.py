@@ -25,7 +25,7 @@ from fedrec.errors import ConfigError
 FAULT_KINDS = ("raise", "nan", "inf", "shape", "keys", "dtype", "norm", "mixed", "timeout")
 DATASETS = ("synthetic", "ml-100k", "ml-1m", "ml-latest-small", "movietweetings", "csv")
 MODELS = ("mf", "neumf", "mlp")
-OBJECTIVES = ("bce", "bpr", "mse")
+OBJECTIVES = ("bce", "bpr", "softmax", "mse")
 ACCOUNTANTS = ("rdp", "prv")
 
 
@@ -68,7 +68,7 @@ class DataConfig:
     split: str = "fraction"  # "fraction" (latest per user), "leave-last-out" or "random"
     test_fraction: float = 0.2  # share of each user's latest interactions held out
     validation: bool = False  # tuning: evaluate on a split carved from training, not on test
-    negatives: int = 4  # sampled negatives per positive for implicit training
+    negatives: int = 0  # sampled negatives per positive (implicit); 0: the setting's default
     negative_sampling: str = "auto"  # "unseen", "uniform" (any item); auto: uniform under DP
     eval_negatives: int = 0  # 0: full ranking; N: 1 held-out positive + N sampled negatives
     negatives_file: str = ""  # fixed eval negatives, "(user,item)<TAB>neg1<TAB>neg2..." a line
@@ -88,7 +88,7 @@ class DataConfig:
         _check(self.threshold >= 0, "threshold", "a number >= 0", self.threshold)
         _check(self.min_interactions >= 0, "min-interactions", "an integer >= 0",
                self.min_interactions)
-        _check(self.negatives >= 1, "negatives", "an integer >= 1", self.negatives)
+        _check(self.negatives >= 0, "negatives", "an integer >= 1 (0: auto)", self.negatives)
         _check(self.negative_sampling in ("auto", "unseen", "uniform"), "negative-sampling",
                "'auto', 'unseen' or 'uniform'", self.negative_sampling)
         _check(self.eval_negatives >= 0, "eval-negatives", "an integer >= 0",
@@ -130,17 +130,17 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation: the same for centralized and federated training."""
 
-    epochs: int = 40  # centralized epochs (federated runs use local-epochs)
+    epochs: int = 0  # centralized epochs (federated: local-epochs); 0: the setting's default
     batch_size: int = 0  # examples per step (one = a rating + negatives); 0: auto
     lr: float = 0.0  # learning rate; 0: the setting's tuned default
     weight_decay: float = 0.0  # L2 penalty applied by the optimizer
     optimizer: str = "auto"  # "adam", "sgd" or "auto" (the setting's tuned choice)
-    objective: str = "bce"  # "bce" or "bpr" (implicit), "mse" (explicit)
+    objective: str = "bce"  # "bce", "bpr" or "softmax" (implicit), "mse" (explicit)
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
     early_stopping: int = 0  # central: stop after N epochs without validation gain; 0: off
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
+        _check(self.epochs >= 0, "epochs", "an integer >= 1 (0: auto)", self.epochs)
         _check(self.batch_size >= 0, "batch-size", "an integer >= 1 (0: auto)", self.batch_size)
         _check(self.lr >= 0, "lr", "a number > 0 (0: auto)", self.lr)
         _check(self.weight_decay >= 0, "weight-decay", "a number >= 0", self.weight_decay)
@@ -373,17 +373,17 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 # Keys whose default depends on the setting, with the value that means "auto".
 AUTO: dict[str, Any] = {"dim": 0, "optimizer": "auto", "lr": 0.0, "batch-size": 0,
                         "max-grad-norm": 0.0, "sample-rate": 0.0, "local-epochs": 0,
-                        "server-opt": "auto", "server-lr": 0.0}
+                        "server-opt": "auto", "server-lr": 0.0, "negatives": 0, "epochs": 0}
 # The tuned defaults per setting: chosen on a validation split carved from ML-100K's
 # training data (simulations/tune.py; docs/BENCHMARKS.md has the grids and the results on
 # the test split, simulations/benchmark_defaults.py measures them).
 RECIPES: dict[str, dict[str, Any]] = {
     "central": {"dim": 64, "optimizer": "adam", "lr": 0.002, "batch-size": 1024,
                 "max-grad-norm": 1.0, "sample-rate": 0.0, "local-epochs": 1,
-                "server-opt": "avg", "server-lr": 1.0},
+                "server-opt": "avg", "server-lr": 1.0, "negatives": 20, "epochs": 37},
     "central-dp": {"dim": 8, "optimizer": "adam", "lr": 0.02, "batch-size": 1024,
                    "max-grad-norm": 0.25, "sample-rate": 0.05, "local-epochs": 1,
-                   "server-opt": "avg", "server-lr": 1.0},
+                   "server-opt": "avg", "server-lr": 1.0, "negatives": 4, "epochs": 40},
     "cross-silo": {"dim": 64, "optimizer": "adam", "lr": 0.01, "batch-size": 1024,
                    "max-grad-norm": 1.0, "sample-rate": 0.0, "local-epochs": 2,
                    "server-opt": "avg", "server-lr": 1.0},
@@ -394,6 +394,9 @@ RECIPES: dict[str, dict[str, Any]] = {
                      "max-grad-norm": 1.0, "sample-rate": 0.125, "local-epochs": 2,
                      "server-opt": "adam", "server-lr": 0.05},
 }
+# federated: 4 negatives (each one more adds to every client's work); epochs: unused there
+for _name in ("cross-silo", "cross-silo-dp", "cross-device"):
+    RECIPES[_name].update({"negatives": 4, "epochs": 40})
 # any DP mode on one-user clients: one local epoch (what the privacy sweeps measured)
 RECIPES["cross-device-dp"] = {**RECIPES["cross-device"], "local-epochs": 1}
 

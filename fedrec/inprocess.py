@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
 from fedrec.aggregate import ClippedSum, MeanAccumulator, ServerOptimizer, Update, UserLevelDP
+from fedrec.batched import fit_clients, unsupported
 from fedrec.config import RunConfig
 from fedrec.ddp import PRIOR_KEY, DDPServer
 from fedrec.errors import ConfigError
 from fedrec.federated import (
+    FitResult,
     cached_split,
     ddp_client_round,
     evaluate_client,
@@ -61,7 +63,8 @@ def _sample(cfg: RunConfig, n: int, rng: np.random.Generator) -> list[int]:
 
 
 def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None = None,
-                  *, dropouts: float = 0.0) -> tuple[Arrays, list[dict[str, Any]]]:
+                  *, dropouts: float = 0.0, engine: str = "auto"
+                  ) -> tuple[Arrays, list[dict[str, Any]]]:
     """Run ``rounds`` federated rounds over all partitions; returns (shared, rows).
 
     Each row holds the round's aggregated metrics, ``epsilon-max``/``epsilon-mean``,
@@ -70,6 +73,11 @@ def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | N
     clients drop after masking, at random each round: their updates and noise shares
     are missing from the sum, as with SecAgg+'s recovery.
 
+    ``engine``: ``"loop"`` calls ``fit_client`` for each client in turn; ``"batched"``
+    trains the round's clients side by side (``fedrec.batched``: same updates to float
+    tolerance; not for record-level or distributed DP); ``"auto"`` takes the batched
+    engine where it applies.
+
     Runs with one torch thread, as each Flower client does: summation order then
     matches the Flower path exactly (more threads change the last bits, and a near-tie
     in a ranking can flip). The caller's thread count is restored afterwards.
@@ -77,14 +85,20 @@ def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | N
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(cfg, on_round, dropouts)
+        return _run(cfg, on_round, dropouts, engine)
     finally:
         torch.set_num_threads(threads)
 
 
 def _run(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
-         dropouts: float) -> tuple[Arrays, list[dict[str, Any]]]:
+         dropouts: float, engine: str) -> tuple[Arrays, list[dict[str, Any]]]:
     """``run_inprocess`` at the caller's thread setting."""
+    if engine not in ("auto", "loop", "batched"):
+        raise ConfigError(f"engine {engine!r}: expected 'auto', 'loop' or 'batched'")
+    why = unsupported(cfg)
+    if engine == "batched" and why:
+        raise ConfigError(f"engine 'batched': {why}; use engine 'loop'")
+    batched = engine == "batched" or (engine == "auto" and why is None)
     if cfg.privacy.ddp:
         return _run_ddp(cfg, on_round, dropouts)
     if cfg.fed.aggregation != "mean":
@@ -108,9 +122,15 @@ def _run(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
         acc = MeanAccumulator(shared, keys)
         clipped = ClippedSum(shared, cfg.privacy.user_clip) if user_dp else None
         eps, losses, exhausted = [], [], 0
-        for i in chosen:
-            res = fit_client(cfg, clients[i], shared, states[i], ledgers[i],
-                             seed=cfg.data.seed + i, server_round=rnd)
+        if batched:
+            fits: Iterator[FitResult] = fit_clients(
+                cfg, [clients[i] for i in chosen], shared, [states[i] for i in chosen],
+                [ledgers[i] for i in chosen], seeds=[cfg.data.seed + i for i in chosen],
+                server_round=rnd)
+        else:
+            fits = (fit_client(cfg, clients[i], shared, states[i], ledgers[i],
+                               seed=cfg.data.seed + i, server_round=rnd) for i in chosen)
+        for i, res in zip(chosen, fits):
             eps.append(res.epsilon)
             if res.shared is None:
                 exhausted += int(res.exhausted)

@@ -261,7 +261,9 @@ class RowLoss(nn.Module):
 
     Opacus's ghost clipping sets ``reduction="none"`` to get the ``[B]`` per-example
     losses. Objectives: ``bce`` (sum of BCE over the positive and its negatives), ``bpr``
-    (mean of -log sigmoid(s_pos - s_neg) over negatives), ``mse`` (squared error).
+    (mean of -log sigmoid(s_pos - s_neg) over negatives), ``softmax`` (cross-entropy of the
+    positive, column 0, against its sampled negatives: sampled softmax), ``mse`` (squared
+    error).
     """
 
     def __init__(self, objective: str, reduction: str = "mean") -> None:
@@ -276,6 +278,8 @@ class RowLoss(nn.Module):
                 scores, targets, reduction="none").sum(1)
         elif self.objective == "bpr":
             per = -nn.functional.logsigmoid(scores[:, :1] - scores[:, 1:]).mean(1)
+        elif self.objective == "softmax":
+            per = torch.logsumexp(scores, 1) - scores[:, 0]
         else:
             per = ((scores - targets) ** 2).sum(1)
         if self.reduction == "none":

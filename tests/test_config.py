@@ -17,7 +17,8 @@ def test_unknown_key_is_named_with_valid_keys() -> None:
 
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("epochs", "three", "'epochs': expected an integer"),
-    ("epochs", 0, "'epochs': expected an integer >= 1"),
+    ("epochs", -1, "'epochs': expected an integer >= 1 \\(0: auto\\)"),
+    ("negatives", -2, "'negatives': expected an integer >= 1 \\(0: auto\\)"),
     ("lr", -1.0, "'lr': expected a number > 0"),
     ("dp", "maybe", "'dp': expected true or false"),
     ("model", "svd", "'model': expected one of"),
@@ -50,8 +51,14 @@ def test_auto_keys_take_the_recipe_of_the_setting() -> None:
         assert cfg.setting == name
         assert cfg.fed.local_epochs == RECIPES[name]["local-epochs"]
         assert cfg.train.lr == RECIPES[name]["lr"] and cfg.model.dim == RECIPES[name]["dim"]
+        assert cfg.data.negatives == RECIPES[name]["negatives"]
+        assert cfg.train.epochs == RECIPES[name]["epochs"]
     for extra in ({"user-dp": True}, {"ddp": True}):  # every DP mode on one-user clients
         cfg = RunConfig.from_flat({"dp": False, "partition": "cross-device", **extra})
         assert cfg.setting == "cross-device-dp" and cfg.fed.local_epochs == 1
     assert RunConfig.from_flat({"partition": "cross-device", "dp": False,
                                 "local-epochs": 3}).fed.local_epochs == 3
+    # a federated config's auto keys take the central recipe when trained centrally
+    fed = RunConfig.from_flat({"dp": False})
+    assert fed.for_central().data.negatives == RECIPES["central"]["negatives"]
+    assert RunConfig.from_flat({"dp": False, "negatives": 2}).for_central().data.negatives == 2
