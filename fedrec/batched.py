@@ -94,11 +94,12 @@ def _plan(cfg: RunConfig, index: int, data: ClientData, state: ClientState | Non
 def fit_clients(cfg: RunConfig, clients: Sequence[ClientData], shared: Arrays,
                 states: Sequence[ClientState | None], ledgers: Sequence[Ledger | None], *,
                 seeds: Sequence[int], server_round: int, chunk: int = 256
-                ) -> Iterator[FitResult]:
-    """``fit_client`` for each client, ``chunk`` clients at a time; results in order.
+                ) -> Iterator[tuple[int, FitResult]]:
+    """``fit_client`` for each client: yields ``(position in clients, result)``.
 
-    Yields one ``FitResult`` per client as each chunk finishes, so a round of thousands
-    of clients never holds all their updates at once.
+    Clients train ``chunk`` at a time, grouped by size (a chunk pads to its largest
+    client), so results come in chunk order, not list order; a round of thousands of
+    clients never holds all their updates at once.
 
     Raises:
         ValueError: the config needs ``fit_client`` (``unsupported``).
@@ -108,22 +109,22 @@ def fit_clients(cfg: RunConfig, clients: Sequence[ClientData], shared: Arrays,
         raise ValueError(f"the batched engine cannot run this config: {why}")
     if clients:  # the received arrays pass fit_client's checks (finite, bounded, keys)
         _model(cfg, clients[0], shared, None, 0, None)
-    for start in range(0, len(clients), chunk):
+    order = sorted(range(len(clients)), key=lambda j: len(clients[j].train))
+    for start in range(0, len(order), chunk):
         t0 = time.perf_counter()
-        plans, empty = [], {}
-        for j in range(start, min(start + chunk, len(clients))):
+        plans, done = [], {}
+        for j in order[start:start + chunk]:
             if len(clients[j].train) == 0:
-                empty[j] = FitResult(None, None, 0, math.nan, 0.0, False, 0.0,
-                                     states[j] or ClientState(user_ids=list(clients[j].user_ids)),
-                                     ledgers[j] or Ledger(delta=0.0, unit=""))
+                done[j] = FitResult(None, None, 0, math.nan, 0.0, False, 0.0,
+                                    states[j] or ClientState(user_ids=list(clients[j].user_ids)),
+                                    ledgers[j] or Ledger(delta=0.0, unit=""))
             else:
                 plans.append(_plan(cfg, j, clients[j], states[j], ledgers[j], seeds[j],
                                    server_round))
-        done = {p.index: r for p, r in zip(plans, _train_chunk(cfg, plans, shared))}
-        done.update(empty)
+        done.update({p.index: r for p, r in zip(plans, _train_chunk(cfg, plans, shared))})
         seconds = (time.perf_counter() - t0) / max(1, len(done))
-        for j in sorted(done):
-            yield dataclasses.replace(done[j], seconds=seconds)
+        for j, res in done.items():
+            yield j, dataclasses.replace(res, seconds=seconds)
 
 
 def _pad_stack(tensors: Sequence[torch.Tensor], size: int) -> torch.Tensor:
@@ -134,15 +135,50 @@ def _pad_stack(tensors: Sequence[torch.Tensor], size: int) -> torch.Tensor:
     return out
 
 
+def _gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index [C, M]`` of each client's ``table [C, R, ...]``: ``[C, M, ...]``."""
+    shape = index.shape + table.shape[2:]
+    flat = index.reshape(index.shape + (1,) * (table.dim() - 2)).expand(shape)
+    return torch.gather(table, 1, flat)
+
+
+def _scatter_add(table: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """``table[c, index[c, m]] += values[c, m]`` (repeated rows add up)."""
+    flat = index.reshape(index.shape + (1,) * (table.dim() - 2)).expand(values.shape)
+    table.scatter_add_(1, flat, values)
+
+
 def _train_chunk(cfg: RunConfig, plans: list[_Plan], shared: Arrays) -> list[FitResult]:
-    """Train ``plans`` side by side; one FitResult each."""
+    """Train ``plans`` side by side; one FitResult each.
+
+    SGD steps touch only the rows a step reads (gathered, differentiated, added back:
+    what a dense embedding gradient does, since other rows get zero); Adam steps update
+    every row a client holds, as its moments move rows a step does not read.
+    """
     if not plans:
         return []
     device = resolve_device(cfg.train.device)
+    n_clients = len(plans)
     n_rows = max(len(p.rows) for p in plans)
     n_users = max(p.data.n_users for p in plans)
     n_steps = max(len(p.steps) for p in plans)
-    template = build_model(cfg.model, n_users, n_rows, offset=plans[0].data.offset).to(device)
+    batch = cfg.train.batch_size
+    k = plans[0].steps[0][1].shape[1]
+    users = torch.zeros(n_clients, n_steps, batch, dtype=torch.long)
+    items = torch.zeros(n_clients, n_steps, batch, k, dtype=torch.long)
+    targets = torch.zeros(n_clients, n_steps, batch, k)
+    mask = torch.zeros(n_clients, n_steps, batch)
+    last = torch.zeros(n_clients, n_steps, dtype=torch.bool)  # steps of the last epoch
+    for c, p in enumerate(plans):
+        for s, (u, i, t) in enumerate(p.steps):
+            users[c, s, :len(u)], items[c, s, :len(u)], targets[c, s, :len(u)] = u, i, t
+            mask[c, s, :len(u)] = 1.0
+            last[c, s] = p.epochs[s] == p.epochs[-1]
+    sparse = cfg.train.optimizer == "sgd"
+    template = (build_model(cfg.model, batch, batch * k, offset=plans[0].data.offset)
+                if sparse else
+                build_model(cfg.model, n_users, n_rows, offset=plans[0].data.offset))
+    template.to(device)
     local_keys, item_keys = set(template.local_keys()), set(template.item_keys())
     rows = _pad_stack([torch.from_numpy(p.rows) for p in plans], n_rows)
     params: dict[str, torch.Tensor] = {}
@@ -153,46 +189,42 @@ def _train_chunk(cfg: RunConfig, plans: list[_Plan], shared: Arrays) -> list[Fit
             value = torch.from_numpy(np.asarray(shared[key]))[rows]
         else:
             value = torch.from_numpy(np.asarray(shared[key])).expand(
-                (len(plans),) + shared[key].shape).clone()
-        params[key] = value.to(device).requires_grad_()
-    optimizer = _BatchedOptimizer(cfg, params, len(plans))
+                (n_clients,) + shared[key].shape).clone()
+        params[key] = value.to(device).requires_grad_(not sparse or (
+            key not in local_keys and key not in item_keys))
+    dense_keys = [key for key in params if params[key].requires_grad]
+    optimizer = _BatchedOptimizer(cfg, {key: params[key] for key in dense_keys}, n_clients,
+                                  device)
     criterion = RowLoss(cfg.train.objective, reduction="none")
-    batch = cfg.train.batch_size
-    k = plans[0].steps[0][1].shape[1]
-
-    def scores_of(p: dict[str, torch.Tensor], users: torch.Tensor,
-                  items: torch.Tensor) -> torch.Tensor:
-        return functional_call(template, p, (users, items))
-
-    batched = vmap(scores_of)
-    epochs = cfg.fed.local_epochs
-    loss_sums = torch.zeros(len(plans), epochs, dtype=torch.float64)
-    seen = torch.zeros(len(plans), epochs)
+    batched = vmap(lambda p, u, i: functional_call(template, p, (u, i)))
+    step_users = torch.arange(batch, device=device).expand(n_clients, -1)
+    step_items = torch.arange(batch * k, device=device).reshape(batch, k).expand(
+        n_clients, -1, -1)
+    losses = torch.zeros(n_clients, n_steps, dtype=torch.float64)
+    count = mask.sum(2)  # [C, S]
     for s in range(n_steps):
-        users = torch.zeros(len(plans), batch, dtype=torch.long)
-        items = torch.zeros(len(plans), batch, k, dtype=torch.long)
-        targets = torch.zeros(len(plans), batch, k)
-        mask = torch.zeros(len(plans), batch)
-        for c, p in enumerate(plans):
-            if s < len(p.steps):
-                u, i, t = p.steps[s]
-                users[c, :len(u)], items[c, :len(u)], targets[c, :len(u)] = u, i, t
-                mask[c, :len(u)] = 1.0
-        count = mask.sum(1)
-        active = count > 0
-        users, items, targets, mask = (x.to(device) for x in (users, items, targets, mask))
-        scores = batched(params, users, items)  # [C, B, K]
-        per = criterion(scores.reshape(-1, k), targets.reshape(-1, k)).reshape(mask.shape)
-        client_loss = (per * mask).sum(1) / count.to(device).clamp(min=1)
+        u, i = users[:, s].to(device), items[:, s].to(device)
+        t, m = targets[:, s].to(device), mask[:, s].to(device)
+        if sparse:  # this step's rows, as leaves; gradients are added back below
+            index = {key: u if key in local_keys else i.reshape(n_clients, -1)
+                     for key in params if key in local_keys or key in item_keys}
+            leaves = {key: _gather(params[key].detach(), idx).requires_grad_()
+                      for key, idx in index.items()}
+            scores = batched({**params, **leaves}, step_users, step_items)
+        else:
+            scores = batched(params, u, i)
+        per = criterion(scores.reshape(-1, k), t.reshape(-1, k)).reshape(m.shape)
+        n_s = count[:, s].to(device)
+        client_loss = (per * m).sum(1) / n_s.clamp(min=1)
         client_loss.sum().backward()
-        optimizer.step(active.to(device))
-        with torch.no_grad():
-            for c, p in enumerate(plans):
-                if s < len(p.steps):
-                    e = p.epochs[s]
-                    loss_sums[c, e] += float(client_loss[c]) * float(count[c])
-                    seen[c, e] += count[c]
+        if sparse:
+            with torch.no_grad():
+                for key, leaf in leaves.items():
+                    _scatter_add(params[key].data, index[key], -cfg.train.lr * leaf.grad)
+        optimizer.step(n_s > 0)
+        losses[:, s] = (client_loss.detach() * n_s).double().cpu()
     results = []
+    last_loss = (losses * last).sum(1) / (count.double() * last).sum(1).clamp(min=1)
     for c, p in enumerate(plans):
         local = {key: params[key][c, :p.data.n_users].detach().cpu().clone()
                  for key in local_keys}
@@ -208,14 +240,12 @@ def _train_chunk(cfg: RunConfig, plans: list[_Plan], shared: Arrays) -> list[Fit
         if not all(torch.isfinite(v).all() for v in local.values()) or not all(
                 np.isfinite(v).all() for v in out.values()):
             raise PrivacyError("training produced non-finite values; nothing is sent or kept")
-        last = int(p.epochs[-1])
-        loss = float(loss_sums[c, last] / max(1.0, float(seen[c, last])))
         weighting = cfg.fed.item_weighting
         touched = (p.builder.touched.astype(np.float32)
                    if not cfg.privacy.user_dp and weighting in ("auto", "touched") else None)
         n = len(p.data.train)
         results.append(FitResult(
-            out, touched, n, loss, p.ledger.epsilon, False, 0.0,
+            out, touched, n, float(last_loss[c]), p.ledger.epsilon, False, 0.0,
             ClientState(local=local, rounds=p.state.rounds + 1,
                         user_ids=list(p.data.user_ids)),
             dataclasses.replace(p.ledger, rounds=p.ledger.rounds + 1), weight=float(n)))
@@ -226,10 +256,11 @@ class _BatchedOptimizer:
     """SGD or Adam (``build_optimizer``'s, no weight decay) with one state per client;
     a client without a step this time (its steps are done) is left as it is."""
 
-    def __init__(self, cfg: RunConfig, params: dict[str, torch.Tensor], n: int) -> None:
+    def __init__(self, cfg: RunConfig, params: dict[str, torch.Tensor], n: int,
+                 device: torch.device) -> None:
         self.kind, self.lr = cfg.train.optimizer, cfg.train.lr
         self.params = params
-        self.t = torch.zeros(n, dtype=torch.float64, device=next(iter(params.values())).device)
+        self.t = torch.zeros(n, dtype=torch.float64, device=device)
         if self.kind == "adam":
             self.m = {k: torch.zeros_like(v) for k, v in params.items()}
             self.v = {k: torch.zeros_like(v) for k, v in params.items()}
@@ -241,10 +272,10 @@ class _BatchedOptimizer:
         for key, p in self.params.items():
             g = p.grad
             shape = (-1,) + (1,) * (p.dim() - 1)
-            on = active.reshape(shape)
-            if self.kind == "sgd":
-                p.sub_(torch.where(on, g, torch.zeros_like(g)) * self.lr)
+            if self.kind == "sgd":  # a client without examples has a zero gradient
+                p.sub_(g * self.lr)
             else:
+                on = active.reshape(shape)
                 b1, b2 = ADAM_BETAS
                 m = torch.where(on, self.m[key] * b1 + g * (1 - b1), self.m[key])
                 v = torch.where(on, self.v[key] * b2 + g * g * (1 - b2), self.v[key])

@@ -383,7 +383,7 @@ RECIPES: dict[str, dict[str, Any]] = {
                 "server-opt": "avg", "server-lr": 1.0, "negatives": 20, "epochs": 37},
     "central-dp": {"dim": 8, "optimizer": "adam", "lr": 0.02, "batch-size": 1024,
                    "max-grad-norm": 0.25, "sample-rate": 0.05, "local-epochs": 1,
-                   "server-opt": "avg", "server-lr": 1.0, "negatives": 4, "epochs": 40},
+                   "server-opt": "avg", "server-lr": 1.0, "negatives": 20, "epochs": 40},
     "cross-silo": {"dim": 64, "optimizer": "adam", "lr": 0.01, "batch-size": 1024,
                    "max-grad-norm": 1.0, "sample-rate": 0.0, "local-epochs": 2,
                    "server-opt": "avg", "server-lr": 1.0},
@@ -394,9 +394,9 @@ RECIPES: dict[str, dict[str, Any]] = {
                      "max-grad-norm": 1.0, "sample-rate": 0.125, "local-epochs": 2,
                      "server-opt": "adam", "server-lr": 0.05},
 }
-# federated: 4 negatives (each one more adds to every client's work); epochs: unused there
-for _name in ("cross-silo", "cross-silo-dp", "cross-device"):
-    RECIPES[_name].update({"negatives": 4, "epochs": 40})
+# federated runs train local-epochs (epochs: unused there)
+for _name, _negatives in (("cross-silo", 20), ("cross-silo-dp", 20), ("cross-device", 4)):
+    RECIPES[_name].update({"negatives": _negatives, "epochs": 40})
 # any DP mode on one-user clients: one local epoch (what the privacy sweeps measured)
 RECIPES["cross-device-dp"] = {**RECIPES["cross-device"], "local-epochs": 1}
 

@@ -123,14 +123,15 @@ def _run(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
         clipped = ClippedSum(shared, cfg.privacy.user_clip) if user_dp else None
         eps, losses, exhausted = [], [], 0
         if batched:
-            fits: Iterator[FitResult] = fit_clients(
-                cfg, [clients[i] for i in chosen], shared, [states[i] for i in chosen],
-                [ledgers[i] for i in chosen], seeds=[cfg.data.seed + i for i in chosen],
-                server_round=rnd)
+            fits: Iterator[tuple[int, FitResult]] = (
+                (chosen[j], res) for j, res in fit_clients(
+                    cfg, [clients[i] for i in chosen], shared, [states[i] for i in chosen],
+                    [ledgers[i] for i in chosen], seeds=[cfg.data.seed + i for i in chosen],
+                    server_round=rnd))
         else:
-            fits = (fit_client(cfg, clients[i], shared, states[i], ledgers[i],
-                               seed=cfg.data.seed + i, server_round=rnd) for i in chosen)
-        for i, res in zip(chosen, fits):
+            fits = ((i, fit_client(cfg, clients[i], shared, states[i], ledgers[i],
+                                   seed=cfg.data.seed + i, server_round=rnd)) for i in chosen)
+        for i, res in fits:
             eps.append(res.epsilon)
             if res.shared is None:
                 exhausted += int(res.exhausted)

@@ -38,8 +38,10 @@ def test_batched_clients_equal_fit_client(model: str, optimizer: str, partition:
     states = [None] * len(clients)
     seeds = [cfg.data.seed + i for i in range(len(clients))]
     for rnd in (1, 2):
-        ours = list(fit_clients(cfg, clients, shared, states, [None] * len(clients),
-                                seeds=seeds, server_round=rnd, chunk=3))
+        pairs = list(fit_clients(cfg, clients, shared, states, [None] * len(clients),
+                                 seeds=seeds, server_round=rnd, chunk=3))
+        assert sorted(j for j, _ in pairs) == list(range(len(clients)))
+        ours = [res for _, res in sorted(pairs, key=lambda pair: pair[0])]
         for i, (data, res) in enumerate(zip(clients, ours)):
             ref = fit_client(cfg, data, shared, states[i], seed=seeds[i], server_round=rnd)
             assert res.num_examples == ref.num_examples and res.weight == ref.weight
