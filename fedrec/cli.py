@@ -188,6 +188,14 @@ def _die_with_supervisor(supervisor: int, poll: float = 0.2) -> None:
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # bad options fail here, before anything starts
+    if args.engine == "batched":
+        if args.resume:
+            raise ConfigError("--resume: runs of --engine batched do not checkpoint; rerun "
+                              "them, or use --engine flower")
+        from simulations.simulation import simulate_inprocess
+
+        simulate_inprocess(cfg, Path(args.out), overwrite=args.overwrite, quiet=args.quiet)
+        return 0
     supervisor = os.environ.get(SUPERVISED, "")
     if not supervisor.isdigit():
         return _supervise(args._argv, Path(args.out))
@@ -466,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true",
                    help="continue a killed or interrupted run of this --out from its last "
                         "server checkpoint (same options; --rounds may grow)")
+    s.add_argument("--engine", choices=["flower", "batched"], default="flower",
+                   help="flower: the ServerApp and ClientApps on Flower's simulation engine "
+                        "(what flwr run deploys); batched: the same rounds in this process, "
+                        "clients trained side by side where DP allows (no DP, user-level "
+                        "DP), for experiments (default: flower)")
     add_config_options(s, exclude=RUN_MANAGED + NOT_FEDERATED)
     s.set_defaults(func=_cmd_simulate)
 

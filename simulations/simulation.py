@@ -157,3 +157,49 @@ def simulate(cfg: RunConfig, out: Path, *, overwrite: bool = False, quiet: bool 
                                   f"{metrics['rounds']} rounds"))
         print(f"results: {path}")
     return metrics
+
+
+def simulate_inprocess(cfg: RunConfig, out: Path, *, overwrite: bool = False,
+                       quiet: bool = False) -> dict[str, Any]:
+    """``fedrec simulate --engine batched``: the same rounds in this process.
+
+    ``fedrec.inprocess`` runs the clients (the batched engine where it applies, else one
+    ``fit_client`` after another) and the server's aggregation without Flower's messaging;
+    metrics are the experimenter's exact counts. Writes what the Flower path writes
+    (config.json, rounds.csv/json, metrics.json, shared_model.pt); no ``--resume``.
+    """
+    from fedrec.batched import unsupported
+    from fedrec.inprocess import run_inprocess
+    from server.server_app import write_results
+    from server.strategy import format_round
+
+    split = cached_split(cfg.data)
+    n_nodes = num_partitions(cfg.fed.partition, split.n_users, cfg.fed.num_clients)
+    why = unsupported(cfg)
+    if not quiet:
+        print(split.train.summary())
+        if split.train.synthetic:
+            print("note: this is synthetic data; pass --dataset/--data-dir for real data")
+        print(f"engine: in process, {n_nodes} clients "
+              + (f"one after another ({why})" if why else "trained side by side (batched)"))
+    run = RunDir(out, overwrite=overwrite)
+    try:
+        def show(row: dict[str, Any]) -> None:
+            row["evaluation"] = "experimenter (in process)"
+            if not quiet:
+                print(format_round(row, cfg), flush=True)
+
+        shared, rows = run_inprocess(cfg, on_round=show)
+        metrics = write_results(cfg.replace(**{"out-dir": str(run.path)}), rows, shared)
+        path = run.commit()
+    except BaseException:
+        run.abort()
+        raise
+    if not quiet:
+        from fedrec.commands import format_table
+
+        shown = {k: v for k, v in metrics.items() if not isinstance(v, bool)}
+        print(format_table(shown, f"federated {cfg.model.model}, {n_nodes} clients, "
+                                  f"{metrics['rounds']} rounds (in process)"))
+        print(f"results: {path}")
+    return metrics

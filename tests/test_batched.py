@@ -85,3 +85,25 @@ def test_in_process_rounds_are_the_same_with_either_engine(extra: dict) -> None:
         np.testing.assert_allclose(ours[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
     assert [r["clients"] for r in rows] == [r["clients"] for r in loop_rows]
     assert rows[-1]["train-loss"] == pytest.approx(loop_rows[-1]["train-loss"], rel=1e-4)
+
+
+def test_simulate_with_the_batched_engine_writes_a_run(tmp_path, capsys) -> None:
+    """``fedrec simulate --engine batched`` writes the files a Flower run writes, with
+    one row per round; --resume is refused with the reason (nothing to resume from)."""
+    import json
+
+    from fedrec.cli import main
+
+    out = tmp_path / "run"
+    assert main(["simulate", "--engine", "batched", "--no-dp", "--rounds", "2",
+                 "--synthetic-users", "30", "--synthetic-items", "40", "--dim", "4",
+                 "--out", str(out)]) == 0
+    rows = json.loads((out / "rounds.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in rows] == [1, 2] and metrics["rounds"] == 2
+    assert metrics["evaluation"] == "experimenter (in process)"
+    assert (out / "shared_model.pt").is_file() and (out / "config.json").is_file()
+    assert "trained side by side" in capsys.readouterr().out
+    assert main(["simulate", "--engine", "batched", "--resume", "--out",
+                 str(tmp_path / "again")]) == 2
+    assert "--resume: runs of --engine batched" in capsys.readouterr().err
