@@ -26,14 +26,15 @@ import numpy as np
 import torch
 from torch.func import functional_call, vmap
 
+from fedrec import privacy
 from fedrec.config import RunConfig
 from fedrec.data import ExampleBuilder
 from fedrec.errors import PrivacyError
-from fedrec.federated import ClientData, FitResult, _model
+from fedrec.federated import ClientData, DPPlan, FitResult, _model, client_dp_plan
 from fedrec.model import build_model
 from fedrec.privacy import RowLoss
 from fedrec.state import ClientState, Ledger
-from fedrec.train import resolve_device
+from fedrec.train import batch_indices, resolve_device
 
 Arrays = dict[str, np.ndarray]
 
@@ -42,8 +43,9 @@ ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults (build_
 
 def unsupported(cfg: RunConfig) -> str | None:
     """Why this config's clients cannot train batched (None: they can)."""
-    if cfg.privacy.dp:
-        return "record-level DP trains each client through Opacus"
+    if cfg.privacy.dp and (cfg.model.model != "mf" or cfg.train.optimizer != "sgd"):
+        return ("record-level DP runs batched for MF with SGD clients only (other models "
+                "and Adam train each client through Opacus)")
     if cfg.privacy.ddp:
         return "distributed DP adds noise shares per client"
     if cfg.train.weight_decay > 0:
@@ -64,31 +66,55 @@ class _Plan:
     steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (users, local items, targets)
     epochs: list[int]  # epoch of each step
     local: dict[str, torch.Tensor]  # user tensors at the start of the round
+    dp: DPPlan | None = None  # record-level DP: q, steps, sigma of this round
+    noise: torch.Generator | None = None  # record-level DP: the client's noise source
 
 
 def _plan(cfg: RunConfig, index: int, data: ClientData, state: ClientState | None,
-          ledger: Ledger | None, seed: int, server_round: int) -> _Plan:
-    """fit_client's examples and batch order for one client (same seeds, same draws)."""
-    ledger = ledger or Ledger(delta=0.0, unit="")
+          ledger: Ledger | None, seed: int, server_round: int) -> _Plan | FitResult:
+    """fit_client's examples and batch order for one client (same seeds, same draws);
+    under record-level DP, its Poisson batches and noise source, or the FitResult of a
+    client whose budget does not allow the round."""
+    pcfg = cfg.privacy
+    ledger = ledger or Ledger(delta=pcfg.delta if pcfg.dp else 0.0,
+                              unit=privacy.UNIT_OF_PRIVACY if pcfg.dp else "")
     state = state or ClientState(user_ids=list(data.user_ids))
+    dp = client_dp_plan(cfg, ledger, server_round) if pcfg.dp else None
+    if pcfg.dp and dp is None:
+        return FitResult(None, None, 0, math.nan, ledger.epsilon, True, 0.0, state, ledger)
+    noise = None
+    if dp is not None:
+        stream = (seed, server_round)
+        neg: int | np.random.Generator = np.random.default_rng(
+            privacy.dp_seed(pcfg, *stream, privacy.NEGATIVES))
+        gen = privacy.dp_generator(pcfg, *stream, privacy.SAMPLING)
+        noise = privacy.dp_generator(pcfg, *stream, privacy.NOISE)
+    else:
+        neg = seed * 7919 + server_round
+        gen = torch.Generator().manual_seed(seed * 104729 + server_round)
     builder = ExampleBuilder(data.train, implicit=data.implicit,
-                             negatives=cfg.data.negatives, seed=seed * 7919 + server_round,
+                             negatives=cfg.data.negatives, seed=neg,
                              uniform=cfg.uniform_negatives)
-    gen = torch.Generator().manual_seed(seed * 104729 + server_round)
     raw, epochs = [], []
     for epoch in range(cfg.fed.local_epochs):
         ex = builder.build()
-        for idx in torch.randperm(len(ex), generator=gen).split(cfg.train.batch_size):
+        for idx in batch_indices(len(ex), cfg.train.batch_size, poisson=dp is not None,
+                                 generator=gen, sample_rate=dp.sample_rate if dp else None):
             raw.append((ex.users[idx], ex.items[idx], ex.targets[idx]))
             epochs.append(epoch)
-    rows = np.flatnonzero(builder.touched)
-    steps = [(u, torch.from_numpy(np.searchsorted(rows, i.numpy())), t) for u, i, t in raw]
+    if dp is not None:  # noise reaches every row: the client holds the whole table
+        rows = np.arange(data.n_items)
+        steps = raw
+    else:
+        rows = np.flatnonzero(builder.touched)
+        steps = [(u, torch.from_numpy(np.searchsorted(rows, i.numpy())), t)
+                 for u, i, t in raw]
     if state.local:
         local = {k: torch.as_tensor(v) for k, v in state.local.items()}
     else:  # the user tables are drawn first from the client's seed: no item table needed
         model = build_model(cfg.model, data.n_users, 1, offset=data.offset, seed=seed)
         local = model.local_state_dict()
-    return _Plan(index, data, state, ledger, builder, rows, steps, epochs, local)
+    return _Plan(index, data, state, ledger, builder, rows, steps, epochs, local, dp, noise)
 
 
 def fit_clients(cfg: RunConfig, clients: Sequence[ClientData], shared: Arrays,
@@ -114,14 +140,18 @@ def fit_clients(cfg: RunConfig, clients: Sequence[ClientData], shared: Arrays,
         t0 = time.perf_counter()
         plans, done = [], {}
         for j in order[start:start + chunk]:
-            if len(clients[j].train) == 0:
+            if len(clients[j].train) == 0 and not cfg.privacy.dp:  # under DP it still steps
                 done[j] = FitResult(None, None, 0, math.nan, 0.0, False, 0.0,
                                     states[j] or ClientState(user_ids=list(clients[j].user_ids)),
                                     ledgers[j] or Ledger(delta=0.0, unit=""))
+                continue
+            plan = _plan(cfg, j, clients[j], states[j], ledgers[j], seeds[j], server_round)
+            if isinstance(plan, FitResult):
+                done[j] = plan
             else:
-                plans.append(_plan(cfg, j, clients[j], states[j], ledgers[j], seeds[j],
-                                   server_round))
-        done.update({p.index: r for p, r in zip(plans, _train_chunk(cfg, plans, shared))})
+                plans.append(plan)
+        train = _train_chunk_dp if cfg.privacy.dp else _train_chunk
+        done.update({p.index: r for p, r in zip(plans, train(cfg, plans, shared))})
         seconds = (time.perf_counter() - t0) / max(1, len(done))
         for j, res in done.items():
             yield j, dataclasses.replace(res, seconds=seconds)
@@ -249,6 +279,128 @@ def _train_chunk(cfg: RunConfig, plans: list[_Plan], shared: Arrays) -> list[Fit
             ClientState(local=local, rounds=p.state.rounds + 1,
                         user_ids=list(p.data.user_ids)),
             dataclasses.replace(p.ledger, rounds=p.ledger.rounds + 1), weight=float(n)))
+    return results
+
+
+def _secure_noise(std: float, shape: tuple[int, ...], generator: torch.Generator
+                  ) -> torch.Tensor:
+    """Opacus's ``secure_mode`` noise, draw for draw (one discarded, four summed, halved):
+    the same numbers a client's DPOptimizer takes from the same generator."""
+    torch.normal(mean=0, std=std, size=(1, 1), generator=generator)
+    total = torch.zeros(shape)
+    for _ in range(4):
+        total += torch.normal(mean=0, std=std, size=shape, generator=generator)
+    return total / 2
+
+
+def _example_sq_norms(grad: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Squared norms ``[C, B]`` of each example's gradient on one table, from its lookups'
+    gradients ``grad [C, B, K, d]`` and rows ``ids [C, B, K]`` (repeated rows add up):
+    ``sum_{k,k'} [id_k == id_k'] <g_k, g_k'>``, as ``fedrec.privacy``'s norm sampler."""
+    gram = (grad.unsqueeze(3) * grad.unsqueeze(2)).sum(-1)  # [C, B, K, K]
+    same = ids.unsqueeze(3) == ids.unsqueeze(2)
+    return (gram * same).sum((2, 3)).clamp(min=0)
+
+
+def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays) -> list[FitResult]:
+    """Record-level DP-SGD for ``plans`` side by side (MF, SGD): what Opacus does in
+    ``fit_client``, step for step.
+
+    Each step takes every client's Poisson batch; one backward pass gives each lookup's
+    gradient (every example's lookups are separate leaves), hence each example's exact
+    gradient norm over all four tables; examples are clipped to ``max-grad-norm`` C
+    (Opacus's factor ``min(1, C / (norm + 1e-6))``), summed into the client's tables,
+    noised with the client's own generator (std sigma C on every coordinate of every
+    table, Opacus's secure draws in its parameter order), divided by the configured batch
+    size and applied by SGD. A step with no example adds noise only. Runs on the CPU, where
+    the clients' noise generators are.
+    """
+    if not plans:
+        return []
+    pcfg = cfg.privacy
+    n_clients = len(plans)
+    n_users = max(p.data.n_users for p in plans)
+    n_steps = max(len(p.steps) for p in plans)
+    if any(len(p.steps) != n_steps for p in plans):
+        raise RuntimeError("DP clients of one round take the same number of steps")
+    n_items = plans[0].data.n_items
+    template = build_model(cfg.model, n_users, n_items, offset=plans[0].data.offset)
+    local_keys = template.local_keys()
+    tables: dict[str, torch.Tensor] = {}
+    for key in template.state_dict():  # registration order = Opacus's parameter order
+        if key in local_keys:
+            tables[key] = _pad_stack([p.local[key].float() for p in plans], n_users)
+        else:
+            tables[key] = torch.from_numpy(np.asarray(shared[key])).expand(
+                (n_clients,) + shared[key].shape).clone()
+    clip, lr = pcfg.max_grad_norm, cfg.train.lr
+    normalizer = max(1, round(cfg.train.batch_size))  # privacy.set_expected_batch_size
+    criterion = RowLoss(cfg.train.objective, reduction="none")
+    k = 1 + cfg.data.negatives if plans[0].data.implicit else 1
+    losses = torch.zeros(n_clients, n_steps, dtype=torch.float64)
+    counts = torch.zeros(n_clients, n_steps)
+    last = torch.tensor([[p.epochs[s] == p.epochs[-1] for s in range(n_steps)]
+                         for p in plans])
+    for s in range(n_steps):
+        width = max(1, max(len(p.steps[s][0]) for p in plans))
+        users = torch.zeros(n_clients, width, dtype=torch.long)
+        items = torch.zeros(n_clients, width, k, dtype=torch.long)
+        targets = torch.zeros(n_clients, width, k)
+        mask = torch.zeros(n_clients, width)
+        for c, p in enumerate(plans):
+            u, i, t = p.steps[s]
+            users[c, :len(u)], items[c, :len(u)], targets[c, :len(u)] = u, i, t
+            mask[c, :len(u)] = 1.0
+        index = {key: (users if key in local_keys else items).reshape(n_clients, -1)
+                 for key in tables}
+        leaves = {key: _gather(tables[key], index[key]).requires_grad_() for key in tables}
+        scores = vmap(lambda p, u, i: functional_call(template, p, (u, i)))(
+            leaves, torch.arange(width).expand(n_clients, -1),
+            torch.arange(width * k).reshape(width, k).expand(n_clients, -1, -1))
+        per = criterion(scores.reshape(-1, k), targets.reshape(-1, k)).reshape(mask.shape)
+        (per * mask).sum().backward()
+        sq = torch.zeros(n_clients, width)
+        for key in tables:
+            g = leaves[key].grad
+            if key in local_keys:  # one row per example
+                sq += g.reshape(n_clients, width, -1).pow(2).sum(-1)
+            else:
+                sq += _example_sq_norms(g.reshape(n_clients, width, k, -1),
+                                        items.reshape(n_clients, width, k))
+        coef = (clip / (sq.sqrt() + 1e-6)).clamp(max=1.0) * mask  # [C, B]
+        with torch.no_grad():
+            for key, table in tables.items():
+                g = leaves[key].grad.reshape(n_clients, width, -1, table.shape[-1])
+                clipped = (g * coef.reshape(n_clients, width, 1, 1)).reshape(
+                    n_clients, -1, table.shape[-1])
+                summed = torch.zeros_like(table)
+                _scatter_add(summed, index[key], clipped)
+                for c, p in enumerate(plans):  # each client's generator, Opacus's order,
+                    assert p.dp is not None and p.noise is not None  # its own table sizes
+                    rows = p.data.n_users if key in local_keys else n_items
+                    summed[c, :rows] += _secure_noise(p.dp.sigma * clip,
+                                                      (rows,) + table.shape[2:], p.noise)
+                table.add_(summed / normalizer, alpha=-lr)
+            counts[:, s] = mask.sum(1)
+            losses[:, s] = (per.detach() * mask).sum(1).double()
+    last_loss = (losses * last).sum(1) / (counts.double() * last).sum(1).clamp(min=1)
+    results = []
+    for c, p in enumerate(plans):
+        assert p.dp is not None
+        local = {key: tables[key][c, :p.data.n_users].clone() for key in local_keys}
+        out = {key: tables[key][c].numpy().copy() for key in template.shared_keys()}
+        if not all(torch.isfinite(v).all() for v in local.values()) or not all(
+                np.isfinite(v).all() for v in out.values()):
+            raise PrivacyError("training produced non-finite values; nothing is sent or kept")
+        history = privacy.add_entry(p.ledger.history, (p.dp.sigma, p.dp.sample_rate,
+                                                       len(p.steps)))
+        ledger = dataclasses.replace(
+            p.ledger, rounds=p.ledger.rounds + 1, history=[tuple(h) for h in history],
+            epsilon=privacy.epsilon_of(history, pcfg.delta, pcfg.accountant))
+        results.append(FitResult(
+            out, None, len(p.data.train), float(last_loss[c]), ledger.epsilon, False, 0.0,
+            ClientState(local=local, rounds=p.state.rounds + 1,
+                        user_ids=list(p.data.user_ids)), ledger, weight=1.0))
     return results
 
 

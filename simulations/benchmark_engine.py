@@ -8,10 +8,11 @@ centralized epoch at batch 1024 on the same data and model is the yardstick:
 
 The loop engine is timed on ``--loop-sample`` clients and scaled to the whole round (it
 costs the same per client, one after another); the batched engine trains every client.
-Writes ``ml1m_round_over_central_epoch`` per DP mode (``none``: no DP; ``user``:
-user-level DP, clipped and noised at the server), ``batched_speedup`` and
-``peak_rss_gb`` (the process's peak resident memory, read after the batched rounds).
-Record-level and distributed DP still train client by client (``fedrec.batched``).
+Writes ``ml1m_round_over_central_epoch`` per DP mode (``none``: no DP; ``record``:
+record-level DP-SGD on every client, epsilon 8; ``user``: user-level DP, clipped and
+noised at the server), ``batched_speedup`` and ``peak_rss_gb`` (the process's peak
+resident memory, read after the batched rounds). Distributed DP still trains client by
+client (``fedrec.batched``).
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def main() -> None:
     ap.add_argument("--activity", type=float, default=166.0)
     ap.add_argument("--loop-sample", type=int, default=300,
                     help="clients the loop engine is timed on (scaled to the round)")
-    ap.add_argument("--modes", default="none,user", help="DP modes: none, user")
+    ap.add_argument("--modes", default="none,record,user",
+                    help="DP modes: none, record, user")
     args = ap.parse_args()
     torch.set_num_threads(1)  # as each Flower client runs; both engines alike
     data = {"dataset": "synthetic", "synthetic-users": args.users,
@@ -94,8 +96,8 @@ def main() -> None:
                               "train_ratings": len(split.train), "central_epoch_s": epoch,
                               "loop_sample": args.loop_sample, "modes": {}}
     for mode in args.modes.split(","):
-        cfg = RunConfig.from_flat({**data, "partition": "cross-device", "dp": False,
-                                   "user-dp": mode == "user"})
+        cfg = RunConfig.from_flat({**data, "partition": "cross-device",
+                                   "dp": mode == "record", "user-dp": mode == "user"})
         parts = partition_users("cross-device", split.n_users, 0, cfg.data.seed)
         clients = [split_for_users(split, users) for users in parts]
         shared = init_shared(cfg, split.n_items)

@@ -58,16 +58,60 @@ def test_batched_clients_equal_fit_client(model: str, optimizer: str, partition:
         shared = ours[0].shared  # the next round starts from some other global model
 
 
+@pytest.mark.parametrize("partition", ["cross-device", "cross-silo"])
+def test_batched_record_level_dp_equals_fit_client(partition: str) -> None:
+    """Record-level DP (MF, SGD): the same noisy update, user embeddings, loss and ledger
+    as Opacus in fit_client, given the same (test-only, reproducible) streams; clients
+    of different sizes (different user counts in cross-silo) share a chunk; a client
+    whose budget is spent is reported exhausted, as fit_client reports it."""
+    cfg = RunConfig.from_flat({**BASE, "model": "mf", "optimizer": "sgd", "lr": 0.5,
+                               "partition": partition, "num-clients": 5, "dp": True,
+                               "target-epsilon": 6.0, "rounds": 2, "sample-rate": 0.25,
+                               "max-grad-norm": 0.3, "insecure-noise-seed": 9})
+    clients, n_items = _clients(cfg, 5)
+    shared = init_shared(cfg, n_items)
+    states, ledgers = [None] * len(clients), [None] * len(clients)
+    seeds = [cfg.data.seed + i for i in range(len(clients))]
+    for rnd in (1, 2, 3):  # round 3 is past the planned rounds: no budget is left for it
+        pairs = dict(fit_clients(cfg, clients, shared, states, ledgers, seeds=seeds,
+                                 server_round=rnd, chunk=2))
+        for i, data in enumerate(clients):
+            ref = fit_client(cfg, data, shared, states[i], ledgers[i], seed=seeds[i],
+                             server_round=rnd)
+            res = pairs[i]
+            assert res.exhausted == ref.exhausted == (rnd == 3)
+            assert res.epsilon == pytest.approx(ref.epsilon, rel=1e-9)
+            if rnd == 3:
+                assert res.shared is None
+                continue
+            assert res.touched is None and res.weight == ref.weight == 1.0
+            assert res.ledger.history == ref.ledger.history
+            assert res.loss == pytest.approx(ref.loss, rel=1e-4)
+            for key, value in ref.shared.items():
+                np.testing.assert_allclose(res.shared[key], value, rtol=1e-4, atol=1e-6,
+                                           err_msg=key)
+            for key, value in ref.state.local.items():
+                np.testing.assert_allclose(res.state.local[key], value, rtol=1e-4,
+                                           atol=1e-6, err_msg=key)
+        if rnd < 3:
+            states = [pairs[i].state for i in range(len(clients))]
+            ledgers = [pairs[i].ledger for i in range(len(clients))]
+
+
 def test_the_engine_refuses_what_it_does_not_run() -> None:
     """Record-level and distributed DP train per client; weight decay would move rows a
     client never reads: each is refused with the reason, not run differently."""
-    for flat, reason in (({"dp": True}, "record-level DP"), ({"ddp": True}, "distributed"),
+    for flat, reason in (({"dp": True, "model": "neumf"}, "record-level DP"),
+                         ({"dp": True, "optimizer": "adam"}, "record-level DP"),
+                         ({"ddp": True}, "distributed"),
                          ({"weight-decay": 1e-4}, "weight decay")):
         cfg = RunConfig.from_flat({**BASE, **flat})
         assert reason in (unsupported(cfg) or "")
         with pytest.raises(ValueError, match=reason):
             next(fit_clients(cfg, [], {}, [], [], seeds=[], server_round=1))
     assert unsupported(RunConfig.from_flat({**BASE, "user-dp": True})) is None
+    assert unsupported(RunConfig.from_flat({**BASE, "dp": True, "model": "mf",
+                                            "optimizer": "sgd"})) is None
 
 
 @pytest.mark.parametrize("extra", [{}, {"user-dp": True, "insecure-noise-seed": 4}])
