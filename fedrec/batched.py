@@ -1,18 +1,19 @@
 """Many clients' local training at once, as batched tensors: the batched client engine.
 
-It runs ``fedrec.federated.fit_client``'s semantics for clients that train without DP on
-the device (no DP, and user-level DP, whose clipping and noise happen at the server):
-each client gets its own copy of the shared rows it reads, its own user embeddings and
-its own optimizer state; its examples, negatives and batch order come from the seeds
+It runs ``fedrec.federated.fit_client``'s semantics: each client gets its own copy of the
+shared rows it reads, its own user embeddings and its own optimizer state; its examples,
+negatives and batch order come from the seeds (under DP: the OS-seeded generators)
 ``fit_client`` uses, so both give the same update to float tolerance
 (``tests/test_batched.py``). The clients' steps run side by side through
 ``torch.func.vmap`` over one model: a one-user client's ~85 ratings in steps of 16 no
 longer pay a model build, an optimizer and a Python loop each.
 
-Only the rows a client reads are copied (padded to the largest client of a chunk); rows
-it never reads keep their value, as they do under ``fit_client`` when no weight decay
-moves them (weight decay falls back to ``fit_client``). Record-level DP and distributed
-DP stay on ``fit_client`` (Opacus, per-client noise): ``unsupported`` says why.
+Without DP on the device (no DP; user-level DP, clipped and noised at the server) only
+the rows a client reads are copied (padded to the largest client of a chunk); rows it
+never reads keep their value, as under ``fit_client`` when no weight decay moves them.
+Record-level DP-SGD (MF, SGD clients) is Opacus's step done for every client at once
+(``_train_chunk_dp``). Other models or Adam under record-level DP, distributed DP and
+weight decay stay on ``fit_client``: ``unsupported`` says why.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch.func import functional_call, vmap
 from fedrec import privacy
 from fedrec.config import RunConfig
 from fedrec.data import ExampleBuilder
-from fedrec.errors import PrivacyError
+from fedrec.errors import PrivacyError, StateError
 from fedrec.federated import ClientData, DPPlan, FitResult, _model, client_dp_plan
 from fedrec.model import build_model
 from fedrec.privacy import RowLoss
@@ -109,11 +110,19 @@ def _plan(cfg: RunConfig, index: int, data: ClientData, state: ClientState | Non
         rows = np.flatnonzero(builder.touched)
         steps = [(u, torch.from_numpy(np.searchsorted(rows, i.numpy())), t)
                  for u, i, t in raw]
-    if state.local:
-        local = {k: torch.as_tensor(v) for k, v in state.local.items()}
-    else:  # the user tables are drawn first from the client's seed: no item table needed
-        model = build_model(cfg.model, data.n_users, 1, offset=data.offset, seed=seed)
-        local = model.local_state_dict()
+    # the user tables are drawn first from the client's seed: no item table needed
+    fresh = build_model(cfg.model, data.n_users, 1, offset=data.offset,
+                        seed=seed).local_state_dict()
+    local = fresh
+    if state.local:  # fit_client's checks of a state file (``_model``)
+        if state.user_ids != data.user_ids:
+            raise StateError(f"client state holds users {state.user_ids[:3]}..., but this "
+                             f"client has {data.user_ids[:3]}...")
+        bad = [k for k in fresh if k not in state.local
+               or tuple(state.local[k].shape) != tuple(fresh[k].shape)]
+        if bad:
+            raise StateError(f"client state: local tensors {bad} missing or of another shape")
+        local = {k: torch.as_tensor(state.local[k]) for k in fresh}
     return _Plan(index, data, state, ledger, builder, rows, steps, epochs, local, dp, noise)
 
 
@@ -135,6 +144,8 @@ def fit_clients(cfg: RunConfig, clients: Sequence[ClientData], shared: Arrays,
         raise ValueError(f"the batched engine cannot run this config: {why}")
     if clients:  # the received arrays pass fit_client's checks (finite, bounded, keys)
         _model(cfg, clients[0], shared, None, 0, None)
+        if len({(c.n_items, c.offset) for c in clients}) > 1:
+            raise ValueError("clients of one batched round share one catalogue and offset")
     order = sorted(range(len(clients)), key=lambda j: len(clients[j].train))
     for start in range(0, len(order), chunk):
         t0 = time.perf_counter()
@@ -216,9 +227,9 @@ def _train_chunk(cfg: RunConfig, plans: list[_Plan], shared: Arrays) -> list[Fit
         if key in local_keys:
             value = _pad_stack([p.local[key].float() for p in plans], n_users)
         elif key in item_keys:
-            value = torch.from_numpy(np.asarray(shared[key]))[rows]
+            value = torch.from_numpy(np.asarray(shared[key], dtype=np.float32))[rows]
         else:
-            value = torch.from_numpy(np.asarray(shared[key])).expand(
+            value = torch.from_numpy(np.asarray(shared[key], dtype=np.float32)).expand(
                 (n_clients,) + shared[key].shape).clone()
         params[key] = value.to(device).requires_grad_(not sparse or (
             key not in local_keys and key not in item_keys))
@@ -331,7 +342,7 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays) -> list[
         if key in local_keys:
             tables[key] = _pad_stack([p.local[key].float() for p in plans], n_users)
         else:
-            tables[key] = torch.from_numpy(np.asarray(shared[key])).expand(
+            tables[key] = torch.from_numpy(np.asarray(shared[key], dtype=np.float32)).expand(
                 (n_clients,) + shared[key].shape).clone()
     clip, lr = pcfg.max_grad_norm, cfg.train.lr
     normalizer = max(1, round(cfg.train.batch_size))  # privacy.set_expected_batch_size
@@ -377,7 +388,7 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays) -> list[
                 _scatter_add(summed, index[key], clipped)
                 for c, p in enumerate(plans):  # each client's generator, Opacus's order,
                     assert p.dp is not None and p.noise is not None  # its own table sizes
-                    rows = p.data.n_users if key in local_keys else n_items
+                    rows = p.data.n_users if key in local_keys else table.shape[1]
                     summed[c, :rows] += _secure_noise(p.dp.sigma * clip,
                                                       (rows,) + table.shape[2:], p.noise)
                 table.add_(summed / normalizer, alpha=-lr)

@@ -75,8 +75,8 @@ def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | N
 
     ``engine``: ``"loop"`` calls ``fit_client`` for each client in turn; ``"batched"``
     trains the round's clients side by side (``fedrec.batched``: same updates to float
-    tolerance; not for record-level or distributed DP); ``"auto"`` takes the batched
-    engine where it applies.
+    tolerance; record-level DP for MF with SGD clients only, no distributed DP);
+    ``"auto"`` takes the batched engine where it applies.
 
     Runs with one torch thread, as each Flower client does: summation order then
     matches the Flower path exactly (more threads change the last bits, and a near-tie

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -69,6 +71,10 @@ def test_batched_record_level_dp_equals_fit_client(partition: str) -> None:
                                "target-epsilon": 6.0, "rounds": 2, "sample-rate": 0.25,
                                "max-grad-norm": 0.3, "insecure-noise-seed": 9})
     clients, n_items = _clients(cfg, 5)
+    # a client without training ratings still takes its noisy steps (a missing update
+    # would tell the server it has no data)
+    empty = clients[1].train.subset(np.zeros(len(clients[1].train), dtype=bool))
+    clients[1] = dataclasses.replace(clients[1], train=empty)
     shared = init_shared(cfg, n_items)
     states, ledgers = [None] * len(clients), [None] * len(clients)
     seeds = [cfg.data.seed + i for i in range(len(clients))]
@@ -98,13 +104,35 @@ def test_batched_record_level_dp_equals_fit_client(partition: str) -> None:
             ledgers = [pairs[i].ledger for i in range(len(clients))]
 
 
+def test_batched_dp_noise_is_not_reproducible_from_the_config() -> None:
+    """Without the test-only seed, the same client, model and round give different
+    updates on every call: negatives, batches and noise come from OS entropy, so nobody
+    who knows the config can regenerate them (with the seed they repeat)."""
+    flat = {**BASE, "model": "mf", "optimizer": "sgd", "lr": 0.5, "dp": True,
+            "target-epsilon": 6.0, "rounds": 2, "partition": "cross-device"}
+    for seeded in (False, True):
+        cfg = RunConfig.from_flat({**flat, "insecure-noise-seed": 3 if seeded else -1})
+        clients, n_items = _clients(cfg, 2)
+        clients[1] = dataclasses.replace(clients[1], train=clients[1].train.subset(
+            np.zeros(len(clients[1].train), dtype=bool)))  # noise only
+        shared = init_shared(cfg, n_items)
+        runs = [dict(fit_clients(cfg, clients, shared, [None] * 2, [None] * 2,
+                                 seeds=[0, 1], server_round=1)) for _ in range(2)]
+        for i in (0, 1):
+            same = all(np.array_equal(runs[0][i].shared[k], runs[1][i].shared[k])
+                       for k in shared)
+            assert same == seeded, (i, seeded)
+
+
 def test_the_engine_refuses_what_it_does_not_run() -> None:
     """Record-level and distributed DP train per client; weight decay would move rows a
     client never reads: each is refused with the reason, not run differently."""
     for flat, reason in (({"dp": True, "model": "neumf"}, "record-level DP"),
                          ({"dp": True, "optimizer": "adam"}, "record-level DP"),
                          ({"ddp": True}, "distributed"),
-                         ({"weight-decay": 1e-4}, "weight decay")):
+                         ({"weight-decay": 1e-4}, "weight decay"),
+                         ({"weight-decay": 1e-4, "dp": True, "model": "mf",
+                           "optimizer": "sgd"}, "weight decay")):
         cfg = RunConfig.from_flat({**BASE, **flat})
         assert reason in (unsupported(cfg) or "")
         with pytest.raises(ValueError, match=reason):
