@@ -69,6 +69,7 @@ class _Plan:
     local: dict[str, torch.Tensor]  # user tensors at the start of the round
     dp: DPPlan | None = None  # record-level DP: q, steps, sigma of this round
     noise: torch.Generator | None = None  # record-level DP: the client's noise source
+    read: torch.Tensor | None = None  # record-level DP: item rows some step of it reads
 
 
 def _plan(cfg: RunConfig, index: int, data: ClientData, state: ClientState | None,
@@ -103,9 +104,11 @@ def _plan(cfg: RunConfig, index: int, data: ClientData, state: ClientState | Non
                                  generator=gen, sample_rate=dp.sample_rate if dp else None):
             raw.append((ex.users[idx], ex.items[idx], ex.targets[idx]))
             epochs.append(epoch)
+    read = None
     if dp is not None:  # noise reaches every row: the client holds the whole table
         rows = np.arange(data.n_items)
         steps = raw
+        read = torch.unique(torch.cat([i.reshape(-1) for _, i, _ in raw])) if raw else None
     else:
         rows = np.flatnonzero(builder.touched)
         steps = [(u, torch.from_numpy(np.searchsorted(rows, i.numpy())), t)
@@ -123,14 +126,22 @@ def _plan(cfg: RunConfig, index: int, data: ClientData, state: ClientState | Non
         if bad:
             raise StateError(f"client state: local tensors {bad} missing or of another shape")
         local = {k: torch.as_tensor(state.local[k]) for k in fresh}
-    return _Plan(index, data, state, ledger, builder, rows, steps, epochs, local, dp, noise)
+    if read is None:
+        read = torch.zeros(0, dtype=torch.long)
+    return _Plan(index, data, state, ledger, builder, rows, steps, epochs, local, dp, noise,
+                 read)
 
 
 def fit_clients(cfg: RunConfig, clients: Sequence[ClientData], shared: Arrays,
                 states: Sequence[ClientState | None], ledgers: Sequence[Ledger | None], *,
-                seeds: Sequence[int], server_round: int, chunk: int = 256
-                ) -> Iterator[tuple[int, FitResult]]:
+                seeds: Sequence[int], server_round: int, chunk: int = 256,
+                exact_noise: bool = False) -> Iterator[tuple[int, FitResult]]:
     """``fit_client`` for each client: yields ``(position in clients, result)``.
+
+    Under record-level DP the noise on item rows a client never reads in the round is
+    drawn once, as the one Gaussian its steps add up to (same distribution, several
+    times fewer draws); ``exact_noise`` draws it step by step in Opacus's order instead,
+    the very numbers ``fit_client`` adds from the same stream (equality tests).
 
     Clients train ``chunk`` at a time, grouped by size (a chunk pads to its largest
     client), so results come in chunk order, not list order; a round of thousands of
@@ -161,8 +172,9 @@ def fit_clients(cfg: RunConfig, clients: Sequence[ClientData], shared: Arrays,
                 done[j] = plan
             else:
                 plans.append(plan)
-        train = _train_chunk_dp if cfg.privacy.dp else _train_chunk
-        done.update({p.index: r for p, r in zip(plans, train(cfg, plans, shared))})
+        trained = (_train_chunk_dp(cfg, plans, shared, exact_noise) if cfg.privacy.dp
+                   else _train_chunk(cfg, plans, shared))
+        done.update({p.index: r for p, r in zip(plans, trained)})
         seconds = (time.perf_counter() - t0) / max(1, len(done))
         for j, res in done.items():
             yield j, dataclasses.replace(res, seconds=seconds)
@@ -313,7 +325,8 @@ def _example_sq_norms(grad: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return (gram * same).sum((2, 3)).clamp(min=0)
 
 
-def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays) -> list[FitResult]:
+def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
+                    exact_noise: bool = False) -> list[FitResult]:
     """Record-level DP-SGD for ``plans`` side by side (MF, SGD): what Opacus does in
     ``fit_client``, step for step.
 
@@ -325,6 +338,12 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays) -> list[
     table, Opacus's secure draws in its parameter order), divided by the configured batch
     size and applied by SGD. A step with no example adds noise only. Runs on the CPU, where
     the clients' noise generators are.
+
+    Item rows a client never reads in the round take no part in any step but the noise:
+    with SGD and no weight decay they end at ``w - lr / B * (n_1 + ... + n_S)``, and the
+    sum of S independent N(0, (sigma C)^2) draws is one N(0, S (sigma C)^2) draw, which is
+    what they get, once, at the end (unless ``exact_noise``). Rows it reads, and its user
+    tables, get their noise step by step.
     """
     if not plans:
         return []
@@ -388,12 +407,29 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays) -> list[
                 _scatter_add(summed, index[key], clipped)
                 for c, p in enumerate(plans):  # each client's generator, Opacus's order,
                     assert p.dp is not None and p.noise is not None  # its own table sizes
-                    rows = p.data.n_users if key in local_keys else table.shape[1]
-                    summed[c, :rows] += _secure_noise(p.dp.sigma * clip,
-                                                      (rows,) + table.shape[2:], p.noise)
+                    std = p.dp.sigma * clip
+                    if key in local_keys or exact_noise:
+                        rows = p.data.n_users if key in local_keys else table.shape[1]
+                        summed[c, :rows] += _secure_noise(std, (rows,) + table.shape[2:],
+                                                          p.noise)
+                    elif len(p.read):
+                        summed[c, p.read] += _secure_noise(
+                            std, (len(p.read),) + table.shape[2:], p.noise)
                 table.add_(summed / normalizer, alpha=-lr)
             counts[:, s] = mask.sum(1)
             losses[:, s] = (per.detach() * mask).sum(1).double()
+    if not exact_noise:  # the rows no step read: their S steps' noise in one draw
+        with torch.no_grad():
+            for key, table in tables.items():
+                if key in local_keys:
+                    continue
+                for c, p in enumerate(plans):
+                    assert p.dp is not None and p.noise is not None
+                    unread = torch.ones(table.shape[1], dtype=torch.bool)
+                    unread[p.read] = False
+                    total = _secure_noise(p.dp.sigma * clip * math.sqrt(n_steps),
+                                          (int(unread.sum()),) + table.shape[2:], p.noise)
+                    table[c, unread] -= lr * total / normalizer
     last_loss = (losses * last).sum(1) / (counts.double() * last).sum(1).clamp(min=1)
     results = []
     for c, p in enumerate(plans):

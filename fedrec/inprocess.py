@@ -63,7 +63,7 @@ def _sample(cfg: RunConfig, n: int, rng: np.random.Generator) -> list[int]:
 
 
 def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None = None,
-                  *, dropouts: float = 0.0, engine: str = "auto"
+                  *, dropouts: float = 0.0, engine: str = "auto", exact_noise: bool = False
                   ) -> tuple[Arrays, list[dict[str, Any]]]:
     """Run ``rounds`` federated rounds over all partitions; returns (shared, rows).
 
@@ -76,7 +76,10 @@ def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | N
     ``engine``: ``"loop"`` calls ``fit_client`` for each client in turn; ``"batched"``
     trains the round's clients side by side (``fedrec.batched``: same updates to float
     tolerance; record-level DP for MF with SGD clients only, no distributed DP);
-    ``"auto"`` takes the batched engine where it applies.
+    ``"auto"`` takes the batched engine where it applies. ``exact_noise``: the batched
+    engine draws record-level DP noise step by step in Opacus's order on every row (the
+    numbers ``fit_client`` draws from the same stream; for equality tests) instead of
+    once per round on rows a client never reads (same distribution).
 
     Runs with one torch thread, as each Flower client does: summation order then
     matches the Flower path exactly (more threads change the last bits, and a near-tie
@@ -85,13 +88,14 @@ def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | N
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(cfg, on_round, dropouts, engine)
+        return _run(cfg, on_round, dropouts, engine, exact_noise)
     finally:
         torch.set_num_threads(threads)
 
 
 def _run(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
-         dropouts: float, engine: str) -> tuple[Arrays, list[dict[str, Any]]]:
+         dropouts: float, engine: str, exact_noise: bool
+         ) -> tuple[Arrays, list[dict[str, Any]]]:
     """``run_inprocess`` at the caller's thread setting."""
     if engine not in ("auto", "loop", "batched"):
         raise ConfigError(f"engine {engine!r}: expected 'auto', 'loop' or 'batched'")
@@ -127,7 +131,7 @@ def _run(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
                 (chosen[j], res) for j, res in fit_clients(
                     cfg, [clients[i] for i in chosen], shared, [states[i] for i in chosen],
                     [ledgers[i] for i in chosen], seeds=[cfg.data.seed + i for i in chosen],
-                    server_round=rnd))
+                    server_round=rnd, exact_noise=exact_noise))
         else:
             fits = ((i, fit_client(cfg, clients[i], shared, states[i], ledgers[i],
                                    seed=cfg.data.seed + i, server_round=rnd)) for i in chosen)

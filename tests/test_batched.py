@@ -80,7 +80,7 @@ def test_batched_record_level_dp_equals_fit_client(partition: str) -> None:
     seeds = [cfg.data.seed + i for i in range(len(clients))]
     for rnd in (1, 2, 3):  # round 3 is past the planned rounds: no budget is left for it
         pairs = dict(fit_clients(cfg, clients, shared, states, ledgers, seeds=seeds,
-                                 server_round=rnd, chunk=2))
+                                 server_round=rnd, chunk=2, exact_noise=True))
         for i, data in enumerate(clients):
             ref = fit_client(cfg, data, shared, states[i], ledgers[i], seed=seeds[i],
                              server_round=rnd)
@@ -122,6 +122,42 @@ def test_batched_dp_noise_is_not_reproducible_from_the_config() -> None:
             same = all(np.array_equal(runs[0][i].shared[k], runs[1][i].shared[k])
                        for k in shared)
             assert same == seeded, (i, seeded)
+
+
+def test_noise_on_unread_rows_drawn_once_has_the_variance_of_its_steps() -> None:
+    """Rows a client never reads get their S steps' noise as one draw: without noise the
+    fast and exact paths agree; with noise every item coordinate's update has std
+    lr / B * sigma C * sqrt(S), on rows read (noised step by step) and unread alike, for
+    a client with ratings and one without."""
+    flat = {**BASE, "synthetic-items": 400, "dim": 16, "model": "mf", "optimizer": "sgd",
+            "lr": 0.5, "dp": True, "target-epsilon": 0.0, "max-grad-norm": 0.5,
+            "sample-rate": 0.25, "partition": "cross-device", "rounds": 1}
+    quiet = RunConfig.from_flat({**flat, "noise-multiplier": 0.0, "insecure-noise-seed": 1})
+    clients, n_items = _clients(quiet, 2)
+    clients[1] = dataclasses.replace(clients[1], train=clients[1].train.subset(
+        np.zeros(len(clients[1].train), dtype=bool)))
+    shared = init_shared(quiet, n_items)
+
+    def run(cfg: RunConfig, exact: bool) -> dict:
+        return dict(fit_clients(cfg, clients, shared, [None] * 2, [None] * 2, seeds=[0, 1],
+                                server_round=1, exact_noise=exact))
+
+    fast, exact = run(quiet, False), run(quiet, True)
+    key = "item_emb.weight"
+    for i in (0, 1):
+        np.testing.assert_allclose(fast[i].shared[key], exact[i].shared[key], atol=1e-7)
+    signal = fast[0].shared[key] - shared[key]
+    read = np.abs(signal).sum(1) > 0
+    assert 0 < read.sum() < n_items
+    noisy = RunConfig.from_flat({**flat, "noise-multiplier": 2.0, "insecure-noise-seed": 1})
+    ours = run(noisy, False)
+    steps = 2 * 4  # local epochs x 1 / q
+    want = 0.5 / 8 * 2.0 * 0.5 * np.sqrt(steps)
+    empty = ours[1].shared[key] - shared[key]
+    assert np.std(empty) == pytest.approx(want, rel=0.04)
+    delta = ours[0].shared[key] - shared[key] - signal
+    assert np.std(delta[~read]) == pytest.approx(want, rel=0.04)
+    assert np.std(delta[read]) == pytest.approx(want, rel=0.25)
 
 
 def test_the_engine_refuses_what_it_does_not_run() -> None:
