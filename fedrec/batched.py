@@ -403,19 +403,19 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
                 g = leaves[key].grad.reshape(n_clients, width, -1, table.shape[-1])
                 clipped = (g * coef.reshape(n_clients, width, 1, 1)).reshape(
                     n_clients, -1, table.shape[-1])
-                summed = torch.zeros_like(table)
-                _scatter_add(summed, index[key], clipped)
+                # SGD on (clipped sum + noise) / B, applied in two parts: the sum where
+                # the examples' rows are, the noise where it is drawn (no dense buffer)
+                _scatter_add(table, index[key], clipped * (-lr / normalizer))
                 for c, p in enumerate(plans):  # each client's generator, Opacus's order,
                     assert p.dp is not None and p.noise is not None  # its own table sizes
                     std = p.dp.sigma * clip
                     if key in local_keys or exact_noise:
                         rows = p.data.n_users if key in local_keys else table.shape[1]
-                        summed[c, :rows] += _secure_noise(std, (rows,) + table.shape[2:],
-                                                          p.noise)
+                        table[c, :rows] -= lr * _secure_noise(
+                            std, (rows,) + table.shape[2:], p.noise) / normalizer
                     elif len(p.read):
-                        summed[c, p.read] += _secure_noise(
-                            std, (len(p.read),) + table.shape[2:], p.noise)
-                table.add_(summed / normalizer, alpha=-lr)
+                        table[c, p.read] -= lr * _secure_noise(
+                            std, (len(p.read),) + table.shape[2:], p.noise) / normalizer
             counts[:, s] = mask.sum(1)
             losses[:, s] = (per.detach() * mask).sum(1).double()
     if not exact_noise:  # the rows no step read: their S steps' noise in one draw
