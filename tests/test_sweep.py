@@ -13,6 +13,7 @@ from fedrec.errors import ConfigError
 from simulations.sweep import parse_epsilons, plan
 
 ARGS = ["--synthetic-users", "40", "--synthetic-items", "200", "--rounds", "2", "--dim", "4",
+        "--negatives", "4",  # the attack test needs uploads that touch few rows
         "--partition", "cross-silo", "--num-clients", "2", "--min-clients", "2",
         "--attack-clients", "2", "--epsilons", "2,inf", "--seeds", "0",
         "--modes", "none,record,user,distributed", "--quiet"]
