@@ -150,12 +150,7 @@ def simulate(cfg: RunConfig, out: Path, *, overwrite: bool = False, quiet: bool 
             print(f"interrupted: {resume_hint(out)}")
         raise
     if not quiet:
-        from fedrec.commands import format_table
-
-        shown = {k: v for k, v in metrics.items() if not isinstance(v, bool)}
-        print(format_table(shown, f"federated {cfg.model.model}, {n_nodes} clients, "
-                                  f"{metrics['rounds']} rounds"))
-        print(f"results: {path}")
+        _summary(cfg, metrics, n_nodes, path, "")
     return metrics
 
 
@@ -196,10 +191,16 @@ def simulate_inprocess(cfg: RunConfig, out: Path, *, overwrite: bool = False,
         run.abort()
         raise
     if not quiet:
-        from fedrec.commands import format_table
-
-        shown = {k: v for k, v in metrics.items() if not isinstance(v, bool)}
-        print(format_table(shown, f"federated {cfg.model.model}, {n_nodes} clients, "
-                                  f"{metrics['rounds']} rounds (in process)"))
-        print(f"results: {path}")
+        _summary(cfg, metrics, n_nodes, path, " (in process)")
     return metrics
+
+
+def _summary(cfg: RunConfig, metrics: dict[str, Any], n_nodes: int, path: Path,
+             note: str) -> None:
+    """The final table and where the results are."""
+    from fedrec.commands import format_table
+
+    shown = {k: v for k, v in metrics.items() if not isinstance(v, bool)}
+    print(format_table(shown, f"federated {cfg.model.model}, {n_nodes} clients, "
+                              f"{metrics['rounds']} rounds{note}"))
+    print(f"results: {path}")
