@@ -63,7 +63,7 @@ class _Plan:
     state: ClientState
     ledger: Ledger
     builder: ExampleBuilder
-    rows: np.ndarray  # sorted global item rows read by any step
+    rows: np.ndarray  # sorted global item rows it holds: those read by any step (DP: all)
     steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (users, local items, targets)
     epochs: list[int]  # epoch of each step
     local: dict[str, torch.Tensor]  # user tensors at the start of the round
