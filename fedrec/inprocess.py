@@ -26,6 +26,7 @@ from fedrec.batched import fit_clients, unsupported
 from fedrec.config import RunConfig
 from fedrec.ddp import PRIOR_KEY, DDPServer
 from fedrec.errors import ConfigError
+from fedrec.evaluate import evaluate_counts
 from fedrec.federated import (
     FitResult,
     cached_split,
@@ -40,9 +41,11 @@ from fedrec.federated import (
     unflatten,
 )
 from fedrec.metrics import finalize, merge_counts
+from fedrec.model import build_model
 from fedrec.partition import partition_users
 from fedrec.privacy import BudgetError
 from fedrec.state import ClientState, Ledger
+from fedrec.train import resolve_device
 
 Arrays = dict[str, np.ndarray]
 
@@ -54,6 +57,36 @@ def _federation(cfg: RunConfig) -> tuple[Any, list[Any], Arrays]:
                             cfg.data.seed)
     return split, [split_for_users(split, users) for users in parts], init_shared(
         cfg, split.n_items)
+
+
+def _experimenter_counts(cfg: RunConfig, split: Any, clients: list[Any], shared: Arrays,
+                         states: list[ClientState | None]) -> dict[str, float]:
+    """Every client's exact evaluation counts, summed: ``evaluate_client`` per client.
+
+    With full ranking (or a fixed negatives file) a user's counts depend only on their
+    own embedding, the shared model and their own data, so one global model holding
+    every client's user tables gives the same sum in one pass. Sampled negatives are
+    drawn per client (its seed): those are evaluated client by client.
+    """
+    if cfg.data.eval_negatives > 0:
+        return merge_counts([evaluate_client(cfg, c, shared, states[i],
+                                             seed=cfg.data.seed + i)
+                             for i, c in enumerate(clients)])
+    parts = partition_users(cfg.fed.partition, split.n_users, cfg.fed.num_clients,
+                            cfg.data.seed)
+    model = build_model(cfg.model, split.n_users, split.n_items, offset=clients[0].offset)
+    tensors = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in shared.items()}
+    local = model.local_state_dict()
+    for i, users in enumerate(parts):
+        state = states[i]
+        own = (state.local if state is not None and state.local else  # as _model does
+               build_model(cfg.model, len(users), 1, seed=cfg.data.seed + i).local_state_dict())
+        for key in local:
+            local[key][torch.from_numpy(users)] = torch.as_tensor(own[key])
+    model.load_state_dict({**tensors, **local})
+    model.to(resolve_device(cfg.train.device))
+    return evaluate_counts(model, split.train, split.test, ks=cfg.eval.ks,
+                           implicit=split.implicit, eval_negatives=0, seed=cfg.data.seed)
 
 
 def _sample(cfg: RunConfig, n: int, rng: np.random.Generator) -> list[int]:
@@ -152,15 +185,14 @@ def _run(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
             shared, facts = user_dp.step(clipped, rnd, n_sample, server)
         else:
             shared = server.step_accumulated(acc)
-        counts = [evaluate_client(cfg, c, shared, states[i], seed=cfg.data.seed + i)
-                  for i, c in enumerate(clients)]
+        counts = _experimenter_counts(cfg, split, clients, shared, states)
         n_ex = sum(w for _, w in losses)
         row: dict[str, Any] = {
             "round": rnd, "clients": len(losses), "exhausted": exhausted, **facts,
             "train-loss": sum(v * w for v, w in losses) / n_ex if n_ex else math.nan,
             "epsilon-max": max(eps, default=0.0),
             "epsilon-mean": float(np.mean(eps)) if eps else 0.0,
-            **finalize(merge_counts(counts), cfg.eval.ks),
+            **finalize(counts, cfg.eval.ks),
             "seconds": time.perf_counter() - t0,
         }
         rows.append(row)
@@ -225,13 +257,12 @@ def _run_ddp(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
         if train:
             avg = unflatten(flatten(shared, order) + mean, shared, order)
             shared = opt.step_from_average(avg, shared)
-            exact = [evaluate_client(cfg, c, shared, states[i], seed=cfg.data.seed + i)
-                     for i, c in enumerate(clients)]
+            exact = _experimenter_counts(cfg, split, clients, shared, states)
             pending = {"round": release, "clients": survivors, "dropped": len(dropped),
                        "refused": refused, "user-noise-multiplier":
                        math.sqrt(2 * plan.mu_total) / plan.l2,
                        "user-epsilon": server.epsilon(),
-                       **finalize(merge_counts(exact), cfg.eval.ks),
+                       **finalize(exact, cfg.eval.ks),
                        "evaluation": "experimenter; released-*: secure sum (noised)",
                        "seconds": time.perf_counter() - t0}
     if pending is not None:  # the budget ran out before the evaluation release

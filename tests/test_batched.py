@@ -215,3 +215,33 @@ def test_simulate_with_the_batched_engine_writes_a_run(tmp_path, capsys) -> None
     assert main(["simulate", "--engine", "batched", "--resume", "--out",
                  str(tmp_path / "again")]) == 2
     assert "--resume: runs of --engine batched" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("partition", "feedback"), [("cross-device", "implicit"),
+                                                     ("cross-silo", "explicit")])
+def test_one_pass_evaluation_equals_evaluating_client_by_client(partition: str,
+                                                                feedback: str) -> None:
+    """The in-process rounds score every client's users through one global model: the
+    counts equal the sum of evaluate_client over the clients (trained or not)."""
+    from fedrec.federated import evaluate_client
+    from fedrec.inprocess import _experimenter_counts
+    from fedrec.metrics import merge_counts
+
+    flat = {**BASE, "partition": partition, "num-clients": 4, "feedback": feedback}
+    if feedback == "explicit":
+        flat["objective"] = "mse"
+    cfg = RunConfig.from_flat(flat)
+    split = cached_split(cfg.data)
+    parts = partition_users(cfg.fed.partition, split.n_users, cfg.fed.num_clients,
+                            cfg.data.seed)
+    clients = [split_for_users(split, users) for users in parts]
+    shared = init_shared(cfg, split.n_items)
+    trained = dict(fit_clients(cfg, clients[:2], shared, [None, None], [None, None],
+                               seeds=[cfg.data.seed, cfg.data.seed + 1], server_round=1))
+    states = [trained[0].state, trained[1].state] + [None] * (len(clients) - 2)
+    ours = _experimenter_counts(cfg, split, clients, shared, states)
+    theirs = merge_counts([evaluate_client(cfg, c, shared, states[i], seed=cfg.data.seed + i)
+                           for i, c in enumerate(clients)])
+    assert set(ours) == set(theirs)
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
