@@ -31,7 +31,14 @@ from fedrec import privacy
 from fedrec.config import RunConfig
 from fedrec.data import ExampleBuilder
 from fedrec.errors import PrivacyError, StateError
-from fedrec.federated import ClientData, DPPlan, FitResult, _model, client_dp_plan
+from fedrec.federated import (
+    ClientData,
+    DPPlan,
+    FitResult,
+    _model,
+    client_dp_plan,
+    initial_local,
+)
 from fedrec.model import build_model
 from fedrec.privacy import RowLoss
 from fedrec.state import ClientState, Ledger
@@ -113,9 +120,7 @@ def _plan(cfg: RunConfig, index: int, data: ClientData, state: ClientState | Non
         rows = np.flatnonzero(builder.touched)
         steps = [(u, torch.from_numpy(np.searchsorted(rows, i.numpy())), t)
                  for u, i, t in raw]
-    # the user tables are drawn first from the client's seed: no item table needed
-    fresh = build_model(cfg.model, data.n_users, 1, offset=data.offset,
-                        seed=seed).local_state_dict()
+    fresh = initial_local(cfg, data.n_users, seed)
     local = fresh
     if state.local:  # fit_client's checks of a state file (``_model``)
         if state.user_ids != data.user_ids:

@@ -161,6 +161,13 @@ def item_keys(cfg: RunConfig, n_items: int) -> list[str]:
     return build_model(cfg.model, 1, n_items).item_keys()
 
 
+def initial_local(cfg: RunConfig, n_users: int, seed: int) -> dict[str, torch.Tensor]:
+    """The user tables a client starts from without a state file: those of
+    ``build_model(..., seed=seed)``, whose user tables are drawn first from the seed, so
+    no item table is needed to get them."""
+    return build_model(cfg.model, n_users, 1, seed=seed).local_state_dict()
+
+
 # The largest magnitude a received shared value may have (a public check on the message).
 # Trained embeddings and weights stay orders of magnitude below it.
 MAX_RECEIVED_ABS = 1e4

@@ -35,6 +35,7 @@ from fedrec.federated import (
     fit_client,
     flatten,
     init_shared,
+    initial_local,
     item_keys,
     shared_order,
     split_for_users,
@@ -80,7 +81,7 @@ def _experimenter_counts(cfg: RunConfig, split: Any, clients: list[Any], shared:
     for i, users in enumerate(parts):
         state = states[i]
         own = (state.local if state is not None and state.local else  # as _model does
-               build_model(cfg.model, len(users), 1, seed=cfg.data.seed + i).local_state_dict())
+               initial_local(cfg, len(users), cfg.data.seed + i))
         for key in local:
             local[key][torch.from_numpy(users)] = torch.as_tensor(own[key])
     model.load_state_dict({**tensors, **local})
