@@ -51,16 +51,18 @@ from fedrec.train import resolve_device
 Arrays = dict[str, np.ndarray]
 
 
-def _federation(cfg: RunConfig) -> tuple[Any, list[Any], Arrays]:
-    """(the split, every partition's client data, the initial shared arrays)."""
+def _federation(cfg: RunConfig) -> tuple[Any, list[np.ndarray], list[Any], Arrays]:
+    """(the split, every partition's global user ids and client data, the initial shared
+    arrays)."""
     split = cached_split(cfg.data)
     parts = partition_users(cfg.fed.partition, split.n_users, cfg.fed.num_clients,
                             cfg.data.seed)
-    return split, [split_for_users(split, users) for users in parts], init_shared(
+    return split, parts, [split_for_users(split, users) for users in parts], init_shared(
         cfg, split.n_items)
 
 
-def _experimenter_counts(cfg: RunConfig, split: Any, clients: list[Any], shared: Arrays,
+def _experimenter_counts(cfg: RunConfig, split: Any, parts: list[np.ndarray],
+                         clients: list[Any], shared: Arrays,
                          states: list[ClientState | None]) -> dict[str, float]:
     """Every client's exact evaluation counts, summed: ``evaluate_client`` per client.
 
@@ -73,8 +75,6 @@ def _experimenter_counts(cfg: RunConfig, split: Any, clients: list[Any], shared:
         return merge_counts([evaluate_client(cfg, c, shared, states[i],
                                              seed=cfg.data.seed + i)
                              for i, c in enumerate(clients)])
-    parts = partition_users(cfg.fed.partition, split.n_users, cfg.fed.num_clients,
-                            cfg.data.seed)
     model = build_model(cfg.model, split.n_users, split.n_items, offset=clients[0].offset)
     tensors = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in shared.items()}
     local = model.local_state_dict()
@@ -145,7 +145,7 @@ def _run(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
     if cfg.fed.fault_rate > 0:
         raise ConfigError("fault-rate: fault injection runs through Flower's messaging; use "
                           "fedrec simulate")
-    split, clients, shared = _federation(cfg)
+    split, parts, clients, shared = _federation(cfg)
     keys = item_keys(cfg, split.n_items)
     server = ServerOptimizer(cfg.fed, keys)
     states: list[ClientState | None] = [None] * len(clients)
@@ -186,7 +186,7 @@ def _run(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
             shared, facts = user_dp.step(clipped, rnd, n_sample, server)
         else:
             shared = server.step_accumulated(acc)
-        counts = _experimenter_counts(cfg, split, clients, shared, states)
+        counts = _experimenter_counts(cfg, split, parts, clients, shared, states)
         n_ex = sum(w for _, w in losses)
         row: dict[str, Any] = {
             "round": rnd, "clients": len(losses), "exhausted": exhausted, **facts,
@@ -206,7 +206,7 @@ def _run_ddp(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
              dropouts: float) -> tuple[Arrays, list[dict[str, Any]]]:
     """Distributed user-level DP (``fedrec.ddp``): the clients' integers are summed here
     exactly as SecAgg+ sums them; R training releases and a final evaluation release."""
-    split, clients, shared = _federation(cfg)
+    split, parts, clients, shared = _federation(cfg)
     order = shared_order(cfg, split.n_items)
     prior = cfg.privacy.ddp_prior and PRIOR_KEY in shared
     server = DDPServer(cfg, int(sum(v.size for v in shared.values())), split.n_items,
@@ -258,7 +258,7 @@ def _run_ddp(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
         if train:
             avg = unflatten(flatten(shared, order) + mean, shared, order)
             shared = opt.step_from_average(avg, shared)
-            exact = _experimenter_counts(cfg, split, clients, shared, states)
+            exact = _experimenter_counts(cfg, split, parts, clients, shared, states)
             pending = {"round": release, "clients": survivors, "dropped": len(dropped),
                        "refused": refused, "user-noise-multiplier":
                        math.sqrt(2 * plan.mu_total) / plan.l2,

@@ -239,7 +239,7 @@ def test_one_pass_evaluation_equals_evaluating_client_by_client(partition: str,
     trained = dict(fit_clients(cfg, clients[:2], shared, [None, None], [None, None],
                                seeds=[cfg.data.seed, cfg.data.seed + 1], server_round=1))
     states = [trained[0].state, trained[1].state] + [None] * (len(clients) - 2)
-    ours = _experimenter_counts(cfg, split, clients, shared, states)
+    ours = _experimenter_counts(cfg, split, parts, clients, shared, states)
     theirs = merge_counts([evaluate_client(cfg, c, shared, states[i], seed=cfg.data.seed + i)
                            for i, c in enumerate(clients)])
     assert set(ours) == set(theirs)
