@@ -295,19 +295,25 @@ def _train_chunk(cfg: RunConfig, plans: list[_Plan], shared: Arrays) -> list[Fit
                 out[key] = full
             else:
                 out[key] = value.numpy().copy()
-        if not all(torch.isfinite(v).all() for v in local.values()) or not all(
-                np.isfinite(v).all() for v in out.values()):
-            raise PrivacyError("training produced non-finite values; nothing is sent or kept")
         weighting = cfg.fed.item_weighting
         touched = (p.builder.touched.astype(np.float32)
                    if not cfg.privacy.user_dp and weighting in ("auto", "touched") else None)
-        n = len(p.data.train)
-        results.append(FitResult(
-            out, touched, n, float(last_loss[c]), p.ledger.epsilon, False, 0.0,
-            ClientState(local=local, rounds=p.state.rounds + 1,
-                        user_ids=list(p.data.user_ids)),
-            dataclasses.replace(p.ledger, rounds=p.ledger.rounds + 1), weight=float(n)))
+        results.append(_finish(p, local, out, float(last_loss[c]), touched,
+                               dataclasses.replace(p.ledger, rounds=p.ledger.rounds + 1),
+                               weight=float(len(p.data.train))))
     return results
+
+
+def _finish(p: _Plan, local: dict[str, torch.Tensor], out: Arrays, loss: float,
+            touched: np.ndarray | None, ledger: Ledger, *, weight: float) -> FitResult:
+    """One client's FitResult after its steps; non-finite values are refused, as
+    ``fit_client`` refuses them (nothing is sent or kept)."""
+    if not all(torch.isfinite(v).all() for v in local.values()) or not all(
+            np.isfinite(v).all() for v in out.values()):
+        raise PrivacyError("training produced non-finite values; nothing is sent or kept")
+    return FitResult(out, touched, len(p.data.train), loss, ledger.epsilon, False, 0.0,
+                     ClientState(local=local, rounds=p.state.rounds + 1,
+                                 user_ids=list(p.data.user_ids)), ledger, weight=weight)
 
 
 def _secure_noise(std: float, shape: tuple[int, ...], generator: torch.Generator
@@ -425,13 +431,13 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
             losses[:, s] = (per.detach() * mask).sum(1).double()
     if not exact_noise:  # the rows no step read: their S steps' noise in one draw
         with torch.no_grad():
-            for key, table in tables.items():
-                if key in local_keys:
-                    continue
-                for c, p in enumerate(plans):
-                    assert p.dp is not None and p.noise is not None
-                    unread = torch.ones(table.shape[1], dtype=torch.bool)
-                    unread[p.read] = False
+            for c, p in enumerate(plans):
+                assert p.dp is not None and p.noise is not None
+                unread = torch.ones(n_items, dtype=torch.bool)
+                unread[p.read] = False
+                for key, table in tables.items():  # Opacus's parameter order
+                    if key in local_keys:
+                        continue
                     total = _secure_noise(p.dp.sigma * clip * math.sqrt(n_steps),
                                           (int(unread.sum()),) + table.shape[2:], p.noise)
                     table[c, unread] -= lr * total / normalizer
@@ -441,18 +447,12 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
         assert p.dp is not None
         local = {key: tables[key][c, :p.data.n_users].clone() for key in local_keys}
         out = {key: tables[key][c].numpy().copy() for key in template.shared_keys()}
-        if not all(torch.isfinite(v).all() for v in local.values()) or not all(
-                np.isfinite(v).all() for v in out.values()):
-            raise PrivacyError("training produced non-finite values; nothing is sent or kept")
         history = privacy.add_entry(p.ledger.history, (p.dp.sigma, p.dp.sample_rate,
                                                        len(p.steps)))
         ledger = dataclasses.replace(
             p.ledger, rounds=p.ledger.rounds + 1, history=[tuple(h) for h in history],
             epsilon=privacy.epsilon_of(history, pcfg.delta, pcfg.accountant))
-        results.append(FitResult(
-            out, None, len(p.data.train), float(last_loss[c]), ledger.epsilon, False, 0.0,
-            ClientState(local=local, rounds=p.state.rounds + 1,
-                        user_ids=list(p.data.user_ids)), ledger, weight=1.0))
+        results.append(_finish(p, local, out, float(last_loss[c]), None, ledger, weight=1.0))
     return results
 
 
