@@ -245,3 +245,23 @@ def test_one_pass_evaluation_equals_evaluating_client_by_client(partition: str,
     assert set(ours) == set(theirs)
     for key, value in theirs.items():
         assert ours[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_training_that_overflows_sends_and_keeps_nothing(dp: bool) -> None:
+    """A step size that overflows the tables is refused as fit_client refuses it: no
+    update, no state (with and without record-level DP)."""
+    from fedrec.errors import PrivacyError
+
+    cfg = RunConfig.from_flat({**BASE, "model": "mf", "optimizer": "sgd", "lr": 1e38,
+                               "partition": "cross-device", "dp": dp, "rounds": 1,
+                               "insecure-noise-seed": 2 if dp else -1})
+    clients, n_items = _clients(cfg, 2)
+    shared = init_shared(cfg, n_items)
+    for engine in ("batched", "loop"):
+        with pytest.raises(PrivacyError, match="non-finite"):
+            if engine == "batched":
+                list(fit_clients(cfg, clients, shared, [None] * 2, [None] * 2,
+                                 seeds=[0, 1], server_round=1))
+            else:
+                fit_client(cfg, clients[0], shared, None, seed=0, server_round=1)
