@@ -477,8 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", choices=["flower", "batched"], default="flower",
                    help="flower: the ServerApp and ClientApps on Flower's simulation engine "
                         "(what flwr run deploys); batched: the same rounds in this process, "
-                        "clients trained side by side where DP allows (no DP, user-level "
-                        "DP), for experiments (default: flower)")
+                        "clients trained side by side (no DP, user-level DP, record-level "
+                        "DP for MF with SGD clients), for experiments (default: flower)")
     add_config_options(s, exclude=RUN_MANAGED + NOT_FEDERATED)
     s.set_defaults(func=_cmd_simulate)
 
