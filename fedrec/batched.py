@@ -76,7 +76,7 @@ class _Plan:
     local: dict[str, torch.Tensor]  # user tensors at the start of the round
     dp: DPPlan | None = None  # record-level DP: q, steps, sigma of this round
     noise: torch.Generator | None = None  # record-level DP: the client's noise source
-    read: torch.Tensor | None = None  # record-level DP: item rows some step of it reads
+    stream: tuple[int, int] = (0, 0)  # (seed, round): names its test-only DP streams
 
 
 def _plan(cfg: RunConfig, index: int, data: ClientData, state: ClientState | None,
@@ -111,11 +111,9 @@ def _plan(cfg: RunConfig, index: int, data: ClientData, state: ClientState | Non
                                  generator=gen, sample_rate=dp.sample_rate if dp else None):
             raw.append((ex.users[idx], ex.items[idx], ex.targets[idx]))
             epochs.append(epoch)
-    read = None
     if dp is not None:  # noise reaches every row: the client holds the whole table
         rows = np.arange(data.n_items)
         steps = raw
-        read = torch.unique(torch.cat([i.reshape(-1) for _, i, _ in raw])) if raw else None
     else:
         rows = np.flatnonzero(builder.touched)
         steps = [(u, torch.from_numpy(np.searchsorted(rows, i.numpy())), t)
@@ -131,10 +129,8 @@ def _plan(cfg: RunConfig, index: int, data: ClientData, state: ClientState | Non
         if bad:
             raise StateError(f"client state: local tensors {bad} missing or of another shape")
         local = {k: torch.as_tensor(state.local[k]) for k in fresh}
-    if read is None:
-        read = torch.zeros(0, dtype=torch.long)
     return _Plan(index, data, state, ledger, builder, rows, steps, epochs, local, dp, noise,
-                 read)
+                 (seed, server_round))
 
 
 def fit_clients(cfg: RunConfig, clients: Sequence[ClientData], shared: Arrays,
@@ -143,10 +139,11 @@ def fit_clients(cfg: RunConfig, clients: Sequence[ClientData], shared: Arrays,
                 exact_noise: bool = False) -> Iterator[tuple[int, FitResult]]:
     """``fit_client`` for each client: yields ``(position in clients, result)``.
 
-    Under record-level DP the noise on item rows a client never reads in the round is
-    drawn once, as the one Gaussian its steps add up to (same distribution, several
-    times fewer draws); ``exact_noise`` draws it step by step in Opacus's order instead,
-    the very numbers ``fit_client`` adds from the same stream (equality tests).
+    Under record-level DP the noise on an item row is drawn when a step reads the row
+    and at the end, as the one Gaussian the steps since its last draw add up to (same
+    distribution, several times fewer draws; ``_train_chunk_dp``); ``exact_noise`` draws
+    it step by step in Opacus's order instead, the very numbers ``fit_client`` adds from
+    the same stream (equality tests).
 
     Clients train ``chunk`` at a time, grouped by size (a chunk pads to its largest
     client), so results come in chunk order, not list order; a round of thousands of
@@ -336,6 +333,14 @@ def _example_sq_norms(grad: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return (gram * same).sum((2, 3)).clamp(min=0)
 
 
+def _first_of_each_row(index: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """``[C, M]`` mask: True at one position of each distinct row of ``index [C, M]``."""
+    position = torch.arange(index.shape[1]).expand_as(index)
+    owner = torch.full((index.shape[0], n_rows), -1, dtype=torch.long)
+    owner.scatter_(1, index, position)  # one writer per repeated row wins
+    return owner.gather(1, index) == position
+
+
 def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
                     exact_noise: bool = False) -> list[FitResult]:
     """Record-level DP-SGD for ``plans`` side by side (MF, SGD): what Opacus does in
@@ -345,16 +350,21 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
     gradient (every example's lookups are separate leaves), hence each example's exact
     gradient norm over all four tables; examples are clipped to ``max-grad-norm`` C
     (Opacus's factor ``min(1, C / (norm + 1e-6))``), summed into the client's tables,
-    noised with the client's own generator (std sigma C on every coordinate of every
-    table, Opacus's secure draws in its parameter order), divided by the configured batch
-    size and applied by SGD. A step with no example adds noise only. Runs on the CPU, where
-    the clients' noise generators are.
+    noised (std sigma C on every coordinate of every table, Opacus's secure draws),
+    divided by the configured batch size and applied by SGD. A step with no example adds
+    noise only. Runs on the CPU, where the noise generators are.
 
-    Item rows a client never reads in the round take no part in any step but the noise:
-    with SGD and no weight decay they end at ``w - lr / B * (n_1 + ... + n_S)``, and the
-    sum of S independent N(0, (sigma C)^2) draws is one N(0, S (sigma C)^2) draw, which is
-    what they get, once, at the end (unless ``exact_noise``). Rows it reads, and its user
-    tables, get their noise step by step.
+    Item-row noise is applied lazily (unless ``exact_noise``): with SGD and no weight
+    decay a row's value only matters when a step reads it, and the sum of k independent
+    N(0, (sigma C)^2) draws is one N(0, k (sigma C)^2) draw. So each row keeps a count of
+    the steps whose noise it has not received; before a step reads it, it gets those
+    steps' noise as one draw, and after the last step every row gets what it still owes.
+    Every row ends with the noise of all S steps, and every read sees the noise of every
+    earlier step: the same distribution as step-by-step noise, with a draw per read
+    instead of a draw per step and row. The draws for a whole chunk come from one
+    OS-seeded generator. ``exact_noise`` instead draws each client's noise step by step
+    from its own generator in Opacus's order: the very numbers ``fit_client`` adds from
+    the same stream (equality tests).
     """
     if not plans:
         return []
@@ -374,14 +384,32 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
         else:
             tables[key] = torch.from_numpy(np.asarray(shared[key], dtype=np.float32)).expand(
                 (n_clients,) + shared[key].shape).clone()
+    if any(tables[key].shape[1] != n_items for key in tables if key not in local_keys):
+        raise RuntimeError("item tables of the batched DP engine have one row per item")
     clip, lr = pcfg.max_grad_norm, cfg.train.lr
     normalizer = max(1, round(cfg.train.batch_size))  # privacy.set_expected_batch_size
+    std = torch.tensor([p.dp.sigma * clip for p in plans if p.dp is not None])
+    if len(std) != n_clients:
+        raise RuntimeError("every client of a DP chunk has a DP plan")
+    # one OS-seeded generator for the chunk's lazy draws (test-only stream when seeded)
+    chunk_noise = privacy.dp_generator(pcfg, plans[0].stream[0], plans[0].stream[1],
+                                       privacy.CHUNK_NOISE)
+    owed = torch.zeros(n_clients, n_items)  # steps whose noise each item row still owes
     criterion = RowLoss(cfg.train.objective, reduction="none")
     k = 1 + cfg.data.negatives if plans[0].data.implicit else 1
     losses = torch.zeros(n_clients, n_steps, dtype=torch.float64)
     counts = torch.zeros(n_clients, n_steps)
     last = torch.tensor([[p.epochs[s] == p.epochs[-1] for s in range(n_steps)]
                          for p in plans])
+
+    def pay(key: str, rows: torch.Tensor, due: torch.Tensor) -> None:
+        """Add ``due [C, M]`` steps' noise (one draw each) to ``rows [C, M]`` of a table."""
+        table = tables[key]
+        scale = (std.reshape(-1, 1) * due.sqrt() * (-lr / normalizer)).reshape(
+            due.shape + (1,) * (table.dim() - 2))
+        _scatter_add(table, rows, _secure_noise(1.0, rows.shape + table.shape[2:],
+                                                chunk_noise) * scale)
+
     for s in range(n_steps):
         width = max(1, max(len(p.steps[s][0]) for p in plans))
         users = torch.zeros(n_clients, width, dtype=torch.long)
@@ -394,6 +422,14 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
             mask[c, :len(u)] = 1.0
         index = {key: (users if key in local_keys else items).reshape(n_clients, -1)
                  for key in tables}
+        if not exact_noise:  # rows this step reads first take the noise they owe
+            flat = items.reshape(n_clients, -1)
+            due = owed.gather(1, flat) * _first_of_each_row(flat, n_items)
+            with torch.no_grad():
+                for key in tables:
+                    if key not in local_keys:
+                        pay(key, flat, due)
+            owed.scatter_(1, flat, 0.0)
         leaves = {key: _gather(tables[key], index[key]).requires_grad_() for key in tables}
         scores = vmap(lambda p, u, i: functional_call(template, p, (u, i)))(
             leaves, torch.arange(width).expand(n_clients, -1),
@@ -415,32 +451,27 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
                 clipped = (g * coef.reshape(n_clients, width, 1, 1)).reshape(
                     n_clients, -1, table.shape[-1])
                 # SGD on (clipped sum + noise) / B, applied in two parts: the sum where
-                # the examples' rows are, the noise where it is drawn (no dense buffer)
+                # the examples' rows are, the noise where (and when) it is drawn
                 _scatter_add(table, index[key], clipped * (-lr / normalizer))
-                for c, p in enumerate(plans):  # each client's generator, Opacus's order,
-                    assert p.dp is not None and p.noise is not None  # its own table sizes
-                    std = p.dp.sigma * clip
-                    if key in local_keys or exact_noise:
+                if exact_noise:  # each client's generator, Opacus's order and sizes
+                    for c, p in enumerate(plans):
+                        assert p.noise is not None
                         rows = p.data.n_users if key in local_keys else table.shape[1]
                         table[c, :rows] -= lr * _secure_noise(
-                            std, (rows,) + table.shape[2:], p.noise) / normalizer
-                    elif len(p.read):
-                        table[c, p.read] -= lr * _secure_noise(
-                            std, (len(p.read),) + table.shape[2:], p.noise) / normalizer
+                            float(std[c]), (rows,) + table.shape[2:], p.noise) / normalizer
+                elif key in local_keys:  # user rows: this step's noise, all clients at once
+                    table -= (lr / normalizer) * std.reshape(
+                        (-1,) + (1,) * (table.dim() - 1)) * _secure_noise(
+                            1.0, tuple(table.shape), chunk_noise)
+            owed += 1.0
             counts[:, s] = mask.sum(1)
             losses[:, s] = (per.detach() * mask).sum(1).double()
-    if not exact_noise:  # the rows no step read: their S steps' noise in one draw
+    if not exact_noise:  # every item row gets the noise it still owes
+        everything = torch.arange(n_items).expand(n_clients, -1)
         with torch.no_grad():
-            for c, p in enumerate(plans):
-                assert p.dp is not None and p.noise is not None
-                unread = torch.ones(n_items, dtype=torch.bool)
-                unread[p.read] = False
-                for key, table in tables.items():  # Opacus's parameter order
-                    if key in local_keys:
-                        continue
-                    total = _secure_noise(p.dp.sigma * clip * math.sqrt(n_steps),
-                                          (int(unread.sum()),) + table.shape[2:], p.noise)
-                    table[c, unread] -= lr * total / normalizer
+            for key in tables:
+                if key not in local_keys:
+                    pay(key, everything, owed)
     last_loss = (losses * last).sum(1) / (counts.double() * last).sum(1).clamp(min=1)
     results = []
     for c, p in enumerate(plans):

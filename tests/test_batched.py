@@ -117,30 +117,34 @@ def test_batched_dp_noise_is_not_reproducible_from_the_config() -> None:
             np.zeros(len(clients[1].train), dtype=bool)))  # noise only
         shared = init_shared(cfg, n_items)
         runs = [dict(fit_clients(cfg, clients, shared, [None] * 2, [None] * 2,
-                                 seeds=[0, 1], server_round=1)) for _ in range(2)]
+                                 seeds=[0, 1], server_round=1, chunk=1))
+                for _ in range(2)]  # alone in its chunk, client 1's update is noise only
         for i in (0, 1):
             same = all(np.array_equal(runs[0][i].shared[k], runs[1][i].shared[k])
                        for k in shared)
             assert same == seeded, (i, seeded)
 
 
-def test_noise_on_unread_rows_drawn_once_has_the_variance_of_its_steps() -> None:
-    """Rows a client never reads get their S steps' noise as one draw: without noise the
-    fast and exact paths agree; with noise every item coordinate's update has std
-    lr / B * sigma C * sqrt(S), on rows read (noised step by step) and unread alike, for
-    a client with ratings and one without."""
+def test_lazy_noise_has_the_variance_of_its_steps() -> None:
+    """Item rows take their noise lazily (the steps they owe, in one draw, before a step
+    reads them and at the end) and user rows step by step, from one generator per chunk:
+    without noise the fast and exact paths agree; with noise every item coordinate's
+    update has std lr / B * sigma C * sqrt(S), on rows read and never read alike, for a
+    client with ratings and clients without; their user embeddings too."""
     flat = {**BASE, "synthetic-items": 400, "dim": 16, "model": "mf", "optimizer": "sgd",
             "lr": 0.5, "dp": True, "target-epsilon": 0.0, "max-grad-norm": 0.5,
             "sample-rate": 0.25, "partition": "cross-device", "rounds": 1}
     quiet = RunConfig.from_flat({**flat, "noise-multiplier": 0.0, "insecure-noise-seed": 1})
-    clients, n_items = _clients(quiet, 2)
-    clients[1] = dataclasses.replace(clients[1], train=clients[1].train.subset(
-        np.zeros(len(clients[1].train), dtype=bool)))
+    n = 24
+    clients, n_items = _clients(quiet, n)
+    for i in range(1, n):  # noise only
+        clients[i] = dataclasses.replace(clients[i], train=clients[i].train.subset(
+            np.zeros(len(clients[i].train), dtype=bool)))
     shared = init_shared(quiet, n_items)
 
     def run(cfg: RunConfig, exact: bool) -> dict:
-        return dict(fit_clients(cfg, clients, shared, [None] * 2, [None] * 2, seeds=[0, 1],
-                                server_round=1, exact_noise=exact))
+        return dict(fit_clients(cfg, clients, shared, [None] * n, [None] * n,
+                                seeds=list(range(n)), server_round=1, exact_noise=exact))
 
     fast, exact = run(quiet, False), run(quiet, True)
     key = "item_emb.weight"
@@ -158,6 +162,9 @@ def test_noise_on_unread_rows_drawn_once_has_the_variance_of_its_steps() -> None
     delta = ours[0].shared[key] - shared[key] - signal
     assert np.std(delta[~read]) == pytest.approx(want, rel=0.04)
     assert np.std(delta[read]) == pytest.approx(want, rel=0.25)
+    users = np.concatenate([ours[i].state.local["user_emb.weight"]
+                            - fast[i].state.local["user_emb.weight"] for i in range(1, n)])
+    assert np.std(users) == pytest.approx(want, rel=0.12)
 
 
 def test_the_engine_refuses_what_it_does_not_run() -> None:
