@@ -12,8 +12,10 @@ Without DP on the device (no DP; user-level DP, clipped and noised at the server
 the rows a client reads are copied (padded to the largest client of a chunk); rows it
 never reads keep their value, as under ``fit_client`` when no weight decay moves them.
 Record-level DP-SGD (MF, SGD clients) is Opacus's step done for every client at once
-(``_train_chunk_dp``). Other models or Adam under record-level DP, distributed DP and
-weight decay stay on ``fit_client``: ``unsupported`` says why.
+(``_train_chunk_dp``). Under distributed DP the clients train without DP (batched); each
+then encodes its own clipped update and noise share (``fedrec.federated.ddp_client_round``).
+Other models or Adam under record-level DP, and weight decay, stay on ``fit_client``:
+``unsupported`` says why.
 """
 
 from __future__ import annotations
@@ -54,8 +56,6 @@ def unsupported(cfg: RunConfig) -> str | None:
     if cfg.privacy.dp and (cfg.model.model != "mf" or cfg.train.optimizer != "sgd"):
         return ("record-level DP runs batched for MF with SGD clients only (other models "
                 "and Adam train each client through Opacus)")
-    if cfg.privacy.ddp:
-        return "distributed DP adds noise shares per client"
     if cfg.train.weight_decay > 0:
         return "weight decay moves rows a client never reads"
     return None
@@ -294,7 +294,8 @@ def _train_chunk(cfg: RunConfig, plans: list[_Plan], shared: Arrays) -> list[Fit
                 out[key] = value.numpy().copy()
         weighting = cfg.fed.item_weighting
         touched = (p.builder.touched.astype(np.float32)
-                   if not cfg.privacy.user_dp and weighting in ("auto", "touched") else None)
+                   if not (cfg.privacy.user_dp or cfg.privacy.ddp)
+                   and weighting in ("auto", "touched") else None)
         results.append(_finish(p, local, out, float(last_loss[c]), touched,
                                dataclasses.replace(p.ledger, rounds=p.ledger.rounds + 1),
                                weight=float(len(p.data.train))))

@@ -31,10 +31,18 @@ def _by_user(data: Interactions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return users, items, bounds
 
 
-@torch.no_grad()
 def full_ranking_counts(model: RecModel, train: Interactions, test: Interactions,
                         ks: tuple[int, ...], chunk: int = 512) -> dict[str, float]:
     """Summed per-user metrics from a full ranking that excludes each user's train items."""
+    _, per_user = full_ranking_user_counts(model, train, test, ks, chunk)
+    return {key: float(v.sum()) for key, v in per_user.items()}  # no test user: {}
+
+
+@torch.no_grad()
+def full_ranking_user_counts(model: RecModel, train: Interactions, test: Interactions,
+                             ks: tuple[int, ...], chunk: int = 512
+                             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``full_ranking_counts`` per test user: (the users, each key's ``[U]`` values)."""
     kmax = min(max(ks), model.n_items)
     _, tr_items, tr_bounds = _by_user(train)
     _, te_items, te_bounds = _by_user(test)
@@ -56,8 +64,10 @@ def full_ranking_counts(model: RecModel, train: Interactions, test: Interactions
         hits = rel.gather(1, top)
         if kmax < max(ks):  # fewer items than K: pad with misses
             hits = torch.nn.functional.pad(hits, (0, max(ks) - kmax))
-        parts.append(metrics.ranking_counts(hits, rel.sum(1), ks))
-    return metrics.merge_counts(parts)
+        parts.append(metrics.user_ranking_counts(hits, rel.sum(1), ks))
+    if not parts:
+        return test_users, {}
+    return test_users, {key: torch.cat([p[key] for p in parts]).numpy() for key in parts[0]}
 
 
 @torch.no_grad()

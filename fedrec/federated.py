@@ -22,7 +22,7 @@ import torch
 
 from fedrec import keys, privacy
 from fedrec.central import build_trainer, rating_offset
-from fedrec.config import DataConfig, RunConfig
+from fedrec.config import DataConfig, ModelConfig, RunConfig
 from fedrec.data import ExampleBuilder, Split, load_file, load_split
 from fedrec.data.interactions import Interactions
 from fedrec.data.split import temporal_split, to_feedback
@@ -430,7 +430,12 @@ def release_counts(cfg: RunConfig, data: ClientData, counts: dict[str, float],
 
 def shared_order(cfg: RunConfig, n_items: int) -> list[str]:
     """Shared keys in the fixed order distributed DP flattens them in."""
-    return build_model(cfg.model, 1, n_items).shared_keys()
+    return list(_shared_order(cfg.model, n_items))
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_order(model: ModelConfig, n_items: int) -> tuple[str, ...]:
+    return tuple(build_model(model, 1, n_items).shared_keys())
 
 
 def flatten(arrays: Arrays, order: list[str]) -> np.ndarray:
@@ -463,10 +468,21 @@ class DDPReply:
     epsilon: float  # the client's user-level epsilon, under the protocol's trust assumption
 
 
+def ddp_allows(cfg: RunConfig, ledger: Ledger | None, plan: DDPPlan) -> bool:
+    """Whether a client with ``ledger`` takes part in a release planned as ``plan``: its
+    user-level epsilon after it (``plan.n_min`` honest shares) stays within its cap."""
+    p = cfg.privacy
+    history = ledger.user_history if ledger is not None else []
+    after = privacy.skellam_epsilon(history + [plan.entry(plan.n_min)], p.delta)
+    cap = cfg.fed.epsilon_cap or p.user_target_epsilon
+    return not (cap > 0 and after > cap * (1 + 1e-9))
+
+
 def ddp_client_round(cfg: RunConfig, data: ClientData, shared: Arrays,
                      state: ClientState | None, ledger: Ledger | None, plan: DDPPlan, *,
                      seed: int, server_round: int, task: str = "train",
-                     state_file: Path | None = None) -> DDPReply:
+                     state_file: Path | None = None, fit: FitResult | None = None,
+                     counts: dict[str, float] | None = None) -> DDPReply:
     """One distributed-DP release of a client, encoded with its noise share
     (``fedrec.ddp.encode``): for ``task`` "train", the counts of the model it received
     and its clipped update after local (non-DP) training; "evaluate", the counts only;
@@ -474,38 +490,41 @@ def ddp_client_round(cfg: RunConfig, data: ClientData, shared: Arrays,
 
     The client checks the plan against its own ledger first: if the release would take
     its user-level epsilon (assuming ``plan.n_min`` honest shares) past its cap
-    (``epsilon-cap``, else ``user-target-epsilon``), it refuses.
+    (``epsilon-cap``, else ``user-target-epsilon``), it refuses (``ddp_allows``).
+
+    ``fit`` and ``counts``: this client's ``fit_client`` result and ``evaluate_client``
+    counts for this round when the caller computed them already (the batched engine);
+    by default they are computed here.
     """
     p = cfg.privacy
     ledger = ledger or Ledger(delta=p.delta, unit=privacy.USER_UNIT_OF_PRIVACY)
     entry = plan.entry(plan.n_min)
     after = privacy.skellam_epsilon(ledger.user_history + [entry], p.delta)
-    cap = cfg.fed.epsilon_cap or p.user_target_epsilon
     state = state or ClientState(user_ids=list(data.user_ids))
-    if cap > 0 and after > cap * (1 + 1e-9):
+    if not ddp_allows(cfg, ledger, plan):
         return DDPReply(None, state, ledger, ledger.epsilon)
     order = shared_order(cfg, data.n_items)
     new_state = state
     rng = np.random.default_rng(privacy.dp_seed(p, seed, server_round, privacy.USER_NOISE))
     if task == "prior":
-        counts = np.zeros(len(count_keys(cfg)))
         ints = encode(prior_vector(data.train.users, data.train.items, data.n_items),
-                      counts, plan, rng)
+                      np.zeros(len(count_keys(cfg))), plan, rng)
         return DDPReply(ints, state, dataclasses.replace(
             ledger, user_history=privacy.add_skellam_entry(ledger.user_history, entry),
             epsilon=after, delta=p.delta, unit=privacy.USER_UNIT_OF_PRIVACY), after)
-    counts = count_vector(cfg, evaluate_client(cfg, data, shared, state if state.local
-                                               else None, seed=seed,
-                                               state_file=state_file))
+    if counts is None:
+        counts = evaluate_client(cfg, data, shared, state if state.local else None,
+                                 seed=seed, state_file=state_file)
+    vector = count_vector(cfg, counts)
     update = np.zeros(sum(v.size for v in shared.values()))
     train = task == "train"
     if train:
-        res = fit_client(cfg, data, shared, state, ledger, seed=seed,
-                         server_round=server_round, state_file=state_file)
+        res = fit or fit_client(cfg, data, shared, state, ledger, seed=seed,
+                                server_round=server_round, state_file=state_file)
         if res.shared is not None:
             update = flatten(res.shared, order) - flatten(shared, order)
             new_state = res.state
-    ints = encode(update, counts, plan, rng)
+    ints = encode(update, vector, plan, rng)
     new_ledger = dataclasses.replace(
         ledger, user_history=privacy.add_skellam_entry(ledger.user_history, entry),
         rounds=ledger.rounds + int(train), epsilon=after, delta=p.delta,

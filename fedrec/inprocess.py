@@ -26,10 +26,11 @@ from fedrec.batched import fit_clients, unsupported
 from fedrec.config import RunConfig
 from fedrec.ddp import PRIOR_KEY, DDPServer
 from fedrec.errors import ConfigError
-from fedrec.evaluate import evaluate_counts
+from fedrec.evaluate import evaluate_counts, full_ranking_user_counts
 from fedrec.federated import (
     FitResult,
     cached_split,
+    ddp_allows,
     ddp_client_round,
     evaluate_client,
     fit_client,
@@ -61,20 +62,10 @@ def _federation(cfg: RunConfig) -> tuple[Any, list[np.ndarray], list[Any], Array
         cfg, split.n_items)
 
 
-def _experimenter_counts(cfg: RunConfig, split: Any, parts: list[np.ndarray],
-                         clients: list[Any], shared: Arrays,
-                         states: list[ClientState | None]) -> dict[str, float]:
-    """Every client's exact evaluation counts, summed: ``evaluate_client`` per client.
-
-    With full ranking (or a fixed negatives file) a user's counts depend only on their
-    own embedding, the shared model and their own data, so one global model holding
-    every client's user tables gives the same sum in one pass. Sampled negatives are
-    drawn per client (its seed): those are evaluated client by client.
-    """
-    if cfg.data.eval_negatives > 0:
-        return merge_counts([evaluate_client(cfg, c, shared, states[i],
-                                             seed=cfg.data.seed + i)
-                             for i, c in enumerate(clients)])
+def _global_model(cfg: RunConfig, split: Any, parts: list[np.ndarray], clients: list[Any],
+                  shared: Arrays, states: list[ClientState | None]) -> Any:
+    """One model holding the shared arrays and every client's user tables (a client
+    without state: its fresh tables, as ``_model`` gives it)."""
     model = build_model(cfg.model, split.n_users, split.n_items, offset=clients[0].offset)
     tensors = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in shared.items()}
     local = model.local_state_dict()
@@ -85,9 +76,54 @@ def _experimenter_counts(cfg: RunConfig, split: Any, parts: list[np.ndarray],
         for key in local:
             local[key][torch.from_numpy(users)] = torch.as_tensor(own[key])
     model.load_state_dict({**tensors, **local})
-    model.to(resolve_device(cfg.train.device))
+    return model.to(resolve_device(cfg.train.device))
+
+
+def _one_pass(cfg: RunConfig, split: Any) -> bool:
+    """Whether a user's counts depend only on their embedding, the shared model and their
+    own data (full ranking or a fixed negatives file): then one global model evaluates
+    every client at once. Sampled negatives are drawn per client (its seed)."""
+    return cfg.data.eval_negatives == 0
+
+
+def _experimenter_counts(cfg: RunConfig, split: Any, parts: list[np.ndarray],
+                         clients: list[Any], shared: Arrays,
+                         states: list[ClientState | None]) -> dict[str, float]:
+    """Every client's exact evaluation counts, summed: ``evaluate_client`` per client,
+    or one pass through ``_global_model`` where that gives the same sum (``_one_pass``).
+    """
+    if not _one_pass(cfg, split):
+        return merge_counts([evaluate_client(cfg, c, shared, states[i],
+                                             seed=cfg.data.seed + i)
+                             for i, c in enumerate(clients)])
+    model = _global_model(cfg, split, parts, clients, shared, states)
     return evaluate_counts(model, split.train, split.test, ks=cfg.eval.ks,
                            implicit=split.implicit, eval_negatives=0, seed=cfg.data.seed)
+
+
+def _client_counts(cfg: RunConfig, split: Any, parts: list[np.ndarray], clients: list[Any],
+                   shared: Arrays, states: list[ClientState | None], which: list[int]
+                   ) -> dict[int, dict[str, float]]:
+    """``evaluate_client``'s ranking counts of each client in ``which`` (the model it
+    holds: ``shared`` and its own user tables), in one pass where ``_one_pass``; clients
+    left out are evaluated by the caller."""
+    if not which or not _one_pass(cfg, split) or split.test.negatives is not None:
+        return {}
+    model = _global_model(cfg, split, parts, clients, shared, states)
+    users, per_user = full_ranking_user_counts(model, split.train, split.test, cfg.eval.ks)
+    owner = np.full(split.n_users, -1)
+    for i in which:
+        owner[parts[i]] = i
+    mine = owner[users]
+    valid = mine >= 0
+    tested = np.bincount(mine[valid], minlength=len(clients)) > 0
+    out: dict[int, dict[str, float]] = {i: {} for i in which}  # no test user: {}
+    for key, values in per_user.items():
+        sums = np.bincount(mine[valid], weights=values[valid], minlength=len(clients))
+        for i in which:
+            if tested[i]:
+                out[i][key] = float(sums[i])
+    return out
 
 
 def _sample(cfg: RunConfig, n: int, rng: np.random.Generator) -> list[int]:
@@ -109,11 +145,11 @@ def run_inprocess(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | N
 
     ``engine``: ``"loop"`` calls ``fit_client`` for each client in turn; ``"batched"``
     trains the round's clients side by side (``fedrec.batched``: same updates to float
-    tolerance; record-level DP for MF with SGD clients only, no distributed DP);
-    ``"auto"`` takes the batched engine where it applies. ``exact_noise``: the batched
-    engine draws record-level DP noise step by step in Opacus's order on every row (the
-    numbers ``fit_client`` draws from the same stream; for equality tests) instead of
-    once per round on rows a client never reads (same distribution).
+    tolerance; record-level DP for MF with SGD clients only; under distributed DP each
+    client still encodes its own release); ``"auto"`` takes the batched engine where it
+    applies. ``exact_noise``: the batched engine draws record-level DP noise step by
+    step in Opacus's order on every row (the numbers ``fit_client`` draws from the same
+    stream; for equality tests) instead of lazily, a draw per read (same distribution).
 
     Runs with one torch thread, as each Flower client does: summation order then
     matches the Flower path exactly (more threads change the last bits, and a near-tie
@@ -138,7 +174,7 @@ def _run(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
         raise ConfigError(f"engine 'batched': {why}; use engine 'loop'")
     batched = engine == "batched" or (engine == "auto" and why is None)
     if cfg.privacy.ddp:
-        return _run_ddp(cfg, on_round, dropouts)
+        return _run_ddp(cfg, on_round, dropouts, batched)
     if cfg.fed.aggregation != "mean":
         raise ConfigError(f"aggregation {cfg.fed.aggregation!r}: robust rules run through "
                           "Flower's strategies; use fedrec simulate")
@@ -203,9 +239,13 @@ def _run(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
 
 
 def _run_ddp(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
-             dropouts: float) -> tuple[Arrays, list[dict[str, Any]]]:
+             dropouts: float, batched: bool) -> tuple[Arrays, list[dict[str, Any]]]:
     """Distributed user-level DP (``fedrec.ddp``): the clients' integers are summed here
-    exactly as SecAgg+ sums them; R training releases and a final evaluation release."""
+    exactly as SecAgg+ sums them; R training releases and a final evaluation release.
+
+    ``batched``: the clients that take part in a release are evaluated in one pass
+    (``_client_counts``) and trained side by side (``fit_clients``); each still encodes
+    its own release with its own noise share (``ddp_client_round``)."""
     split, parts, clients, shared = _federation(cfg)
     order = shared_order(cfg, split.n_items)
     prior = cfg.privacy.ddp_prior and PRIOR_KEY in shared
@@ -231,11 +271,21 @@ def _run_ddp(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
                                       replace=False).tolist()) if dropouts else set()
         total = np.zeros(plan.dim, np.int64)
         survivors = refused = 0
-        for i in chosen:
-            if i in dropped:
-                continue
+        active = [i for i in chosen if i not in dropped]
+        counts: dict[int, dict[str, float]] = {}
+        fits: dict[int, FitResult] = {}
+        if batched and task != "prior":
+            taking = [i for i in active if ddp_allows(cfg, ledgers[i], plan)]
+            counts = _client_counts(cfg, split, parts, clients, shared, states, taking)
+            if train:
+                fits = {taking[j]: res for j, res in fit_clients(
+                    cfg, [clients[i] for i in taking], shared, [states[i] for i in taking],
+                    [ledgers[i] for i in taking], seeds=[cfg.data.seed + i for i in taking],
+                    server_round=release)}
+        for i in active:
             rep = ddp_client_round(cfg, clients[i], shared, states[i], ledgers[i], plan,
-                                   seed=cfg.data.seed + i, server_round=release, task=task)
+                                   seed=cfg.data.seed + i, server_round=release, task=task,
+                                   fit=fits.get(i), counts=counts.get(i))
             if rep.ints is None:
                 refused += 1
                 continue

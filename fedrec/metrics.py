@@ -41,9 +41,18 @@ def ranking_counts(hits: torch.Tensor, n_relevant: torch.Tensor,
     Returns:
         ``{"num-users": U, "sum-precision-at-K": ..., ...}``.
     """
+    return {key: float(v.sum()) for key, v in user_ranking_counts(hits, n_relevant,
+                                                                   ks).items()}
+
+
+def user_ranking_counts(hits: torch.Tensor, n_relevant: torch.Tensor,
+                        ks: Iterable[int]) -> dict[str, torch.Tensor]:
+    """``ranking_counts`` per user: each key's float64 ``[U]`` values (``num-users``: 1
+    each)."""
     hits = hits.to(torch.float64)
     rel = n_relevant.to(torch.float64)
-    out: dict[str, float] = {keys.NUM_USERS: float(hits.shape[0])}
+    out: dict[str, torch.Tensor] = {keys.NUM_USERS: torch.ones(hits.shape[0],
+                                                               dtype=torch.float64)}
     for k in ks:
         h = hits[:, :k]
         n_hits = h.sum(1)
@@ -51,10 +60,10 @@ def ranking_counts(hits: torch.Tensor, n_relevant: torch.Tensor,
         dcg = (h * disc[: h.shape[1]]).sum(1)
         ideal_len = torch.clamp(rel, max=k).long()
         idcg = torch.cumsum(disc, 0)[ideal_len - 1]
-        out[keys.sum_key("precision", k)] = float((n_hits / k).sum())
-        out[keys.sum_key("recall", k)] = float((n_hits / rel).sum())
-        out[keys.sum_key("ndcg", k)] = float((dcg / idcg).sum())
-        out[keys.sum_key("hr", k)] = float((n_hits > 0).to(torch.float64).sum())
+        out[keys.sum_key("precision", k)] = n_hits / k
+        out[keys.sum_key("recall", k)] = n_hits / rel
+        out[keys.sum_key("ndcg", k)] = dcg / idcg
+        out[keys.sum_key("hr", k)] = (n_hits > 0).to(torch.float64)
     return out
 
 

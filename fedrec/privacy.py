@@ -596,6 +596,13 @@ def skellam_rdp(alpha: int, mu: float, l2: float, l1: float) -> float:
 
 def skellam_epsilon(history: Sequence[tuple[float, float, float, int]], delta: float) -> float:
     """Epsilon at ``delta`` of composed Skellam releases ``(mu, l2, l1, count)``."""
+    return _skellam_epsilon(tuple((float(m), float(a), float(b), int(n))
+                                  for m, a, b, n in history), float(delta))
+
+
+@functools.lru_cache(maxsize=4096)
+def _skellam_epsilon(history: tuple[tuple[float, float, float, int], ...],
+                     delta: float) -> float:
     from opacus.accountants.analysis.rdp import get_privacy_spent
 
     if not history:

@@ -162,7 +162,9 @@ def test_secagg_path_equals_in_process_and_the_server_sees_only_masked_vectors(
     flat = {**FLAT, "insecure-noise-seed": 3, "ddp-prior": True,
             "state-dir": str(tmp_path / "state"), "out-dir": str(tmp_path / "run")}
     metrics = _simulate(flat, nodes=5)
-    shared, rows = run_inprocess(RunConfig.from_flat(flat))
+    # the loop engine: what each ClientApp computes, bit for bit (the batched engine
+    # equals it to float tolerance: tests/test_batched.py)
+    shared, rows = run_inprocess(RunConfig.from_flat(flat), engine="loop")
     flower = torch.load(tmp_path / "run" / "shared_model.pt")
     for key, value in shared.items():  # the same integers, summed by SecAgg+
         np.testing.assert_array_equal(value, flower[key].numpy())
