@@ -324,6 +324,23 @@ def test_epsilon_of_equals_opacus_accountant_and_calibration_is_tight() -> None:
         calibrate_noise(3.0, 1e-5, 0.1, 200), rel=0.02)
 
 
+def test_calibration_reuses_last_rounds_sigma_only_when_it_is_the_root() -> None:
+    """A run that keeps its plan calibrates the sigma of its last round again (taken
+    without a search); a plan with fewer or more rounds left gets its own tight sigma,
+    never one that overspends."""
+    from fedrec.privacy import calibrate_remaining
+
+    q, steps, target = 0.05, 40, 6.0
+    first = calibrate_remaining(target, 1e-5, [], q, steps * 5)
+    history = [(first, q, steps)]
+    assert calibrate_remaining(target, 1e-5, history, q, steps * 4) == first
+    for left in (2, 8):  # a resume with fewer or more rounds than planned
+        sigma = calibrate_remaining(target, 1e-5, history, q, steps * left)
+        assert (sigma < first) == (left < 4)
+        assert epsilon_of(history + [(sigma, q, steps * left)], 1e-5) <= target
+        assert epsilon_of(history + [(sigma * (1 - 1e-4), q, steps * left)], 1e-5) > target
+
+
 def test_accountant_continues_history() -> None:
     model = build_model(ModelConfig(model="mf", dim=3), U, N_ITEMS)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
