@@ -165,9 +165,12 @@ def _clip(x: np.ndarray, bound: float) -> np.ndarray:
 
 
 def encode(update: np.ndarray, counts: np.ndarray, plan: DDPPlan,
-           rng: np.random.Generator) -> np.ndarray:
+           rng: np.random.Generator, *, share: bool = True) -> np.ndarray:
     """A client's integers: clipped, scaled, randomly rounded update and counts + its
     Skellam share. ``rng`` must be secret (OS-seeded) outside experiments.
+
+    ``share=False`` leaves the share out, for a simulation that adds the survivors'
+    shares to the sum as one draw (``skellam_shares``); nothing deployed does that.
 
     Raises:
         PrivacyError: a value exceeds what secure aggregation can sum exactly.
@@ -180,12 +183,20 @@ def encode(update: np.ndarray, counts: np.ndarray, plan: DDPPlan,
         raise ValueError(f"expected {plan.dim} values, got {len(x)}")
     low = np.floor(x)
     rounded = low + (rng.random(x.shape) < (x - low))  # E[rounded] = x, |rounded - x| < 1
-    noise = rng.poisson(plan.mu_client, x.shape) - rng.poisson(plan.mu_client, x.shape)
-    out = rounded.astype(np.int64) + noise.astype(np.int64)
+    out = rounded.astype(np.int64)
+    if share:
+        out += skellam_shares(plan, 1, rng)
     if np.abs(out).max(initial=0) > CLIENT_BOUND:
         raise PrivacyError("a distributed-DP value exceeds the secure-sum bound 2^29; lower "
                            "ddp-bits")
     return out
+
+
+def skellam_shares(plan: DDPPlan, n: int, rng: np.random.Generator) -> np.ndarray:
+    """The sum of ``n`` clients' Skellam shares, ``Sk(n mu_client)`` per coordinate (a sum
+    of independent Skellam variables is Skellam: one draw for any number of clients)."""
+    mu = n * plan.mu_client
+    return (rng.poisson(mu, plan.dim) - rng.poisson(mu, plan.dim)).astype(np.int64)
 
 
 def decode(total: np.ndarray, plan: DDPPlan, update_dim: int

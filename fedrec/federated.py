@@ -482,7 +482,7 @@ def ddp_client_round(cfg: RunConfig, data: ClientData, shared: Arrays,
                      state: ClientState | None, ledger: Ledger | None, plan: DDPPlan, *,
                      seed: int, server_round: int, task: str = "train",
                      state_file: Path | None = None, fit: FitResult | None = None,
-                     counts: dict[str, float] | None = None) -> DDPReply:
+                     counts: dict[str, float] | None = None, share: bool = True) -> DDPReply:
     """One distributed-DP release of a client, encoded with its noise share
     (``fedrec.ddp.encode``): for ``task`` "train", the counts of the model it received
     and its clipped update after local (non-DP) training; "evaluate", the counts only;
@@ -494,7 +494,8 @@ def ddp_client_round(cfg: RunConfig, data: ClientData, shared: Arrays,
 
     ``fit`` and ``counts``: this client's ``fit_client`` result and ``evaluate_client``
     counts for this round when the caller computed them already (the batched engine);
-    by default they are computed here.
+    by default they are computed here. ``share=False``: the reply leaves out the noise
+    share (``fedrec.ddp.encode``; a simulation adds the survivors' shares to the sum).
     """
     p = cfg.privacy
     ledger = ledger or Ledger(delta=p.delta, unit=privacy.USER_UNIT_OF_PRIVACY)
@@ -508,7 +509,7 @@ def ddp_client_round(cfg: RunConfig, data: ClientData, shared: Arrays,
     rng = np.random.default_rng(privacy.dp_seed(p, seed, server_round, privacy.USER_NOISE))
     if task == "prior":
         ints = encode(prior_vector(data.train.users, data.train.items, data.n_items),
-                      np.zeros(len(count_keys(cfg))), plan, rng)
+                      np.zeros(len(count_keys(cfg))), plan, rng, share=share)
         return DDPReply(ints, state, dataclasses.replace(
             ledger, user_history=privacy.add_skellam_entry(ledger.user_history, entry),
             epsilon=after, delta=p.delta, unit=privacy.USER_UNIT_OF_PRIVACY), after)
@@ -524,7 +525,7 @@ def ddp_client_round(cfg: RunConfig, data: ClientData, shared: Arrays,
         if res.shared is not None:
             update = flatten(res.shared, order) - flatten(shared, order)
             new_state = res.state
-    ints = encode(update, vector, plan, rng)
+    ints = encode(update, vector, plan, rng, share=share)
     new_ledger = dataclasses.replace(
         ledger, user_history=privacy.add_skellam_entry(ledger.user_history, entry),
         rounds=ledger.rounds + int(train), epsilon=after, delta=p.delta,

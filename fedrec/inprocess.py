@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedrec import privacy
 from fedrec.aggregate import ClippedSum, MeanAccumulator, ServerOptimizer, Update, UserLevelDP
 from fedrec.batched import fit_clients, unsupported
 from fedrec.config import RunConfig
-from fedrec.ddp import PRIOR_KEY, DDPServer
+from fedrec.ddp import PRIOR_KEY, DDPServer, skellam_shares
 from fedrec.errors import ConfigError
 from fedrec.evaluate import evaluate_counts, full_ranking_user_counts
 from fedrec.federated import (
@@ -174,7 +175,7 @@ def _run(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
         raise ConfigError(f"engine 'batched': {why}; use engine 'loop'")
     batched = engine == "batched" or (engine == "auto" and why is None)
     if cfg.privacy.ddp:
-        return _run_ddp(cfg, on_round, dropouts, batched)
+        return _run_ddp(cfg, on_round, dropouts, batched, exact_noise)
     if cfg.fed.aggregation != "mean":
         raise ConfigError(f"aggregation {cfg.fed.aggregation!r}: robust rules run through "
                           "Flower's strategies; use fedrec simulate")
@@ -239,13 +240,17 @@ def _run(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
 
 
 def _run_ddp(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
-             dropouts: float, batched: bool) -> tuple[Arrays, list[dict[str, Any]]]:
+             dropouts: float, batched: bool, exact_noise: bool
+             ) -> tuple[Arrays, list[dict[str, Any]]]:
     """Distributed user-level DP (``fedrec.ddp``): the clients' integers are summed here
     exactly as SecAgg+ sums them; R training releases and a final evaluation release.
 
     ``batched``: the clients that take part in a release are evaluated in one pass
-    (``_client_counts``) and trained side by side (``fit_clients``); each still encodes
-    its own release with its own noise share (``ddp_client_round``)."""
+    (``_client_counts``) and trained side by side (``fit_clients``); each encodes its own
+    clipped, rounded release (``ddp_client_round``), and, unless ``exact_noise``, the
+    survivors' noise shares are added to the sum as the one Skellam draw they add up to
+    (``fedrec.ddp.skellam_shares``, from an OS-seeded generator): the server sees only
+    the sum, whose distribution this keeps."""
     split, parts, clients, shared = _federation(cfg)
     order = shared_order(cfg, split.n_items)
     prior = cfg.privacy.ddp_prior and PRIOR_KEY in shared
@@ -256,6 +261,7 @@ def _run_ddp(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
     ledgers: list[Ledger | None] = [None] * len(clients)
     rng = np.random.default_rng(cfg.data.seed)
     drop_rng = np.random.default_rng(cfg.data.seed + 1)
+    fold = batched and not exact_noise
     rows: list[dict[str, Any]] = []
     pending: dict[str, Any] | None = None
     for release in range(0 if prior else 1, cfg.fed.rounds + 2):
@@ -285,13 +291,16 @@ def _run_ddp(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
         for i in active:
             rep = ddp_client_round(cfg, clients[i], shared, states[i], ledgers[i], plan,
                                    seed=cfg.data.seed + i, server_round=release, task=task,
-                                   fit=fits.get(i), counts=counts.get(i))
+                                   fit=fits.get(i), counts=counts.get(i), share=not fold)
             if rep.ints is None:
                 refused += 1
                 continue
             states[i], ledgers[i] = rep.state, rep.ledger
             total += rep.ints
             survivors += 1
+        if fold and survivors:
+            total += skellam_shares(plan, survivors, np.random.default_rng(privacy.dp_seed(
+                cfg.privacy, release, privacy.CHUNK_NOISE)))
         server.account(plan, survivors)
         if task == "prior":
             shared = server.apply_prior(total, plan, shared)

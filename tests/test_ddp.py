@@ -51,6 +51,66 @@ def test_noise_shares_add_up_to_the_planned_skellam_variance() -> None:
     assert abs(np.mean(total)) < 1.0
 
 
+def test_skellam_shares_of_many_clients_are_one_draw_of_their_sum() -> None:
+    rng = np.random.default_rng(2)
+    plan = _plan(mu=50.0, dim=20000, n_min=8)
+    total = ddp.skellam_shares(plan, 8, rng)
+    assert np.var(total) == pytest.approx(2 * 8 * 50.0, rel=0.05)
+    # without its share a client's integers are its rounded values only
+    assert not ddp.encode(np.zeros(plan.dim - 9), np.zeros(9), plan, rng, share=False).any()
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_in_process_sum_carries_the_survivors_noise_shares_once(
+        exact: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batched in-process run adds the survivors' shares to the sum as one draw (its
+    clients' replies carry none), or, with exact_noise, each reply carries its own: either
+    way the secure sum minus the clients' noise-free integers has variance 2 mu per
+    surviving client."""
+    import fedrec.inprocess as inprocess
+
+    replies: list[tuple[np.ndarray, ddp.DDPPlan]] = []
+    totals: list[np.ndarray] = []
+    original = inprocess.ddp_client_round
+
+    def client(*args: Any, **kwargs: Any) -> Any:
+        rep = original(*args, **{**kwargs, "share": False})  # its noise-free integers
+        if rep.ints is not None:
+            replies.append((rep.ints, args[5]))
+            if kwargs.get("share", True):  # the share it sends
+                rep.ints = rep.ints + ddp.skellam_shares(args[5], 1, np.random.default_rng())
+        return rep
+
+    monkeypatch.setattr(inprocess, "ddp_client_round", client)
+    monkeypatch.setattr(ddp.DDPServer, "mean_update", _wrap(ddp.DDPServer.mean_update,
+                                                            totals))
+    flat = {**FLAT, "partition": "cross-device", "rounds": 1, "user-target-epsilon": 2.0,
+            "synthetic-items": 400}  # ~2,000 coordinates a sum: its variance to ~3%
+    noises = []
+    for _ in range(2):  # OS entropy: a second run draws other noise
+        replies.clear()
+        totals.clear()
+        inprocess.run_inprocess(RunConfig.from_flat(flat), exact_noise=exact)
+        assert len(totals) == 2  # the training release and the final evaluation release
+        start = 0
+        for total in totals:
+            plan = replies[start][1]
+            n = sum(1 for _, p in replies[start:] if p is plan)
+            noise = total - sum(ints for ints, _ in replies[start:start + n])
+            start += n
+            assert n == 30 and plan.mu_client > 100
+            assert np.var(noise) == pytest.approx(2 * n * plan.mu_client, rel=0.15)
+            noises.append(noise)
+    assert not np.array_equal(noises[0], noises[2])
+
+
+def _wrap(method: Any, seen: list[np.ndarray]) -> Any:
+    def wrapped(self: Any, total: np.ndarray, plan: Any, denominator: int) -> Any:
+        seen.append(total.copy())
+        return method(self, total, plan, denominator)
+    return wrapped
+
+
 def test_skellam_accounting_against_hand_computed_values() -> None:
     # alpha 2, mu 100, l2 10, l1 20: 2*100/400 + min((3*100 + 120)/160000, 60/400)
     assert privacy.skellam_rdp(2, 100.0, 10.0, 20.0) == pytest.approx(0.5 + 420 / 160000)
