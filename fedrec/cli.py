@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
@@ -247,17 +248,34 @@ def _supervise(argv: Sequence[str], out: Path) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from simulations.sweep import parse_epsilons, privacy_sweep  # Flower only for user-level points
+    from simulations.sweep import default_jobs, parse_epsilons, privacy_sweep
 
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds: {args.seeds!r} is not a comma list of integers") from None
-    privacy_sweep(config_from_args(args), Path(args.out),
-                  modes=[m.strip() for m in args.modes.split(",") if m.strip()],
-                  epsilons=parse_epsilons(args.epsilons), seeds=seeds,
-                  attack_clients=args.attack_clients, quiet=args.quiet)
+    if args.jobs < 0:
+        raise ConfigError(f"--jobs: expected an integer >= 0 (0: one per CPU core), got "
+                          f"{args.jobs}")
+    # SIGTERM stops a sweep as Ctrl-C does (its worker processes with it)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        privacy_sweep(config_from_args(args), Path(args.out),
+                      modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+                      epsilons=parse_epsilons(args.epsilons), seeds=seeds,
+                      attack_clients=args.attack_clients, quiet=args.quiet,
+                      jobs=args.jobs or default_jobs())
+    except KeyboardInterrupt:
+        print(f"fedrec: interrupted; finished points are in {Path(args.out) / 'points.csv'}:"
+              " run the same command to resume", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
@@ -483,11 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_simulate)
 
     ps = sub.add_parser("privacy-sweep", help="federated runs over epsilon x seeds x DP modes",
-                        description="Run the federated simulation for every DP mode "
-                        "(none, record: Opacus per client, unit one rating; user: Flower's "
-                        "server-side DP-FedAvg, unit one client's data; both) x target "
-                        "epsilon x seed. Writes points.csv (resumable: finished points are "
-                        "not rerun), summary.md/json with the leakage-attack AUC, and "
+                        description="Run the federated rounds in process for every DP "
+                        "mode (none; record: DP-SGD on each client, unit one rating; user: "
+                        "server-side DP-FedAvg, unit one client's data; both; distributed: "
+                        "noise shares under secure aggregation, unit one client's data) x "
+                        "target epsilon x seed, several points side by side (--jobs). "
+                        "Writes points.csv (resumable: finished points are not rerun), "
+                        "summary.md/json with the leakage-attack AUC, and "
                         "privacy_utility.png.")
     ps.add_argument("--out", default="runs/privacy-sweep", help="sweep directory (resumable)")
     ps.add_argument("--epsilons", default="0.5,1,2,4,8,inf", help="target epsilons")
@@ -495,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--modes", default="none,record,user,both", help="DP modes")
     ps.add_argument("--attack-clients", type=int, default=20,
                     help="clients whose uploads the leakage attack inspects per point")
+    ps.add_argument("--jobs", type=int, default=0, metavar="N",
+                    help="points run side by side, each in its own process with one torch "
+                         "thread (default 0: one per CPU core, at most 8)")
     ps.add_argument("--quiet", action="store_true", help="no progress lines")
     ps.add_argument("--config", metavar="PATH", default=None,
                    help="a TOML file of config keys, or a results dir (its config.json) to "

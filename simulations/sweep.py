@@ -20,9 +20,10 @@ import csv
 import io
 import json
 import math
+import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -233,9 +234,10 @@ def _check_same_config(path: Path, base: RunConfig) -> None:
         write_bytes_atomic(path, (json.dumps(flat, indent=2) + "\n").encode())
 
 
-def _point(cfg: RunConfig, mode: str, eps: float, attack_clients: int, quiet: bool
-           ) -> tuple[dict[str, Any], dict[str, float], str]:
-    """(metrics, attack AUCs, engine) of one point; progress lines per round."""
+def _point(cfg: RunConfig, mode: str, eps: float, attack_clients: int, quiet: bool,
+           label: str = "") -> tuple[dict[str, Any], dict[str, float], str]:
+    """(metrics, attack AUCs, engine) of one point; progress lines per round (prefixed
+    with ``label`` when points run side by side)."""
     from fedrec.attack import attack_clients as run_attack
 
     if mode == "popularity":
@@ -251,7 +253,7 @@ def _point(cfg: RunConfig, mode: str, eps: float, attack_clients: int, quiet: bo
     def progress(row: dict[str, Any]) -> None:
         done = int(row["round"])
         eta = (time.perf_counter() - t0) / done * (cfg.fed.rounds - done)
-        print(f"    round {done}/{cfg.fed.rounds}: R@{big} "
+        print(f"    {label}round {done}/{cfg.fed.rounds}: R@{big} "
               f"{row.get(f'recall@{big}', math.nan):.4f} (eta {eta / 60:.1f} min)",
               flush=True)
 
@@ -259,10 +261,70 @@ def _point(cfg: RunConfig, mode: str, eps: float, attack_clients: int, quiet: bo
     return metrics, run_attack(cfg, shared, attack_clients), engine
 
 
+def _job(cfg: RunConfig, mode: str, eps: float, attack_clients: int, quiet: bool,
+         label: str) -> tuple[dict[str, Any], dict[str, float], str, float]:
+    """One point: ``_point`` and its seconds."""
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metrics, attack, engine = _point(cfg, mode, eps, attack_clients, quiet, label)
+    return metrics, attack, engine, time.perf_counter() - t0
+
+
+def _results(jobs: int, work: list[tuple[RunConfig, str, float, int]], attack_clients: int,
+             quiet: bool) -> Iterator[tuple[int, tuple[dict[str, Any], dict[str, float], str,
+                                                      float]]]:
+    """``(index in work, _job result)`` for each point, as the points finish: in this
+    process one after another (``jobs`` 1), or ``jobs`` worker processes side by side."""
+    def label(mode: str, eps: float, seed: int) -> str:
+        return f"[{mode} eps {'inf' if math.isinf(eps) else f'{eps:g}'} seed {seed}] "
+
+    if jobs <= 1:
+        for n, (cfg, mode, eps, seed) in enumerate(work):
+            if not quiet:
+                print(f"{label(mode, eps, seed)}...", flush=True)
+            yield n, _job(cfg, mode, eps, attack_clients, quiet, "")
+        return
+    import multiprocessing
+
+    args = [(cfg, mode, eps, attack_clients, quiet, label(mode, eps, seed))
+            for cfg, mode, eps, seed in work]
+    # on leaving (done, an interrupt, a failed point) the workers are terminated
+    with multiprocessing.get_context("spawn").Pool(jobs, initializer=_worker_init) as pool:
+        yield from pool.imap_unordered(_job_at, list(enumerate(args)))
+
+
+def _job_at(item: tuple[int, tuple[Any, ...]]) -> tuple[int, Any]:
+    """``(index, _job(*args))`` for a pool worker."""
+    index, args = item
+    return index, _job(*args)
+
+
+def _worker_init() -> None:
+    """A worker runs one torch thread (its points side by side fill the cores) and
+    leaves Ctrl-C to the sweep, which stops it."""
+    import signal
+
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def default_jobs() -> int:
+    """Points run side by side by default: one per CPU core (each point runs one torch
+    thread), at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def privacy_sweep(base: RunConfig, out: Path, *, modes: Sequence[str],
                   epsilons: Sequence[float], seeds: Sequence[int], attack_clients: int = 20,
-                  quiet: bool = False) -> list[dict[str, Any]]:
-    """Run (or resume) the sweep; write points.csv, summary.md/json, privacy_utility.png."""
+                  quiet: bool = False, jobs: int = 1) -> list[dict[str, Any]]:
+    """Run (or resume) the sweep; write points.csv, summary.md/json, privacy_utility.png.
+
+    ``jobs`` > 1 runs that many points side by side in worker processes (one torch
+    thread each); points.csv gains each point as it finishes.
+    """
     from fedrec.privacy import noise_is_secret
 
     ks = base.eval.ks
@@ -279,32 +341,30 @@ def privacy_sweep(base: RunConfig, out: Path, *, modes: Sequence[str],
               f"in {csv_path}); record-level unit: {UNIT_OF_PRIVACY}; user-level unit: "
               f"{USER_UNIT_OF_PRIVACY}", flush=True)
     t_start = time.perf_counter()
-    for n, (mode, eps, seed) in enumerate(todo, 1):
-        cfg = point_config(base, mode, eps, seed) if mode != "popularity" else \
-            base.replace(seed=seed)
-        t0 = time.perf_counter()
-        eps_text = "inf" if math.isinf(eps) else f"{eps:g}"
-        if not quiet:
-            print(f"[{len(points) - len(todo) + n}/{len(points)}] {mode} eps {eps_text} "
-                  f"seed {seed} ...", flush=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            metrics, attack, engine = _point(cfg, mode, eps, attack_clients, quiet)
+    work = [(point_config(base, mode, eps, seed) if mode != "popularity" else
+             base.replace(seed=seed), mode, eps, seed) for mode, eps, seed in todo]
+    if not quiet and jobs > 1:
+        print(f"running {min(jobs, len(work))} points side by side", flush=True)
+    for n, (index, (metrics, attack, engine, seconds)) in enumerate(
+            _results(jobs, work, attack_clients, quiet), 1):
+        cfg, mode, eps, seed = work[index]
         row = {"mode": mode, "target_epsilon": eps, "seed": seed,
                **{m: metrics.get(m, math.nan) for m in names},
                "record_epsilon": metrics.get("epsilon", 0.0) if cfg.privacy.dp else 0.0,
                "user_epsilon": metrics.get("user_epsilon", 0.0), **attack,
                "noise_secret": noise_is_secret(cfg.privacy),
                "rounds": metrics.get("rounds", cfg.fed.rounds), "engine": engine,
-               "seconds": time.perf_counter() - t0}
+               "seconds": seconds}
         done.append(row)
         _write_points(csv_path, done, ks)
         if not quiet:
             elapsed = time.perf_counter() - t_start
             eta = elapsed / n * (len(todo) - n)
-            print(f"    {names[0]} {row[names[0]]:.4f} {names[1]} {row[names[1]]:.4f} "
-                  f"attack AUC {row['attack_auc']:.3f} ({row['seconds']:.0f}s; sweep eta "
-                  f"{eta / 60:.1f} min)", flush=True)
+            eps_text = "inf" if math.isinf(eps) else f"{eps:g}"
+            print(f"[{len(points) - len(todo) + n}/{len(points)}] {mode} eps {eps_text} "
+                  f"seed {seed}: {names[0]} {row[names[0]]:.4f} {names[1]} "
+                  f"{row[names[1]]:.4f} attack AUC {row['attack_auc']:.3f} "
+                  f"({seconds:.0f}s; sweep eta {eta / 60:.1f} min)", flush=True)
     summary = summarize(done, ks)  # every point of this sweep dir, this run's and earlier
     write_bytes_atomic(out / "summary.md", (markdown(summary, ks) + "\n").encode())
     write_bytes_atomic(out / "summary.json",
