@@ -65,6 +65,14 @@ class MeanAccumulator:
                 self.dens[key][0] += w * m
                 self.dens[key][1] += m
 
+    def add_noise(self, noise: dict[str, np.ndarray]) -> None:
+        """Add ``noise`` to the sums of unmasked updates that all weigh the same (the
+        noise the updates added still owed: ``fedrec.batched.owed_noise``)."""
+        if self.masked or self.weight != self.count:
+            raise ValueError("noise is added to sums of unmasked updates of weight 1")
+        for key, value in noise.items():
+            self.sums[key] += value.astype(np.float64)
+
     def average(self) -> dict[str, np.ndarray]:
         """The (float64) average; ``current`` when nothing was added."""
         if not self.count:

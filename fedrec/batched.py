@@ -136,14 +136,18 @@ def _plan(cfg: RunConfig, index: int, data: ClientData, state: ClientState | Non
 def fit_clients(cfg: RunConfig, clients: Sequence[ClientData], shared: Arrays,
                 states: Sequence[ClientState | None], ledgers: Sequence[Ledger | None], *,
                 seeds: Sequence[int], server_round: int, chunk: int = 256,
-                exact_noise: bool = False) -> Iterator[tuple[int, FitResult]]:
+                exact_noise: bool = False, fold_noise: bool = False
+                ) -> Iterator[tuple[int, FitResult]]:
     """``fit_client`` for each client: yields ``(position in clients, result)``.
 
     Under record-level DP the noise on an item row is drawn when a step reads the row
     and at the end, as the one Gaussian the steps since its last draw add up to (same
     distribution, several times fewer draws; ``_train_chunk_dp``); ``exact_noise`` draws
     it step by step in Opacus's order instead, the very numbers ``fit_client`` adds from
-    the same stream (equality tests).
+    the same stream (equality tests). ``fold_noise`` (for a caller that only sums the
+    updates, as ``fedrec.inprocess`` does) leaves out the noise each row still owes after
+    the last step and reports its variance per item row (``FitResult.owed``): the sum
+    of the updates then takes it as one draw (``owed_noise``), not one per client.
 
     Clients train ``chunk`` at a time, grouped by size (a chunk pads to its largest
     client), so results come in chunk order, not list order; a round of thousands of
@@ -174,8 +178,8 @@ def fit_clients(cfg: RunConfig, clients: Sequence[ClientData], shared: Arrays,
                 done[j] = plan
             else:
                 plans.append(plan)
-        trained = (_train_chunk_dp(cfg, plans, shared, exact_noise) if cfg.privacy.dp
-                   else _train_chunk(cfg, plans, shared))
+        trained = (_train_chunk_dp(cfg, plans, shared, exact_noise, fold_noise)
+                   if cfg.privacy.dp else _train_chunk(cfg, plans, shared))
         done.update({p.index: r for p, r in zip(plans, trained)})
         seconds = (time.perf_counter() - t0) / max(1, len(done))
         for j, res in done.items():
@@ -303,7 +307,8 @@ def _train_chunk(cfg: RunConfig, plans: list[_Plan], shared: Arrays) -> list[Fit
 
 
 def _finish(p: _Plan, local: dict[str, torch.Tensor], out: Arrays, loss: float,
-            touched: np.ndarray | None, ledger: Ledger, *, weight: float) -> FitResult:
+            touched: np.ndarray | None, ledger: Ledger, *, weight: float,
+            owed: np.ndarray | None = None) -> FitResult:
     """One client's FitResult after its steps; non-finite values are refused, as
     ``fit_client`` refuses them (nothing is sent or kept)."""
     if not all(torch.isfinite(v).all() for v in local.values()) or not all(
@@ -311,7 +316,8 @@ def _finish(p: _Plan, local: dict[str, torch.Tensor], out: Arrays, loss: float,
         raise PrivacyError("training produced non-finite values; nothing is sent or kept")
     return FitResult(out, touched, len(p.data.train), loss, ledger.epsilon, False, 0.0,
                      ClientState(local=local, rounds=p.state.rounds + 1,
-                                 user_ids=list(p.data.user_ids)), ledger, weight=weight)
+                                 user_ids=list(p.data.user_ids)), ledger, weight=weight,
+                     owed=owed)
 
 
 def _secure_noise(std: float, shape: tuple[int, ...], generator: torch.Generator
@@ -343,7 +349,7 @@ def _first_of_each_row(index: torch.Tensor, n_rows: int) -> torch.Tensor:
 
 
 def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
-                    exact_noise: bool = False) -> list[FitResult]:
+                    exact_noise: bool = False, fold_noise: bool = False) -> list[FitResult]:
     """Record-level DP-SGD for ``plans`` side by side (MF, SGD): what Opacus does in
     ``fit_client``, step for step.
 
@@ -365,7 +371,8 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
     instead of a draw per step and row. The draws for a whole chunk come from one
     OS-seeded generator. ``exact_noise`` instead draws each client's noise step by step
     from its own generator in Opacus's order: the very numbers ``fit_client`` adds from
-    the same stream (equality tests).
+    the same stream (equality tests). ``fold_noise``: what the rows still owe after the
+    last step is not drawn but reported (``FitResult.owed``, see ``fit_clients``).
     """
     if not plans:
         return []
@@ -467,7 +474,10 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
             owed += 1.0
             counts[:, s] = mask.sum(1)
             losses[:, s] = (per.detach() * mask).sum(1).double()
-    if not exact_noise:  # every item row gets the noise it still owes
+    owed_var = None
+    if fold_noise and not exact_noise:  # the caller draws it for the sum
+        owed_var = (owed * (std.reshape(-1, 1) * lr / normalizer) ** 2).double().numpy()
+    elif not exact_noise:  # every item row gets the noise it still owes
         everything = torch.arange(n_items).expand(n_clients, -1)
         with torch.no_grad():
             for key in tables:
@@ -484,8 +494,23 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
         ledger = dataclasses.replace(
             p.ledger, rounds=p.ledger.rounds + 1, history=[tuple(h) for h in history],
             epsilon=privacy.epsilon_of(history, pcfg.delta, pcfg.accountant))
-        results.append(_finish(p, local, out, float(last_loss[c]), None, ledger, weight=1.0))
+        results.append(_finish(p, local, out, float(last_loss[c]), None, ledger, weight=1.0,
+                               owed=None if owed_var is None else owed_var[c]))
     return results
+
+
+def owed_noise(owed: np.ndarray, shared: Arrays, keys: Sequence[str],
+               generator: torch.Generator) -> Arrays:
+    """The noise a sum of updates still owes (``fit_clients(fold_noise=True)``): for each
+    table in ``keys`` (one row per item), N(0, ``owed[r]``) on every coordinate of row r,
+    drawn in Opacus's secure mode from ``generator`` (OS-seeded outside experiments)."""
+    out = {}
+    scale = torch.from_numpy(np.sqrt(np.maximum(owed, 0.0))).float()
+    for key in keys:
+        shape = tuple(shared[key].shape)
+        z = _secure_noise(1.0, shape, generator)
+        out[key] = (z * scale.reshape((-1,) + (1,) * (len(shape) - 1))).double().numpy()
+    return out
 
 
 class _BatchedOptimizer:

@@ -275,6 +275,9 @@ class FitResult:
     state: ClientState
     ledger: Ledger
     weight: float = 0.0  # aggregation weight sent: 1 under DP (a count would reveal n), else n
+    # batched engine, record-level DP with fold_noise: per item row, the variance of the
+    # noise this update still owes (the caller adds the sum's noise in one draw)
+    owed: np.ndarray | None = None
 
 
 def fit_client(cfg: RunConfig, data: ClientData, shared: Arrays, state: ClientState | None,

@@ -23,7 +23,7 @@ import torch
 
 from fedrec import privacy
 from fedrec.aggregate import ClippedSum, MeanAccumulator, ServerOptimizer, Update, UserLevelDP
-from fedrec.batched import fit_clients, unsupported
+from fedrec.batched import fit_clients, owed_noise, unsupported
 from fedrec.config import RunConfig
 from fedrec.ddp import PRIOR_KEY, DDPServer, skellam_shares
 from fedrec.errors import ConfigError
@@ -189,6 +189,10 @@ def _run(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
     ledgers: list[Ledger | None] = [None] * len(clients)
     user_dp = UserLevelDP(cfg) if cfg.privacy.user_dp else None
     rng = np.random.default_rng(cfg.data.seed)
+    # record-level DP, batched: the noise rows still owe after the clients' last steps is
+    # one draw for the sum (fit_clients(fold_noise=True)); not where each update is
+    # clipped whole (user-level DP on top), which must see all of its noise
+    fold = batched and cfg.privacy.dp and user_dp is None and not exact_noise
     rows: list[dict[str, Any]] = []
     for rnd in range(1, cfg.fed.rounds + 1):
         t0 = time.perf_counter()
@@ -197,12 +201,13 @@ def _run(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
         acc = MeanAccumulator(shared, keys)
         clipped = ClippedSum(shared, cfg.privacy.user_clip) if user_dp else None
         eps, losses, exhausted = [], [], 0
+        owed = np.zeros(split.n_items)
         if batched:
             fits: Iterator[tuple[int, FitResult]] = (
                 (chosen[j], res) for j, res in fit_clients(
                     cfg, [clients[i] for i in chosen], shared, [states[i] for i in chosen],
                     [ledgers[i] for i in chosen], seeds=[cfg.data.seed + i for i in chosen],
-                    server_round=rnd, exact_noise=exact_noise))
+                    server_round=rnd, exact_noise=exact_noise, fold_noise=fold))
         else:
             fits = ((i, fit_client(cfg, clients[i], shared, states[i], ledgers[i],
                                    seed=cfg.data.seed + i, server_round=rnd)) for i in chosen)
@@ -217,7 +222,13 @@ def _run(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
                 clipped.add(res.shared)
             else:
                 acc.add(Update(res.shared, res.weight, res.touched))
+            if res.owed is not None:
+                owed += res.owed
             losses.append((res.loss, res.num_examples))
+        if fold and acc.count:
+            acc.add_noise(owed_noise(owed, shared, item_keys(cfg, split.n_items),
+                                     privacy.dp_generator(cfg.privacy, rnd,
+                                                          privacy.CHUNK_NOISE)))
         facts: dict[str, Any] = {}
         if user_dp is not None and clipped is not None:
             shared, facts = user_dp.step(clipped, rnd, n_sample, server)

@@ -283,3 +283,62 @@ def test_training_that_overflows_sends_and_keeps_nothing(dp: bool) -> None:
                                  seeds=[0, 1], server_round=1))
             else:
                 fit_client(cfg, clients[0], shared, None, seed=0, server_round=1)
+
+
+def test_folded_noise_is_one_draw_for_the_sum() -> None:
+    """fold_noise: each update leaves out the noise its rows still owe after the last
+    step and reports its variance; the sum takes it as one draw (owed_noise), with the
+    variance of every client drawing its own. run_inprocess adds it: one round's mean
+    update has the same spread folded as with every client's own noise."""
+    from fedrec.batched import owed_noise
+    from fedrec.inprocess import run_inprocess
+    from fedrec.privacy import dp_generator
+
+    flat = {**BASE, "synthetic-items": 400, "dim": 16, "model": "mf", "optimizer": "sgd",
+            "lr": 0.5, "dp": True, "target-epsilon": 0.0, "noise-multiplier": 2.0,
+            "max-grad-norm": 0.5, "sample-rate": 0.25, "partition": "cross-device",
+            "rounds": 1, "server-opt": "avg"}
+    cfg = RunConfig.from_flat(flat)
+    n = 24
+    clients, n_items = _clients(cfg, n)
+    for i in range(1, n):  # noise only
+        clients[i] = dataclasses.replace(clients[i], train=clients[i].train.subset(
+            np.zeros(len(clients[i].train), dtype=bool)))
+    shared = init_shared(cfg, n_items)
+    out = dict(fit_clients(cfg, clients, shared, [None] * n, [None] * n,
+                           seeds=list(range(n)), server_round=1, fold_noise=True))
+    steps, key = 2 * 4, "item_emb.weight"
+    per_step = (0.5 / 8 * 2.0 * 0.5) ** 2  # (lr / B * sigma C)^2
+    for i in range(1, n):  # rows 1.. are never read by a client without ratings
+        np.testing.assert_allclose(out[i].owed[1:], steps * per_step, rtol=1e-5)
+    owed = sum(out[i].owed for i in range(n))
+    total = sum(out[i].shared[key] - shared[key] for i in range(n))
+    total = total + owed_noise(owed, shared, [key], dp_generator(cfg.privacy, 1, 6))[key]
+    assert np.var(total) == pytest.approx(n * steps * per_step, rel=0.06)
+
+    spread = {}
+    for exact in (False, True):
+        new, _ = run_inprocess(RunConfig.from_flat({**flat, "noise-multiplier": 20.0}),
+                               exact_noise=exact)
+        spread[exact] = np.var(new[key] - shared[key])
+    assert spread[False] == pytest.approx(spread[True], rel=0.12)
+
+
+def test_noise_is_not_folded_where_each_update_is_clipped_whole(monkeypatch) -> None:
+    """Record-level plus user-level DP ("both"): the server clips each whole update, which
+    must hold all of its noise, so nothing is folded into the sum."""
+    import fedrec.inprocess as inprocess
+
+    folds = []
+    original = inprocess.fit_clients
+
+    def spy(*args, **kwargs):
+        folds.append(kwargs.get("fold_noise"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(inprocess, "fit_clients", spy)
+    flat = {**BASE, "model": "mf", "optimizer": "sgd", "lr": 0.5, "dp": True,
+            "target-epsilon": 4.0, "partition": "cross-device", "rounds": 1}
+    inprocess.run_inprocess(RunConfig.from_flat(flat))
+    inprocess.run_inprocess(RunConfig.from_flat({**flat, "user-dp": True}))
+    assert folds == [True, False]
