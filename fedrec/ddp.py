@@ -182,7 +182,13 @@ def encode(update: np.ndarray, counts: np.ndarray, plan: DDPPlan,
     if len(x) != plan.dim:
         raise ValueError(f"expected {plan.dim} values, got {len(x)}")
     low = np.floor(x)
-    rounded = low + (rng.random(x.shape) < (x - low))  # E[rounded] = x, |rounded - x| < 1
+    frac = x - low
+    if share:
+        rounded = low + (rng.random(x.shape) < frac)  # E[rounded] = x, |rounded - x| < 1
+    else:  # the same rounding, drawn only where there is a fraction (sparse updates)
+        rounded = low.copy()
+        at = np.flatnonzero(frac)
+        rounded[at] += rng.random(len(at)) < frac[at]
     out = rounded.astype(np.int64)
     if share:
         out += skellam_shares(plan, 1, rng)

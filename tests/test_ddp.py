@@ -56,8 +56,13 @@ def test_skellam_shares_of_many_clients_are_one_draw_of_their_sum() -> None:
     plan = _plan(mu=50.0, dim=20000, n_min=8)
     total = ddp.skellam_shares(plan, 8, rng)
     assert np.var(total) == pytest.approx(2 * 8 * 50.0, rel=0.05)
-    # without its share a client's integers are its rounded values only
+    # without its share a client's integers are its rounded values only, unbiased
     assert not ddp.encode(np.zeros(plan.dim - 9), np.zeros(9), plan, rng, share=False).any()
+    x = np.full(plan.dim - 9, 1e-6) * np.arange(plan.dim - 9) % 3e-6  # fractions 0, 1/3, 2/3
+    ints = ddp.encode(x, np.zeros(9), plan, rng, share=False)[:-9]
+    scaled = x * plan.l_update / plan.clip * min(1.0, plan.clip / np.linalg.norm(x))
+    assert np.all(np.abs(ints - scaled) < 1)
+    assert np.mean(ints - scaled) == pytest.approx(0.0, abs=0.02)
 
 
 @pytest.mark.parametrize("exact", [False, True])
