@@ -68,14 +68,21 @@ def _csr(split: Split) -> Any:
                       shape=(split.n_users, split.n_items))
 
 
-def run_implicit_peer(split: Split, kind: str, seed: int) -> dict[str, float]:
-    """implicit's ALS or BPR, evaluated by fedrec's full-ranking evaluator."""
+ALS_FIXED = {"factors": 32, "regularization": 0.1, "alpha": 2.0}
+
+
+def run_implicit_peer(split: Split, kind: str, seed: int,
+                      params: dict[str, float] | None = None) -> dict[str, float]:
+    """implicit's ALS (``params``: factors, regularization, alpha; default ``ALS_FIXED``)
+    or BPR, evaluated by fedrec's full-ranking evaluator."""
     import implicit
     from threadpoolctl import threadpool_limits
 
     if kind == "als":
+        p = {**ALS_FIXED, **(params or {})}
         model = implicit.cpu.als.AlternatingLeastSquares(
-            factors=32, regularization=0.1, alpha=2.0, iterations=15, random_state=seed)
+            factors=int(p["factors"]), regularization=float(p["regularization"]),
+            alpha=float(p["alpha"]), iterations=15, random_state=seed)
     else:
         model = implicit.cpu.bpr.BayesianPersonalizedRanking(
             factors=32, learning_rate=0.01, regularization=0.01, iterations=200,
