@@ -42,6 +42,7 @@ class MeanAccumulator:
     def __init__(self, current: dict[str, np.ndarray], item_keys: Sequence[str]) -> None:
         self.current = current
         self.count, self.weight, self.masked = 0, 0.0, True
+        self.unit = True  # every update added weighs 1
         # weighted and (for example counts of 0) unweighted sums, whole arrays and per row
         self.sums = {k: np.zeros((2,) + v.shape, np.float64) for k, v in current.items()}
         self.rows = {k: np.zeros((2,) + current[k].shape, np.float64) for k in item_keys}
@@ -50,6 +51,7 @@ class MeanAccumulator:
     def add(self, update: Update) -> None:
         """Fold one valid update (same keys and shapes as ``current``) into the sums."""
         w = float(update.weight)
+        self.unit = self.unit and w == 1.0
         self.count += 1
         self.weight += w
         self.masked = self.masked and update.touched is not None
@@ -68,7 +70,7 @@ class MeanAccumulator:
     def add_noise(self, noise: dict[str, np.ndarray]) -> None:
         """Add ``noise`` to the sums of unmasked updates that all weigh the same (the
         noise the updates added still owed: ``fedrec.batched.owed_noise``)."""
-        if self.masked or self.weight != self.count:
+        if self.masked or not self.unit:
             raise ValueError("noise is added to sums of unmasked updates of weight 1")
         for key, value in noise.items():
             self.sums[key] += value.astype(np.float64)

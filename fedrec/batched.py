@@ -13,7 +13,8 @@ the rows a client reads are copied (padded to the largest client of a chunk); ro
 never reads keep their value, as under ``fit_client`` when no weight decay moves them.
 Record-level DP-SGD (MF, SGD clients) is Opacus's step done for every client at once
 (``_train_chunk_dp``). Under distributed DP the clients train without DP (batched); each
-then encodes its own clipped update and noise share (``fedrec.federated.ddp_client_round``).
+then encodes its own clipped, rounded update (``fedrec.federated.ddp_client_round``; its
+noise share too, unless the in-process sum draws the survivors' shares at once).
 Other models or Adam under record-level DP, and weight decay, stay on ``fit_client``:
 ``unsupported`` says why.
 """
@@ -365,9 +366,10 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
     decay a row's value only matters when a step reads it, and the sum of k independent
     N(0, (sigma C)^2) draws is one N(0, k (sigma C)^2) draw. So each row keeps a count of
     the steps whose noise it has not received; before a step reads it, it gets those
-    steps' noise as one draw, and after the last step every row gets what it still owes.
-    Every row ends with the noise of all S steps, and every read sees the noise of every
-    earlier step: the same distribution as step-by-step noise, with a draw per read
+    steps' noise as one draw, and after the last step every row gets what it still owes
+    (or, with ``fold_noise``, reports it for the caller to draw for the sum). Every row
+    ends with the noise of all S steps, and every read sees the noise of every earlier
+    step: the same distribution as step-by-step noise, with a draw per read
     instead of a draw per step and row. The draws for a whole chunk come from one
     OS-seeded generator. ``exact_noise`` instead draws each client's noise step by step
     from its own generator in Opacus's order: the very numbers ``fit_client`` adds from

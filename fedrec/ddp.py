@@ -170,7 +170,9 @@ def encode(update: np.ndarray, counts: np.ndarray, plan: DDPPlan,
     Skellam share. ``rng`` must be secret (OS-seeded) outside experiments.
 
     ``share=False`` leaves the share out, for a simulation that adds the survivors'
-    shares to the sum as one draw (``skellam_shares``); nothing deployed does that.
+    shares to the sum as one draw (``skellam_shares``); nothing deployed does that. The
+    bound below then sees no noise (a share's std is sqrt(2 mu), far inside 2^29 for
+    the plans ``plan_round`` makes; a deployed client checks it with its share).
 
     Raises:
         PrivacyError: a value exceeds what secure aggregation can sum exactly.

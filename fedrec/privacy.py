@@ -25,9 +25,10 @@ Unit of privacy: one training example, which is one rating together with its sam
 negatives. Epsilon is therefore per rating (record-level DP).
 
 Randomness on the DP path (Gaussian noise, Poisson sampling, DP negatives) comes from
-``dp_generator``: a generator seeded with 64 bits from the operating system
-(``os.urandom``) on every call, never from configuration, so nobody who knows the run
-config (the server included) can regenerate a client's noise. Noise is drawn in Opacus's
+``dp_generator``/``dp_seed``: torch generators whose whole Mersenne Twister state (624
+words) is drawn from the operating system (``os.urandom``) on every call, and numpy seeds
+of 64 OS bits, never from configuration, so nobody who knows the run config (the server
+included) can regenerate a client's noise. Noise is drawn in Opacus's
 ``secure_mode`` (four draws summed, robust to floating-point attacks). A reproducible
 stream exists for experiments only (``insecure-noise-seed`` >= 0); its outputs say the
 noise is not secret and deployment refuses it.
@@ -60,6 +61,7 @@ from opacus.utils.fast_gradient_clipping_utils import (
 from torch import nn
 
 from fedrec.config import PrivacyConfig
+from fedrec.errors import PrivacyError
 from fedrec.model import Embedding, Linear
 
 UNIT_OF_PRIVACY = "one rating (with its sampled negatives)"
@@ -111,9 +113,44 @@ def secure_normal(shape: tuple[int, ...] | int, generator: torch.Generator) -> t
 
 def dp_generator(cfg: PrivacyConfig, *stream: int,
                  device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch generator for DP noise or sampling (see ``dp_seed``)."""
+    """A torch generator for DP noise or sampling (see ``dp_seed``); unless the
+    test-only seed is set, its whole state comes from OS entropy (``secret_generator``)."""
+    if noise_is_secret(cfg):
+        return secret_generator(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(dp_seed(cfg, *stream))
+    return gen
+
+
+# torch's CPU generator state (CPUGeneratorImplState): initial seed (u64), left (i32),
+# seeded (i32), next (u64), then the 624 Mersenne Twister words, one per u64
+_MT_OFFSET, _MT_WORDS, _CPU_STATE_BYTES = 24, 624, 5056
+
+
+def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator whose state nobody can regenerate: a CPU generator's 624-word
+    Mersenne Twister state is filled from ``os.urandom`` (``manual_seed`` keeps only the
+    low 32 bits of a seed: 2^32 candidates could be tried against a noisy update); a
+    CUDA generator (Philox) takes a 64-bit OS seed, all of which it keeps.
+
+    Raises:
+        PrivacyError: torch's CPU generator state is not the layout this relies on.
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
+    if gen.device.type != "cpu":
+        return gen
+    state = gen.get_state().clone()
+    if state.numel() != _CPU_STATE_BYTES:
+        raise PrivacyError(f"torch's CPU generator state has {state.numel()} bytes, not "
+                           f"{_CPU_STATE_BYTES}: cannot seed it from OS entropy")
+    words = np.frombuffer(os.urandom(4 * _MT_WORDS), np.uint32).astype("<u8")
+    raw = state.numpy()
+    raw[_MT_OFFSET:_MT_OFFSET + 8 * _MT_WORDS] = words.view(np.uint8)
+    gen.set_state(state)
+    if not torch.equal(gen.get_state()[_MT_OFFSET:_MT_OFFSET + 8 * _MT_WORDS],
+                       state[_MT_OFFSET:_MT_OFFSET + 8 * _MT_WORDS]):
+        raise PrivacyError("torch did not take the generator state fedrec set")
     return gen
 
 
@@ -336,8 +373,7 @@ def make_private(
     if cfg.max_grad_norm <= 0:
         raise ValueError("max-grad-norm 0 is 'auto': use a RunConfig's privacy section")
     if generator is None:  # never Opacus's default, the global (possibly seeded) generator
-        generator = torch.Generator(device=_device_of(model))
-        generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
+        generator = secret_generator(_device_of(model))
     if noise_multiplier < 0.3:
         warnings.warn(f"noise multiplier {noise_multiplier} is very small: epsilon will be "
                       "large", stacklevel=2)

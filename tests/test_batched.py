@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from fedrec.batched import fit_clients, unsupported
 from fedrec.config import RunConfig
@@ -165,6 +166,64 @@ def test_lazy_noise_has_the_variance_of_its_steps() -> None:
     users = np.concatenate([ours[i].state.local["user_emb.weight"]
                             - fast[i].state.local["user_emb.weight"] for i in range(1, n)])
     assert np.std(users) == pytest.approx(want, rel=0.12)
+    # every read sees the noise of all earlier steps: under heavy noise the training
+    # loss (computed on the rows read) is that of step-by-step noise, far from noise-free
+    loud = RunConfig.from_flat({**flat, "noise-multiplier": 30.0})
+    lazy_loss, exact_loss = run(loud, False)[0].loss, run(loud, True)[0].loss
+    assert exact_loss / 3 < lazy_loss < 3 * exact_loss  # reads of noise-free rows: ~1/10
+
+
+def test_lazy_noise_of_rows_read_several_times_in_a_step() -> None:
+    """A tiny catalogue with many negatives: most rows are read several times in each
+    step (and padded positions read row 0); each still gets every step's noise once."""
+    flat = {**BASE, "synthetic-items": 12, "negatives": 6, "dim": 16, "model": "mf",
+            "optimizer": "sgd", "lr": 0.5, "dp": True, "target-epsilon": 0.0,
+            "noise-multiplier": 30.0, "max-grad-norm": 0.5, "sample-rate": 0.25,
+            "partition": "cross-device", "rounds": 1}
+    cfg = RunConfig.from_flat(flat)
+    clients, n_items = _clients(cfg, 24)
+    shared = init_shared(cfg, n_items)
+    spread = {}
+    for exact in (False, True):
+        out = dict(fit_clients(cfg, clients, shared, [None] * 24, [None] * 24,
+                               seeds=list(range(24)), server_round=1, exact_noise=exact))
+        deltas = np.stack([out[i].shared["item_emb.weight"] - shared["item_emb.weight"]
+                           for i in range(24)])
+        spread[exact] = deltas.std(axis=(0, 2))  # per row, over clients and dims
+    want = 0.5 / 8 * 30.0 * 0.5 * np.sqrt(2 * 4)
+    np.testing.assert_allclose(spread[False], want, rtol=0.15)
+    np.testing.assert_allclose(spread[True], want, rtol=0.15)
+
+
+def test_lazy_noise_follows_each_clients_own_sigma() -> None:
+    """Clients of one chunk with different ledgers calibrate different sigmas (one has
+    spent part of its budget); each client's noise has its own."""
+    from fedrec.federated import client_dp_plan
+    from fedrec.privacy import add_entry
+    from fedrec.state import Ledger
+
+    flat = {**BASE, "synthetic-items": 400, "dim": 16, "model": "mf", "optimizer": "sgd",
+            "lr": 0.5, "dp": True, "target-epsilon": 4.0, "max-grad-norm": 0.5,
+            "sample-rate": 0.25, "partition": "cross-device", "rounds": 2}
+    cfg = RunConfig.from_flat(flat)
+    n = 12
+    clients, n_items = _clients(cfg, n)
+    clients = [dataclasses.replace(c, train=c.train.subset(np.zeros(len(c.train), bool)))
+               for c in clients]  # noise only
+    shared = init_shared(cfg, n_items)
+    fresh = Ledger(delta=1e-5, unit="one rating")
+    spent = Ledger(delta=1e-5, unit="one rating",
+                   history=add_entry([], (1.5, 0.25, 8)))  # spent 3.2 of 4: less left
+    ledgers = [fresh if i % 2 else spent for i in range(n)]
+    out = dict(fit_clients(cfg, clients, shared, [None] * n, ledgers, seeds=list(range(n)),
+                           server_round=2))
+    for group in (0, 1):
+        sigma = client_dp_plan(cfg, ledgers[group], 2).sigma
+        deltas = np.concatenate([out[i].shared["item_emb.weight"] - shared["item_emb.weight"]
+                                 for i in range(group, n, 2)])
+        assert np.std(deltas) == pytest.approx(0.5 / 8 * sigma * 0.5 * np.sqrt(8), rel=0.05)
+    sigmas = [client_dp_plan(cfg, led, 2).sigma for led in (fresh, spent)]
+    assert sigmas[1] > 1.2 * sigmas[0]
 
 
 def test_the_engine_refuses_what_it_does_not_run() -> None:
@@ -322,6 +381,29 @@ def test_folded_noise_is_one_draw_for_the_sum() -> None:
                                exact_noise=exact)
         spread[exact] = np.var(new[key] - shared[key])
     assert spread[False] == pytest.approx(spread[True], rel=0.12)
+
+
+def test_the_folded_draw_is_secret(monkeypatch) -> None:
+    """The sum's folded noise comes from OS entropy: two runs of the same config draw it
+    from different generators (the test-only seed makes them the same)."""
+    import fedrec.inprocess as inprocess
+
+    seeds = []
+    original = inprocess.owed_noise
+
+    def spy(owed, shared, keys, generator):
+        copy = torch.Generator()
+        copy.set_state(generator.get_state())
+        seeds.append(torch.randn(4, generator=copy))
+        return original(owed, shared, keys, generator)
+
+    monkeypatch.setattr(inprocess, "owed_noise", spy)
+    flat = {**BASE, "model": "mf", "optimizer": "sgd", "lr": 0.5, "dp": True,
+            "target-epsilon": 4.0, "partition": "cross-device", "rounds": 1}
+    for seed in (-1, -1, 5, 5):
+        inprocess.run_inprocess(RunConfig.from_flat({**flat, "insecure-noise-seed": seed}))
+    assert not torch.equal(seeds[0], seeds[1])
+    assert torch.equal(seeds[2], seeds[3])
 
 
 def test_noise_is_not_folded_where_each_update_is_clipped_whole(monkeypatch) -> None:

@@ -109,6 +109,33 @@ def test_in_process_sum_carries_the_survivors_noise_shares_once(
     assert not np.array_equal(noises[0], noises[2])
 
 
+def test_in_process_sum_takes_a_share_per_client_that_survived(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With clients dropping after masking, the folded draw has one share for each client
+    whose integers reached the sum: not the sampled count, not the planned minimum."""
+    import fedrec.inprocess as inprocess
+
+    took: list[int] = []
+    sent: list[int] = []
+    draw, client = inprocess.skellam_shares, inprocess.ddp_client_round
+
+    def shares(plan: Any, n: int, rng: Any) -> Any:
+        took.append(n)
+        return draw(plan, n, rng)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        rep = client(*args, **kwargs)
+        sent.append(kwargs["server_round"])
+        return rep
+
+    monkeypatch.setattr(inprocess, "skellam_shares", shares)
+    monkeypatch.setattr(inprocess, "ddp_client_round", counted)
+    flat = {**FLAT, "partition": "cross-device", "rounds": 1, "user-target-epsilon": 2.0}
+    inprocess.run_inprocess(RunConfig.from_flat(flat), dropouts=0.2)
+    per_release = [sent.count(r) for r in sorted(set(sent))]
+    assert took == per_release == [24, 24]  # 30 sampled, 6 dropped (n_min: 27)
+
+
 def _wrap(method: Any, seen: list[np.ndarray]) -> Any:
     def wrapped(self: Any, total: np.ndarray, plan: Any, denominator: int) -> Any:
         seen.append(total.copy())

@@ -89,6 +89,28 @@ def test_noise_of_two_rounds_is_independent_and_not_regenerable() -> None:
         assert abs(np.corrcoef(a, b)[0, 1]) < 0.1
 
 
+def test_dp_generators_cannot_be_found_by_trying_seeds() -> None:
+    """torch's CPU generator keeps only the low 32 bits of a manual seed, so 2^32 tries
+    would find any seeded stream. A secret generator's whole state is OS entropy: its
+    stream is not the one of the seed it reports (nor of any 32-bit seed), and two
+    generators never share a stream."""
+    low = torch.Generator().manual_seed(12345)
+    high = torch.Generator().manual_seed(12345 + (7 << 32))
+    assert torch.equal(torch.randn(8, generator=low), torch.randn(8, generator=high))
+    cfg = RunConfig.from_flat(FLAT).privacy
+    gens = [privacy.dp_generator(cfg, 0, 1, privacy.NOISE) for _ in range(2)]
+    gens.append(privacy.secret_generator())
+    draws = [torch.randn(64, generator=g) for g in gens]
+    for g, d in zip(gens, draws):
+        replay = torch.Generator().manual_seed(g.initial_seed() & 0xFFFFFFFF)
+        assert not torch.equal(torch.randn(64, generator=replay), d)
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    seeded = RunConfig.from_flat({**FLAT, "insecure-noise-seed": 7}).privacy
+    a, b = (torch.randn(8, generator=privacy.dp_generator(seeded, 0, 1, privacy.NOISE))
+            for _ in range(2))
+    assert torch.equal(a, b)  # the labelled experiment stream stays reproducible
+
+
 def test_a_seeded_noise_stream_exists_only_as_a_labelled_experiment() -> None:
     cfg = RunConfig.from_flat({**FLAT, "insecure-noise-seed": 7})
     data, shared = _client(cfg)
