@@ -8,6 +8,8 @@ centralized epoch at batch 1024 on the same data and model is the yardstick:
 
 The loop engine is timed on ``--loop-sample`` clients and scaled to the whole round (it
 costs the same per client, one after another); the batched engine trains every client.
+Under record-level DP the batched round folds the noise rows still owe after the
+clients' last steps into one draw for the sum, as ``fedrec.inprocess`` does.
 Writes ``ml1m_round_over_central_epoch`` per DP mode (``none``: no DP; ``record``:
 record-level DP-SGD on every client, epsilon 8; ``user``: user-level DP, clipped and
 noised at the server), ``batched_speedup`` and ``peak_rss_gb`` (the process's peak
@@ -29,12 +31,13 @@ import numpy as np
 import torch
 
 from fedrec.aggregate import ClippedSum, MeanAccumulator, Update
-from fedrec.batched import fit_clients
+from fedrec.batched import fit_clients, owed_noise
 from fedrec.central import run_centralized
 from fedrec.config import RunConfig
 from fedrec.data import load_split
 from fedrec.federated import cached_split, fit_client, init_shared, item_keys, split_for_users
 from fedrec.partition import partition_users
+from fedrec.privacy import secret_generator
 from fedrec.report import write_json_atomic
 
 
@@ -46,11 +49,13 @@ def _round(cfg: RunConfig, clients: list[Any], shared: dict[str, np.ndarray],
                                          if cfg.privacy.user_dp else
                                          MeanAccumulator(shared, keys))
     seeds = [cfg.data.seed + i for i in range(len(clients))]
+    fold = engine == "batched" and cfg.privacy.dp  # as fedrec.inprocess sums them
+    owed = np.zeros(cached_split(cfg.data).n_items)
     t0 = time.perf_counter()
     if engine == "batched":
         fits = (res for _, res in fit_clients(cfg, clients, shared, [None] * len(clients),
                                               [None] * len(clients), seeds=seeds,
-                                              server_round=1))
+                                              server_round=1, fold_noise=fold))
     else:
         fits = (fit_client(cfg, c, shared, None, seed=s, server_round=1)
                 for c, s in zip(clients, seeds))
@@ -61,6 +66,10 @@ def _round(cfg: RunConfig, clients: list[Any], shared: dict[str, np.ndarray],
             acc.add(res.shared)
         else:
             acc.add(Update(res.shared, res.weight, res.touched))
+        if res.owed is not None:
+            owed += res.owed
+    if fold and isinstance(acc, MeanAccumulator):
+        acc.add_noise(owed_noise(owed, shared, keys, secret_generator()))
     return time.perf_counter() - t0
 
 
