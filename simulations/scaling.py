@@ -18,7 +18,6 @@ record-level epsilon per rating, user-level and distributed per user (one client
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import sys
@@ -28,7 +27,13 @@ from typing import Any
 
 from fedrec.config import RunConfig
 from fedrec.report import write_bytes_atomic
-from simulations.sweep import default_jobs, metric_names, parse_epsilons, privacy_sweep
+from simulations.sweep import (
+    default_jobs,
+    metric_names,
+    parse_epsilons,
+    privacy_sweep,
+    save_figure,
+)
 
 MODES = ("none", "popularity", "record", "user", "distributed")
 
@@ -84,12 +89,7 @@ def plot(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
                      fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("fedrec: utility of each DP mode as the population grows")
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes_atomic(path, png.getvalue())
+    save_figure(fig, "fedrec: utility of each DP mode as the population grows", path)
 
 
 def main() -> int:

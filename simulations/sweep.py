@@ -214,7 +214,14 @@ def plot(summary: list[dict[str, Any]], path: Path, ks: Sequence[int]) -> None:
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     axes[0].legend(title="DP mode", fontsize=8)
-    fig.suptitle("fedrec privacy-utility")
+    save_figure(fig, "fedrec privacy-utility", path)
+
+
+def save_figure(fig: Any, title: str, path: Path) -> None:
+    """Title a matplotlib figure, write it to ``path`` as PNG (atomically), close it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)

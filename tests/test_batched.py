@@ -24,6 +24,12 @@ def _clients(cfg: RunConfig, n: int):
     return [split_for_users(split, users) for users in parts[:n]], split.n_items
 
 
+def _without_ratings(client):
+    """The client with no training ratings (under DP its update is noise only)."""
+    return dataclasses.replace(client, train=client.train.subset(
+        np.zeros(len(client.train), dtype=bool)))
+
+
 @pytest.mark.parametrize(("model", "optimizer", "partition"), [
     ("mf", "sgd", "cross-device"), ("mf", "adam", "cross-silo"),
     ("neumf", "adam", "cross-device"), ("mlp", "sgd", "cross-silo"),
@@ -138,9 +144,7 @@ def test_lazy_noise_has_the_variance_of_its_steps() -> None:
     quiet = RunConfig.from_flat({**flat, "noise-multiplier": 0.0, "insecure-noise-seed": 1})
     n = 24
     clients, n_items = _clients(quiet, n)
-    for i in range(1, n):  # noise only
-        clients[i] = dataclasses.replace(clients[i], train=clients[i].train.subset(
-            np.zeros(len(clients[i].train), dtype=bool)))
+    clients[1:] = [_without_ratings(c) for c in clients[1:]]  # noise only
     shared = init_shared(quiet, n_items)
 
     def run(cfg: RunConfig, exact: bool) -> dict:
@@ -208,8 +212,7 @@ def test_lazy_noise_follows_each_clients_own_sigma() -> None:
     cfg = RunConfig.from_flat(flat)
     n = 12
     clients, n_items = _clients(cfg, n)
-    clients = [dataclasses.replace(c, train=c.train.subset(np.zeros(len(c.train), bool)))
-               for c in clients]  # noise only
+    clients = [_without_ratings(c) for c in clients]  # noise only
     shared = init_shared(cfg, n_items)
     fresh = Ledger(delta=1e-5, unit="one rating")
     spent = Ledger(delta=1e-5, unit="one rating",
@@ -360,9 +363,7 @@ def test_folded_noise_is_one_draw_for_the_sum() -> None:
     cfg = RunConfig.from_flat(flat)
     n = 24
     clients, n_items = _clients(cfg, n)
-    for i in range(1, n):  # noise only
-        clients[i] = dataclasses.replace(clients[i], train=clients[i].train.subset(
-            np.zeros(len(clients[i].train), dtype=bool)))
+    clients[1:] = [_without_ratings(c) for c in clients[1:]]  # noise only
     shared = init_shared(cfg, n_items)
     out = dict(fit_clients(cfg, clients, shared, [None] * n, [None] * n,
                            seeds=list(range(n)), server_round=1, fold_noise=True))
