@@ -13,6 +13,7 @@ computed in this process (nothing is released by a client), also under DP.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -290,19 +291,22 @@ def _run_ddp(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
         survivors = refused = 0
         active = [i for i in chosen if i not in dropped]
         counts: dict[int, dict[str, float]] = {}
-        fits: dict[int, FitResult] = {}
+        replies: Iterator[tuple[int, FitResult | None]] = ((i, None) for i in active)
         if batched and task != "prior":
             taking = [i for i in active if ddp_allows(cfg, ledgers[i], plan)]
             counts = _client_counts(cfg, split, parts, clients, shared, states, taking)
-            if train:
-                fits = {taking[j]: res for j, res in fit_clients(
-                    cfg, [clients[i] for i in taking], shared, [states[i] for i in taking],
-                    [ledgers[i] for i in taking], seeds=[cfg.data.seed + i for i in taking],
-                    server_round=release)}
-        for i in active:
+            if train:  # streamed: a release never holds every client's update at once
+                refusing = set(active) - set(taking)
+                replies = itertools.chain(
+                    ((taking[j], res) for j, res in fit_clients(
+                        cfg, [clients[i] for i in taking], shared,
+                        [states[i] for i in taking], [ledgers[i] for i in taking],
+                        seeds=[cfg.data.seed + i for i in taking], server_round=release)),
+                    ((i, None) for i in active if i in refusing))
+        for i, fit in replies:
             rep = ddp_client_round(cfg, clients[i], shared, states[i], ledgers[i], plan,
                                    seed=cfg.data.seed + i, server_round=release, task=task,
-                                   fit=fits.get(i), counts=counts.get(i), share=not fold)
+                                   fit=fit, counts=counts.get(i), share=not fold)
             if rep.ints is None:
                 refused += 1
                 continue
