@@ -76,15 +76,16 @@ class _Plan:
     epochs: list[int]  # epoch of each step
     local: dict[str, torch.Tensor]  # user tensors at the start of the round
     dp: DPPlan | None = None  # record-level DP: q, steps, sigma of this round
-    noise: torch.Generator | None = None  # record-level DP: the client's noise source
+    noise: torch.Generator | None = None  # record-level DP, exact_noise: its noise source
     stream: tuple[int, int] = (0, 0)  # (seed, round): names its test-only DP streams
 
 
 def _plan(cfg: RunConfig, index: int, data: ClientData, state: ClientState | None,
-          ledger: Ledger | None, seed: int, server_round: int) -> _Plan | FitResult:
+          ledger: Ledger | None, seed: int, server_round: int, exact_noise: bool
+          ) -> _Plan | FitResult:
     """fit_client's examples and batch order for one client (same seeds, same draws);
-    under record-level DP, its Poisson batches and noise source, or the FitResult of a
-    client whose budget does not allow the round."""
+    under record-level DP, its Poisson batches (and, for ``exact_noise``, its own noise
+    source), or the FitResult of a client whose budget does not allow the round."""
     pcfg = cfg.privacy
     ledger = ledger or Ledger(delta=pcfg.delta if pcfg.dp else 0.0,
                               unit=privacy.UNIT_OF_PRIVACY if pcfg.dp else "")
@@ -98,7 +99,8 @@ def _plan(cfg: RunConfig, index: int, data: ClientData, state: ClientState | Non
         neg: int | np.random.Generator = np.random.default_rng(
             privacy.dp_seed(pcfg, *stream, privacy.NEGATIVES))
         gen = privacy.dp_generator(pcfg, *stream, privacy.SAMPLING)
-        noise = privacy.dp_generator(pcfg, *stream, privacy.NOISE)
+        if exact_noise:  # else the chunk's generator draws its noise
+            noise = privacy.dp_generator(pcfg, *stream, privacy.NOISE)
     else:
         neg = seed * 7919 + server_round
         gen = torch.Generator().manual_seed(seed * 104729 + server_round)
@@ -174,7 +176,8 @@ def fit_clients(cfg: RunConfig, clients: Sequence[ClientData], shared: Arrays,
                                     states[j] or ClientState(user_ids=list(clients[j].user_ids)),
                                     ledgers[j] or Ledger(delta=0.0, unit=""))
                 continue
-            plan = _plan(cfg, j, clients[j], states[j], ledgers[j], seeds[j], server_round)
+            plan = _plan(cfg, j, clients[j], states[j], ledgers[j], seeds[j], server_round,
+                         exact_noise)
             if isinstance(plan, FitResult):
                 done[j] = plan
             else:

@@ -185,15 +185,14 @@ def encode(update: np.ndarray, counts: np.ndarray, plan: DDPPlan,
         raise ValueError(f"expected {plan.dim} values, got {len(x)}")
     low = np.floor(x)
     frac = x - low
-    if share:
-        rounded = low + (rng.random(x.shape) < frac)  # E[rounded] = x, |rounded - x| < 1
+    if share:  # E[rounded] = x, |rounded - x| < 1; then the client's Skellam share
+        out = (low + (rng.random(x.shape) < frac)).astype(np.int64)
+        out += skellam_shares(plan, 1, rng)
     else:  # the same rounding, drawn only where there is a fraction (sparse updates)
         rounded = low.copy()
         at = np.flatnonzero(frac)
         rounded[at] += rng.random(len(at)) < frac[at]
-    out = rounded.astype(np.int64)
-    if share:
-        out += skellam_shares(plan, 1, rng)
+        out = rounded.astype(np.int64)
     if np.abs(out).max(initial=0) > CLIENT_BOUND:
         raise PrivacyError("a distributed-DP value exceeds the secure-sum bound 2^29; lower "
                            "ddp-bits")

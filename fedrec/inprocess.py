@@ -81,7 +81,7 @@ def _global_model(cfg: RunConfig, split: Any, parts: list[np.ndarray], clients: 
     return model.to(resolve_device(cfg.train.device))
 
 
-def _one_pass(cfg: RunConfig, split: Any) -> bool:
+def _one_pass(cfg: RunConfig) -> bool:
     """Whether a user's counts depend only on their embedding, the shared model and their
     own data (full ranking or a fixed negatives file): then one global model evaluates
     every client at once. Sampled negatives are drawn per client (its seed)."""
@@ -94,7 +94,7 @@ def _experimenter_counts(cfg: RunConfig, split: Any, parts: list[np.ndarray],
     """Every client's exact evaluation counts, summed: ``evaluate_client`` per client,
     or one pass through ``_global_model`` where that gives the same sum (``_one_pass``).
     """
-    if not _one_pass(cfg, split):
+    if not _one_pass(cfg):
         return merge_counts([evaluate_client(cfg, c, shared, states[i],
                                              seed=cfg.data.seed + i)
                              for i, c in enumerate(clients)])
@@ -109,7 +109,7 @@ def _client_counts(cfg: RunConfig, split: Any, parts: list[np.ndarray], clients:
     """``evaluate_client``'s ranking counts of each client in ``which`` (the model it
     holds: ``shared`` and its own user tables), in one pass where ``_one_pass``; clients
     left out are evaluated by the caller."""
-    if not which or not _one_pass(cfg, split) or split.test.negatives is not None:
+    if not which or not _one_pass(cfg) or split.test.negatives is not None:
         return {}
     model = _global_model(cfg, split, parts, clients, shared, states)
     users, per_user = full_ranking_user_counts(model, split.train, split.test, cfg.eval.ks)
@@ -227,9 +227,8 @@ def _run(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
                 owed += res.owed
             losses.append((res.loss, res.num_examples))
         if fold and acc.count:
-            acc.add_noise(owed_noise(owed, shared, item_keys(cfg, split.n_items),
-                                     privacy.dp_generator(cfg.privacy, rnd,
-                                                          privacy.CHUNK_NOISE)))
+            acc.add_noise(owed_noise(owed, shared, keys, privacy.dp_generator(
+                cfg.privacy, rnd, privacy.CHUNK_NOISE)))
         facts: dict[str, Any] = {}
         if user_dp is not None and clipped is not None:
             shared, facts = user_dp.step(clipped, rnd, n_sample, server)

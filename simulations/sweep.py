@@ -268,6 +268,11 @@ def _point(cfg: RunConfig, mode: str, eps: float, attack_clients: int, quiet: bo
     return metrics, run_attack(cfg, shared, attack_clients), engine
 
 
+def _point_name(mode: str, eps: float, seed: int) -> str:
+    """``record eps 8 seed 0`` (``inf`` for no DP)."""
+    return f"{mode} eps {'inf' if math.isinf(eps) else f'{eps:g}'} seed {seed}"
+
+
 def _job(cfg: RunConfig, mode: str, eps: float, attack_clients: int, quiet: bool,
          label: str) -> tuple[dict[str, Any], dict[str, float], str, float]:
     """One point: ``_point`` and its seconds."""
@@ -284,7 +289,7 @@ def _results(jobs: int, work: list[tuple[RunConfig, str, float, int]], attack_cl
     """``(index in work, _job result)`` for each point, as the points finish: in this
     process one after another (``jobs`` 1), or ``jobs`` worker processes side by side."""
     def label(mode: str, eps: float, seed: int) -> str:
-        return f"[{mode} eps {'inf' if math.isinf(eps) else f'{eps:g}'} seed {seed}] "
+        return f"[{_point_name(mode, eps, seed)}] "
 
     if jobs <= 1:
         for n, (cfg, mode, eps, seed) in enumerate(work):
@@ -367,9 +372,8 @@ def privacy_sweep(base: RunConfig, out: Path, *, modes: Sequence[str],
         if not quiet:
             elapsed = time.perf_counter() - t_start
             eta = elapsed / n * (len(todo) - n)
-            eps_text = "inf" if math.isinf(eps) else f"{eps:g}"
-            print(f"[{len(points) - len(todo) + n}/{len(points)}] {mode} eps {eps_text} "
-                  f"seed {seed}: {names[0]} {row[names[0]]:.4f} {names[1]} "
+            print(f"[{len(points) - len(todo) + n}/{len(points)}] "
+                  f"{_point_name(mode, eps, seed)}: {names[0]} {row[names[0]]:.4f} {names[1]} "
                   f"{row[names[1]]:.4f} attack AUC {row['attack_auc']:.3f} "
                   f"({seconds:.0f}s; sweep eta {eta / 60:.1f} min)", flush=True)
     summary = summarize(done, ks)  # every point of this sweep dir, this run's and earlier
