@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from fedrec.config import RunConfig
+from fedrec.errors import ConfigError
 from fedrec.report import write_bytes_atomic
 from simulations.sweep import (
     default_jobs,
     metric_names,
     parse_epsilons,
+    plan,
     privacy_sweep,
     save_figure,
 )
@@ -107,7 +109,22 @@ def main() -> int:
     ap.add_argument("--out", default="results/scaling")
     args = ap.parse_args()
     out = Path(args.out)
-    pops = [int(p) for p in args.populations.split(",")]
+    try:
+        pops = [int(p) for p in args.populations.split(",") if p.strip()]
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        ap.error(f"--populations {args.populations!r} / --seeds {args.seeds!r}: expected "
+                 "comma lists of integers")
+    if not pops or min(pops) < 2:
+        ap.error(f"--populations {args.populations!r}: expected integers >= 2")
+    if args.jobs < 0:
+        ap.error(f"--jobs {args.jobs}: expected an integer >= 0 (0: one per CPU core)")
+    modes = [m for m in args.modes.split(",") if m]
+    try:
+        epsilons = parse_epsilons(args.epsilons)
+        plan(modes, epsilons, seeds)  # names a mode it does not know
+    except ConfigError as err:
+        ap.error(str(err))
     rows: list[dict[str, Any]] = []
     ks = (10, 20)
     for pop in pops:
@@ -119,9 +136,9 @@ def main() -> int:
         ks = base.eval.ks
         print(f"== {pop:,} clients", flush=True)
         summary = privacy_sweep(base, out / str(pop),
-                                modes=[m for m in args.modes.split(",") if m],
-                                epsilons=parse_epsilons(args.epsilons),
-                                seeds=[int(s) for s in args.seeds.split(",")],
+                                modes=modes,
+                                epsilons=epsilons,
+                                seeds=seeds,
                                 attack_clients=20, quiet=False,
                                 jobs=args.jobs or default_jobs())
         print(f"   {pop:,} clients: {time.perf_counter() - t0:.0f}s", flush=True)
