@@ -21,7 +21,7 @@ from fedrec.config import RunConfig, flat_defaults
 from fedrec.data import load_split
 from fedrec.errors import ConfigError
 from fedrec.federated import cached_split
-from fedrec.state import ledger_path, load_state, state_path
+from fedrec.state import ledger_path, load_checkpoint, load_state, state_path
 from server.server_app import make_server_app
 from server.strategy import FedRecStrategy
 
@@ -122,9 +122,12 @@ def test_non_private_federated_mf_is_close_to_centralized(tmp_path: Path) -> Non
               "negatives": 4, "lr": 0.01, "dp": False, "seed": 3, "eval-every": 0}
     cfg = RunConfig.from_flat({**common, "epochs": 20})
     _, central, _ = run_centralized(cfg, load_split(cfg.data))
-    fed = _simulate({**common, "partition": "cross-silo", "num-clients": 3, "rounds": 10,
-                     "local-epochs": 2, "verbose": False, "state-dir": str(tmp_path / "s"),
-                     "out-dir": str(tmp_path / "run")}, nodes=3)
+    from fedrec.inprocess import run_inprocess  # the rounds Flower runs (tested equal below)
+
+    _, rows = run_inprocess(RunConfig.from_flat(
+        {**common, "partition": "cross-silo", "num-clients": 3, "rounds": 10,
+         "local-epochs": 2, "state-dir": str(tmp_path / "s")}), engine="loop")
+    fed = rows[-1]
     assert fed["recall@20"] >= 0.97 * central["recall@20"], (fed, central)
     assert fed["ndcg@20"] >= 0.97 * central["ndcg@20"], (fed, central)
 
@@ -230,38 +233,6 @@ def test_one_message_per_node_per_round_gives_the_rows_of_separate_evaluation(
             assert ours[key] == pytest.approx(theirs[key], rel=1e-9), key
 
 
-def test_server_checkpoints_every_round_and_a_new_run_resumes(tmp_path: Path) -> None:
-    from fedrec.state import load_checkpoint
-
-    flat = {**SMALL, "rounds": 2, "dp": False, "server-opt": "adam", "server-lr": 0.05,
-            "state-dir": str(tmp_path / "state"), "checkpoint-dir": str(tmp_path / "ckpt"),
-            "out-dir": str(tmp_path / "run1")}
-    _simulate(flat, nodes=2)
-    saved = load_checkpoint(tmp_path / "ckpt" / "server.pt")
-    assert saved["round"] == 2 and len(saved["rows"]) == 2 and saved["server_opt"]
-    model1 = torch.load(tmp_path / "run1" / "shared_model.pt")
-    for key, value in saved["shared"].items():
-        np.testing.assert_array_equal(value, model1[key].numpy())
-
-    resumed = _simulate({**flat, "rounds": 3, "resume": True,
-                         "out-dir": str(tmp_path / "run2")}, nodes=2)
-    rows = json.loads((tmp_path / "run2" / "rounds.json").read_text())
-    assert [r["round"] for r in rows] == [1, 2, 3] and resumed["rounds"] == 3
-    assert load_checkpoint(tmp_path / "ckpt" / "server.pt")["round"] == 3
-    assert all(load_state(state_path(tmp_path / "state", p)).rounds == 3 for p in (0, 1))
-
-    # A checkpoint of another model is refused (checked before any round is run).
-    from fedrec.federated import init_shared
-    from server.server_app import resume_point
-
-    other = RunConfig.from_flat({**flat, "dim": 8, "rounds": 4, "resume": True})
-    with pytest.raises(ConfigError, match="another model"):
-        resume_point(other, init_shared(other, 50))
-    done, shared, _ = resume_point(RunConfig.from_flat({**flat, "resume": True}),
-                                   saved["shared"])
-    assert done == 3
-
-
 def test_user_level_dp_spends_the_target_exactly_across_a_resume(tmp_path: Path) -> None:
     """Central user-level DP in a Flower simulation: epsilon is composed from the noise
     of every round actually run (checkpointed), also when a resume adds rounds; with
@@ -272,19 +243,43 @@ def test_user_level_dp_spends_the_target_exactly_across_a_resume(tmp_path: Path)
             "checkpoint-dir": str(tmp_path / "ckpt")}
     out = _simulate(flat, nodes=2)
     assert out["rounds"] == 2  # was 4: each row written twice without evaluation
+    # the server checkpoints every round: model, rows and FedAdam moments
+    saved = load_checkpoint(tmp_path / "ckpt" / "server.pt")
+    assert saved["round"] == 2 and len(saved["rows"]) == 2 and saved["server_opt"]
+    model1 = torch.load(tmp_path / "run" / "shared_model.pt")
+    for key, value in saved["shared"].items():
+        np.testing.assert_array_equal(value, model1[key].numpy())
     assert out["user_epsilon"] == pytest.approx(2.0, rel=0.01)
     assert out["user_unit_of_privacy"].startswith("one client's whole data")
     assert out["noise_secret"] is True
     resumed = _simulate({**flat, "rounds": 3, "resume": True,
                          "out-dir": str(tmp_path / "run2")}, nodes=2)
     rows = json.loads((tmp_path / "run2" / "rounds.json").read_text())
-    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert [r["round"] for r in rows] == [1, 2, 3] and resumed["rounds"] == 3
+    assert load_checkpoint(tmp_path / "ckpt" / "server.pt")["round"] == 3
+    assert all(load_state(state_path(tmp_path / "state", p)).rounds == 3 for p in (0, 1))
     assert rows[-1].get("user-exhausted") == 1  # the budget was spent in the 2-round plan
     from fedrec.privacy import epsilon_of
     zs = [(r["user-noise-multiplier"], 1.0, 1) for r in rows if "user-noise-multiplier" in r]
     assert len(zs) == 2
     assert resumed["user_epsilon"] == pytest.approx(epsilon_of(zs, 1e-5), rel=1e-9)
     assert resumed["user_epsilon"] <= 2.0 + 1e-6
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_any_round(tmp_path: Path) -> None:
+    from fedrec.federated import init_shared
+    from fedrec.state import save_checkpoint
+    from server.server_app import resume_point
+
+    flat = {**SMALL, "rounds": 2, "dp": False, "checkpoint-dir": str(tmp_path / "ckpt")}
+    cfg = RunConfig.from_flat(flat)
+    shared = init_shared(cfg, 50)
+    save_checkpoint(tmp_path / "ckpt" / "server.pt", 2, shared, {}, [{}, {}])
+    other = RunConfig.from_flat({**flat, "dim": 8, "rounds": 4, "resume": True})
+    with pytest.raises(ConfigError, match="another model"):
+        resume_point(other, init_shared(other, 50))
+    done, _, _ = resume_point(RunConfig.from_flat({**flat, "resume": True}), shared)
+    assert done == 2
 
 
 def test_a_server_run_never_silently_replaces_results_or_a_checkpoint(tmp_path: Path) -> None:

@@ -53,7 +53,11 @@ def test_fault_injection_is_deterministic_and_corrupts_as_named() -> None:
 
 
 def test_bad_updates_are_dropped_and_quality_holds(tmp_path: Path) -> None:
-    clean, _, _ = _run(tmp_path, "clean")
+    from fedrec.inprocess import run_inprocess  # Flower's rounds without faults (tested equal)
+
+    _, clean_rows = run_inprocess(RunConfig.from_flat(
+        {**BASE, "state-dir": str(tmp_path / "clean")}), engine="loop")
+    clean = clean_rows[-1]
     faulty, rows, model = _run(tmp_path, "faulty", **{"fault-rate": 0.1,
                                                       "fault-kind": "mixed"})
     assert all(np.isfinite(v.numpy()).all() for v in model.values())
@@ -218,9 +222,9 @@ def test_a_server_error_mid_run_stops_the_simulation_and_the_run_resumes(
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_and_sigterm_stop_a_simulation_cleanly(tmp_path: Path, sig: int) -> None:
     """``fedrec simulate`` stops within seconds, with one line on how to resume and no
-    traceback; the checkpoint survives and ``--resume`` completes the run."""
+    traceback; the checkpoint ``--resume`` needs survives."""
     from fedrec.state import load_checkpoint
-    from simulations.simulation import simulate, work_dir
+    from simulations.simulation import work_dir
 
     out = tmp_path / "run"
     opts = ["--synthetic-users", "30", "--synthetic-items", "50", "--dim", "4",
@@ -241,9 +245,6 @@ def test_ctrl_c_and_sigterm_stop_a_simulation_cleanly(tmp_path: Path, sig: int) 
     assert time.monotonic() - t0 < 15 and proc.returncode == 130
     assert "Traceback" not in err and "--resume" in err, err
     assert not out.exists() and not list(tmp_path.glob(".run.tmp-*"))
-    if sig == signal.SIGINT:
-        cfg = RunConfig.from_flat({"synthetic-users": 30, "synthetic-items": 50, "dim": 4,
-                                   "batch-size": 32, "negatives": 2, "partition": "cross-silo",
-                                   "num-clients": 2, "dp": False, "rounds": 6})
-        metrics = simulate(cfg, out, quiet=True, resume=True)
-        assert metrics["rounds"] == 6
+    # what --resume needs is kept (resuming itself: the killed-run and server-error tests)
+    saved = load_checkpoint(ckpt)
+    assert 1 <= saved["round"] < 6 and len(saved["rows"]) == saved["round"]
