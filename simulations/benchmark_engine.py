@@ -86,8 +86,11 @@ def main() -> None:
                     help="DP modes: none, record, user")
     args = ap.parse_args()
     torch.set_num_threads(1)  # as each Flower client runs; both engines alike
+    # the model of the DP modes (cross-device-dp recipe) for every mode and the yardstick,
+    # so that the rounds and the centralized epoch do the same arithmetic per example
     data = {"dataset": "synthetic", "synthetic-users": args.users,
-            "synthetic-items": args.items, "synthetic-activity": args.activity}
+            "synthetic-items": args.items, "synthetic-activity": args.activity,
+            "dim": 32, "negatives": 4}
     fed = RunConfig.from_flat({**data, "partition": "cross-device", "dp": False})
     split = cached_split(fed.data)
     central_cfg = RunConfig.from_flat({**data, "dp": False, "epochs": 1, "eval-every": 0,
