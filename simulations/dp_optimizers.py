@@ -18,6 +18,7 @@ scale), so they cost no privacy. Measured on the validation split carved from tr
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 import warnings
@@ -125,6 +126,8 @@ def main() -> None:
     ap.add_argument("--ema", default="0.9,0.99,0.999", help="parameter-average decays")
     ap.add_argument("--adambc", default="0.01:0.1,0.02:1",
                     help="AdamBC variants lr:gamma (comma list)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs per variant, in turn (DP noise differs run to run)")
     ap.add_argument("--out", default="results/dp_optimizers.json")
     args = ap.parse_args()
     flat = {"dataset": "ml-100k", "data-dir": args.data_dir, "dp": True,
@@ -134,14 +137,22 @@ def main() -> None:
     for spec in filter(None, args.adambc.split(",")):
         lr, gamma = (float(v) for v in spec.split(":"))
         variants[f"adambc lr {lr} gamma {gamma}"] = (lr, gamma)
-    results = {}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name, bc in variants.items():
-            t0 = time.perf_counter()
-            results[name] = run(flat, adambc=bc, emas=emas if bc is None else ())
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in results[name].items())
-            print(f"{name:<28} {shown} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        for _ in range(args.repeats):
+            for name, bc in variants.items():
+                t0 = time.perf_counter()
+                runs[name].append(run(flat, adambc=bc, emas=emas if bc is None else ()))
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in runs[name][-1].items())
+                print(f"{name:<28} {shown} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    results = {}
+    for name, rs in runs.items():
+        values = [r["recall@20"] for r in rs]
+        results[name] = {"runs": rs, "recall@20_mean": statistics.fmean(values),
+                         "recall@20_std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        print(f"{name:<28} mean Recall@20 {results[name]['recall@20_mean']:.4f} ± "
+              f"{results[name]['recall@20_std']:.4f} over {len(values)} runs")
     write_json_atomic(Path(args.out), {"epsilon": args.epsilon, "split": "validation",
                                        "results": results})
 
