@@ -155,6 +155,23 @@ class _TorchCalls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("repeats", [False, True], ids=["distinct-rows", "repeated-rows"])
+def test_embedding_norms_equal_each_examples_gradient(repeats: bool) -> None:
+    """The embedding norm (diagonal plus the pairs of positions that repeat a row) equals
+    the norm of each example's own table gradient, with and without repeated rows."""
+    layer = Embedding(10, 3).double()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.stack([torch.randperm(10, generator=gen)[:4] for _ in range(6)])
+    if repeats:
+        ids[2], ids[4] = torch.tensor([7, 1, 7, 7]), torch.tensor([5, 5, 0, 0])
+        ids[0] = torch.tensor([4, 9, 2, 4])  # a repeat that is not side by side
+    back = torch.randn(6, 4, 3, generator=gen, dtype=torch.float64)
+    norms = privacy.embedding_norm_sample(layer, [ids], back)[layer.weight]
+    for b in range(6):
+        grad = torch.zeros(10, 3, dtype=torch.float64).index_add_(0, ids[b], back[b])
+        assert norms[b].item() == pytest.approx(grad.norm().item(), rel=1e-12), b
+
+
 def test_cases_reach_every_norm_formula(monkeypatch: pytest.MonkeyPatch) -> None:
     """CASES exercise every branch of the norm samplers and of book-keeping, and the cost
     rule picks bmm or Gram where one is clearly cheaper: a change of sizes or of the rule
@@ -169,9 +186,11 @@ def test_cases_reach_every_norm_formula(monkeypatch: pytest.MonkeyPatch) -> None
         return real_gram(x)
 
     def embedding_spy(layer, activations, backprops):  # type: ignore[no-untyped-def]
-        n = len(grams)
         out = privacy.embedding_norm_sample(layer, activations, backprops)
-        seen.add("embedding-gram" if len(grams) > n else "embedding-k1")
+        ids = activations[0].reshape(activations[0].shape[0], -1)
+        repeats = int((ids.unsqueeze(2) == ids.unsqueeze(1)).sum()) > ids.numel()
+        seen.add("embedding-k1" if ids.shape[1] == 1 else
+                 "embedding-repeats" if repeats else "embedding-distinct")
         return out
 
     def linear_spy(layer, activations, backprops):  # type: ignore[no-untyped-def]
@@ -180,8 +199,8 @@ def test_cases_reach_every_norm_formula(monkeypatch: pytest.MonkeyPatch) -> None
             out = privacy.linear_norm_sample(layer, activations, backprops)
         a, g = layer._fedrec_bk
         k = a.shape[1]
-        formula = ("k1" if k == 1 else "bmm" if "bmm" in calls.names
-                   else "gram" if len(grams) > n else "unknown")
+        formula = ("k1" if k == 1 else "gram" if len(grams) > n
+                   else "bmm" if "bmm" in calls.names else "unknown")
         linear_calls.append((k, a.shape[2], g.shape[2], formula))
         seen.add(f"linear-{formula}")
         seen.add(f"linear-{backprops.dim()}d")
@@ -206,14 +225,14 @@ def test_cases_reach_every_norm_formula(monkeypatch: pytest.MonkeyPatch) -> None
         criterion(po.model(users, items), targets).backward()
 
     assert seen >= {
-        "embedding-k1", "embedding-gram",
+        "embedding-k1", "embedding-repeats",
         "linear-2d", "linear-3d", "linear-k1", "linear-bmm", "linear-gram",
         "bias-none", "bias-k1", "bias-bmm", "bias-gram",
         "bookkeeping-Embedding", "bookkeeping-Linear-bias", "bookkeeping-Linear-no-bias",
     }, seen
     assert "linear-unknown" not in seen
     # bmm costs K d_in d_out, Gram K^2 (d_in + d_out): take bmm when it is no dearer, and
-    # Gram when bmm is over six times dearer (both cases occur in CASES)
+    # Gram when bmm is dearer (both clear cases occur in CASES)
     bmm_cheaper = [f for k, i, o, f in linear_calls if k > 1 and i * o <= k * (i + o)]
     gram_cheaper = [f for k, i, o, f in linear_calls if k > 1 and i * o > 6 * k * (i + o)]
     assert bmm_cheaper and set(bmm_cheaper) == {"bmm"}
