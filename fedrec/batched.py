@@ -43,7 +43,7 @@ from fedrec.federated import (
     initial_local,
 )
 from fedrec.model import build_model
-from fedrec.privacy import RowLoss
+from fedrec.privacy import RowLoss, lookup_sq_norms
 from fedrec.state import ClientState, Ledger
 from fedrec.train import batch_indices, resolve_device
 
@@ -339,9 +339,8 @@ def _example_sq_norms(grad: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Squared norms ``[C, B]`` of each example's gradient on one table, from its lookups'
     gradients ``grad [C, B, K, d]`` and rows ``ids [C, B, K]`` (repeated rows add up):
     ``sum_{k,k'} [id_k == id_k'] <g_k, g_k'>``, as ``fedrec.privacy``'s norm sampler."""
-    gram = (grad.unsqueeze(3) * grad.unsqueeze(2)).sum(-1)  # [C, B, K, K]
-    same = ids.unsqueeze(3) == ids.unsqueeze(2)
-    return (gram * same).sum((2, 3)).clamp(min=0)
+    c, b, k, d = grad.shape
+    return lookup_sq_norms(grad.reshape(c * b, k, d), ids.reshape(c * b, k)).reshape(c, b)
 
 
 def _first_of_each_row(index: torch.Tensor, n_rows: int) -> torch.Tensor:

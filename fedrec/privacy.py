@@ -160,6 +160,24 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x, x.transpose(1, 2))
 
 
+def lookup_sq_norms(g: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Squared norms ``[B]`` of each example's gradient on one embedding table, from the
+    output gradients ``g [B, K, d]`` of its lookups ``ids [B, K]``: ``sum_{k,k'} [id_k =
+    id_k'] <g_k, g_k'>``, computed as the diagonal plus only the pairs of positions that
+    repeat a row (found by sorting each example's ids; rare), not all K^2 pairs."""
+    sq = (g * g).sum(dim=(1, 2))
+    if ids.shape[1] > 1:
+        ordered = ids.sort(dim=1).values
+        rows = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1).nonzero().flatten()
+        same = ids[rows].unsqueeze(2) == ids[rows].unsqueeze(1)  # [R, K, K], R rows repeat
+        same.diagonal(dim1=1, dim2=2).fill_(False)
+        r, k1, k2 = same.nonzero(as_tuple=True)
+        if r.numel():
+            b = rows[r]
+            sq = sq.index_add(0, b, (g[b, k1] * g[b, k2]).sum(-1)).clamp(min=0)
+    return sq
+
+
 @register_norm_sampler(Embedding)
 def embedding_norm_sample(
     layer: Embedding, activations: list[torch.Tensor], backprops: torch.Tensor
@@ -178,16 +196,7 @@ def embedding_norm_sample(
     g = backprops.reshape(ids.shape[0], -1, layer.embedding_dim)  # [B, K, d]
     ids = ids.reshape(ids.shape[0], -1)  # [B, K]
     layer._fedrec_bk = (ids, g)
-    sq = (g * g).sum(dim=(1, 2))  # the diagonal of sum_{k,k'} [id_k = id_k'] <g_k, g_k'>
-    if ids.shape[1] > 1:  # plus the pairs of positions that repeat a row (rare): O(pairs d)
-        ordered = ids.sort(dim=1).values
-        rows = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1).nonzero().flatten()
-        same = ids[rows].unsqueeze(2) == ids[rows].unsqueeze(1)  # [R, K, K], R rows repeat
-        same.diagonal(dim1=1, dim2=2).fill_(False)
-        r, k1, k2 = same.nonzero(as_tuple=True)
-        if r.numel():
-            b = rows[r]
-            sq = sq.index_add(0, b, (g[b, k1] * g[b, k2]).sum(-1)).clamp(min=0)
+    sq = lookup_sq_norms(g, ids)
     return {layer.weight: sq.sqrt()}
 
 
