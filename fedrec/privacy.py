@@ -162,19 +162,25 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
 
 def lookup_sq_norms(g: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Squared norms ``[B]`` of each example's gradient on one embedding table, from the
-    output gradients ``g [B, K, d]`` of its lookups ``ids [B, K]``: ``sum_{k,k'} [id_k =
-    id_k'] <g_k, g_k'>``, computed as the diagonal plus only the pairs of positions that
-    repeat a row (found by sorting each example's ids; rare), not all K^2 pairs."""
+    output gradients ``g [B, K, d]`` of its lookups ``ids [B, K]``.
+
+    An example's table gradient has one row per distinct id: the sum of the ``g_k`` that
+    look it up. Without repeats the squared norm is ``sum_k ||g_k||^2``; for the (rare)
+    examples that repeat a row (found by sorting their ids) the ``g_k`` of each id are
+    summed first and the sums squared, so no large terms cancel in floating point (an
+    inner-product form could round a real norm down to 0: an unclipped example).
+    """
     sq = (g * g).sum(dim=(1, 2))
     if ids.shape[1] > 1:
-        ordered = ids.sort(dim=1).values
-        rows = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1).nonzero().flatten()
-        same = ids[rows].unsqueeze(2) == ids[rows].unsqueeze(1)  # [R, K, K], R rows repeat
-        same.diagonal(dim1=1, dim2=2).fill_(False)
-        r, k1, k2 = same.nonzero(as_tuple=True)
-        if r.numel():
-            b = rows[r]
-            sq = sq.index_add(0, b, (g[b, k1] * g[b, k2]).sum(-1)).clamp(min=0)
+        ordered, order = ids.sort(dim=1)
+        starts = torch.ones_like(ordered, dtype=torch.bool)
+        starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        rows = (~starts).any(dim=1).nonzero().flatten()
+        if rows.numel():
+            segment = (starts[rows].long().cumsum(1) - 1).unsqueeze(-1)  # [R, K, 1]
+            gr = g[rows].gather(1, order[rows].unsqueeze(-1).expand(-1, -1, g.shape[-1]))
+            sums = torch.zeros_like(gr).scatter_add_(1, segment.expand_as(gr), gr)
+            sq = sq.index_copy(0, rows, (sums * sums).sum(dim=(1, 2)))
     return sq
 
 

@@ -172,6 +172,20 @@ def test_embedding_norms_equal_each_examples_gradient(repeats: bool) -> None:
         assert norms[b].item() == pytest.approx(grad.norm().item(), rel=1e-12), b
 
 
+def test_a_repeated_row_whose_lookups_cancel_is_not_rounded_to_zero() -> None:
+    """float32: two lookups of one row, large and nearly opposite. Their sum (what the
+    example adds to the table) has norm ~1; an inner-product form (diagonal plus pairs)
+    cancels to ~0 and the example would pass unclipped."""
+    gen = torch.Generator().manual_seed(3)
+    v = torch.randn(8, generator=gen) * 3000
+    w = torch.randn(8, generator=gen)
+    w /= w.norm()
+    g = torch.stack([v, -v + w]).unsqueeze(0)  # [1, K=2, d], float32
+    true = (g[0, 0].double() + g[0, 1].double()).norm().item()
+    got = privacy.lookup_sq_norms(g, torch.tensor([[5, 5]])).sqrt().item()
+    assert got == pytest.approx(true, rel=1e-3)
+
+
 def test_cases_reach_every_norm_formula(monkeypatch: pytest.MonkeyPatch) -> None:
     """CASES exercise every branch of the norm samplers and of book-keeping, and the cost
     rule picks bmm or Gram where one is clearly cheaper: a change of sizes or of the rule
