@@ -210,6 +210,11 @@ register_grad_sampler(Embedding)(compute_embedding_grad_sample)
 register_grad_sampler(Linear)(compute_linear_grad_sample)
 
 
+# A Gram-form norm below this share of the size of its terms is recomputed in float64:
+# float32 rounding of K^2 terms is about (K^2 + d) * 6e-8 of that size (< 1e-4 here).
+GRAM_CANCELLATION = 1e-2
+
+
 @register_norm_sampler(Linear)
 def linear_norm_sample(
     layer: Linear, activations: list[torch.Tensor], backprops: torch.Tensor
@@ -218,7 +223,11 @@ def linear_norm_sample(
 
     The weight gradient of example b is ``G_b = sum_k g_bk a_bk^T``. Its squared norm is
     ``sum_{k,k'} <g_bk, g_bk'> <a_bk, a_bk'>`` (Gram form, O(K^2 (d_in + d_out))) or is
-    computed from ``G_b`` itself (O(K d_in d_out)); the cheaper one is used.
+    computed from ``G_b`` itself (O(K d_in d_out)); the cheaper one is used. The Gram
+    form's terms can cancel: an example whose result is small next to the size of its
+    terms (``(sum_k |g_bk| |a_bk|)^2``, where float32 rounding could have eaten its
+    norm) is recomputed from ``G_b`` in float64, so no example is under-clipped by
+    rounding.
     """
     a = activations[0].to(backprops.dtype)
     g = backprops
@@ -229,18 +238,22 @@ def linear_norm_sample(
     k, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
     layer._fedrec_bk = (a, g)
     out: dict[nn.Parameter, torch.Tensor] = {}
-    gg = None
     if layer.weight.requires_grad:
         if k == 1:
             sq = (g * g).sum((1, 2)) * (a * a).sum((1, 2))
         elif d_in * d_out <= k * (d_in + d_out):
             sq = torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
         else:
-            gg = _gram(g)
-            sq = (gg * _gram(a)).sum((1, 2))
+            sq = (_gram(g) * _gram(a)).sum((1, 2))
+            scale = (g.norm(dim=2) * a.norm(dim=2)).sum(1).square()
+            doubtful = (sq < GRAM_CANCELLATION * scale).nonzero().flatten()
+            if doubtful.numel():
+                gd, ad = g[doubtful].double(), a[doubtful].double()
+                exact = torch.bmm(gd.transpose(1, 2), ad).pow(2).sum((1, 2))
+                sq = sq.index_copy(0, doubtful, exact.to(sq.dtype))
         out[layer.weight] = sq.clamp(min=0).sqrt()
     if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = g.sum(1).norm(dim=1) if gg is None else gg.sum((1, 2)).clamp(min=0).sqrt()
+        out[layer.bias] = g.sum(1).norm(dim=1)  # a sum, then a norm: nothing cancels
     return out
 
 
