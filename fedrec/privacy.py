@@ -210,8 +210,8 @@ register_grad_sampler(Embedding)(compute_embedding_grad_sample)
 register_grad_sampler(Linear)(compute_linear_grad_sample)
 
 
-# A Gram-form norm below this share of the size of its terms is recomputed in float64:
-# float32 rounding of K^2 terms is about (K^2 + d) * 6e-8 of that size (< 1e-4 here).
+# The Gram form is summed in float64, whose rounding is about (K^2 + d) * 1.1e-16 of the
+# size of its terms; a result below this share of that size is recomputed from G_b.
 GRAM_CANCELLATION = 1e-2
 
 
@@ -224,10 +224,10 @@ def linear_norm_sample(
     The weight gradient of example b is ``G_b = sum_k g_bk a_bk^T``. Its squared norm is
     ``sum_{k,k'} <g_bk, g_bk'> <a_bk, a_bk'>`` (Gram form, O(K^2 (d_in + d_out))) or is
     computed from ``G_b`` itself (O(K d_in d_out)); the cheaper one is used. The Gram
-    form's terms can cancel: an example whose result is small next to the size of its
-    terms (``(sum_k |g_bk| |a_bk|)^2``, where float32 rounding could have eaten its
-    norm) is recomputed from ``G_b`` in float64, so no example is under-clipped by
-    rounding.
+    form's terms can cancel, so it is summed in float64, and an example whose result is
+    small next to the size of its terms (``(sum_k |g_bk| |a_bk|)^2``) or not a number
+    is recomputed from ``G_b`` (float64): rounding cannot shrink a norm by more than
+    about (K^2 + d) 1e-14 of itself, for any layer width.
     """
     a = activations[0].to(backprops.dtype)
     g = backprops
@@ -244,13 +244,15 @@ def linear_norm_sample(
         elif d_in * d_out <= k * (d_in + d_out):
             sq = torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
         else:
-            sq = (_gram(g) * _gram(a)).sum((1, 2))
-            scale = (g.norm(dim=2) * a.norm(dim=2)).sum(1).square()
-            doubtful = (sq < GRAM_CANCELLATION * scale).nonzero().flatten()
+            gd, ad = g.double(), a.double()
+            sq = (_gram(gd) * _gram(ad)).sum((1, 2))
+            scale = (gd.norm(dim=2) * ad.norm(dim=2)).sum(1).square()
+            doubtful = (~(sq >= GRAM_CANCELLATION * scale)).nonzero().flatten()  # NaN too
             if doubtful.numel():
-                gd, ad = g[doubtful].double(), a[doubtful].double()
-                exact = torch.bmm(gd.transpose(1, 2), ad).pow(2).sum((1, 2))
-                sq = sq.index_copy(0, doubtful, exact.to(sq.dtype))
+                gd, ad = gd[doubtful], ad[doubtful]
+                sq = sq.index_copy(0, doubtful, torch.bmm(gd.transpose(1, 2), ad).pow(2)
+                                   .sum((1, 2)))
+            sq = sq.to(g.dtype)
         out[layer.weight] = sq.clamp(min=0).sqrt()
     if layer.bias is not None and layer.bias.requires_grad:
         out[layer.bias] = g.sum(1).norm(dim=1)  # a sum, then a norm: nothing cancels

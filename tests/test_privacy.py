@@ -209,6 +209,26 @@ def test_a_linear_gram_norm_whose_terms_cancel_is_recomputed() -> None:
         assert norms[layer.bias][b].item() == pytest.approx(bias, rel=1e-3)
 
 
+def test_a_wide_linear_gram_norm_just_above_the_recheck_is_not_rounded_down() -> None:
+    """A review's case: float32 sums over a wide output (4,096) lose every small tail
+    term, a result just above the recheck threshold was 1.2e-3 low; and entries near
+    1e19 made the Gram form NaN (never rechecked). Both must match the true norm."""
+    d = 4096
+    t = 0.999 * 2.0 ** -12
+    g = torch.full((2, 2, d), t)
+    g[0, 0, :8], g[0, 1, :8] = 1.0, -1.2236
+    a = torch.zeros(2, 2, 8)
+    a[0, :, 0] = 1.0
+    g[1] = 0.0
+    g[1, 0, 0], g[1, 1, 0], g[1, 1, 1] = 2e19, -2e19, 1e19
+    a[1, :, 0], a[1, 1, 1] = 1e-19, 1e-19
+    layer = Linear(8, d)
+    norms = privacy.linear_norm_sample(layer, [a], g)[layer.weight]
+    for b in range(2):
+        grad = sum(torch.outer(g[b, k].double(), a[b, k].double()) for k in range(2))
+        assert norms[b].item() == pytest.approx(grad.norm().item(), rel=1e-5), b
+
+
 def test_cases_reach_every_norm_formula(monkeypatch: pytest.MonkeyPatch) -> None:
     """CASES exercise every branch of the norm samplers and of book-keeping, and the cost
     rule picks bmm or Gram where one is clearly cheaper: a change of sizes or of the rule
