@@ -33,7 +33,7 @@ import torch
 from fedrec.aggregate import ClippedSum, MeanAccumulator, Update
 from fedrec.batched import fit_clients, owed_noise
 from fedrec.central import run_centralized
-from fedrec.config import RunConfig
+from fedrec.config import RECIPES, RunConfig
 from fedrec.data import load_split
 from fedrec.federated import cached_split, fit_client, init_shared, item_keys, split_for_users
 from fedrec.partition import partition_users
@@ -90,7 +90,7 @@ def main() -> None:
     # so that the rounds and the centralized epoch do the same arithmetic per example
     data = {"dataset": "synthetic", "synthetic-users": args.users,
             "synthetic-items": args.items, "synthetic-activity": args.activity,
-            "dim": 32, "negatives": 4}
+            **{k: RECIPES["cross-device-dp"][k] for k in ("dim", "negatives")}}
     fed = RunConfig.from_flat({**data, "partition": "cross-device", "dp": False})
     split = cached_split(fed.data)
     central_cfg = RunConfig.from_flat({**data, "dp": False, "epochs": 1, "eval-every": 0,

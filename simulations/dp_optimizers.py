@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fedrec.central as central  # noqa: E402
 from fedrec.config import RunConfig  # noqa: E402
 from fedrec.data import load_split  # noqa: E402
+from fedrec.errors import FedrecError  # noqa: E402
 from fedrec.evaluate import evaluate_counts  # noqa: E402
 from fedrec.metrics import finalize  # noqa: E402
 from fedrec.report import write_json_atomic  # noqa: E402
@@ -132,10 +133,16 @@ def main() -> None:
     args = ap.parse_args()
     flat = {"dataset": "ml-100k", "data-dir": args.data_dir, "dp": True,
             "target-epsilon": args.epsilon}
-    emas = tuple(float(d) for d in args.ema.split(",") if d)
+    try:
+        emas = tuple(float(d) for d in args.ema.split(",") if d)
+    except ValueError:
+        ap.error(f"--ema {args.ema!r}: expected decays such as 0.9,0.99")
     variants: dict[str, tuple[float, float] | None] = {"adam (default)": None}
     for spec in filter(None, args.adambc.split(",")):
-        lr, gamma = (float(v) for v in spec.split(":"))
+        try:
+            lr, gamma = (float(v) for v in spec.split(":"))
+        except ValueError:
+            ap.error(f"--adambc {spec!r}: expected lr:gamma such as 0.02:1")
         variants[f"adambc lr {lr} gamma {gamma}"] = (lr, gamma)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     with warnings.catch_warnings():
@@ -158,4 +165,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FedrecError as err:  # bad data dir or config: one line, no traceback
+        raise SystemExit(f"error: {err}") from None

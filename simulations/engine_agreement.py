@@ -22,7 +22,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fedrec.config import RunConfig  # noqa: E402
+from fedrec.config import RECIPES, RunConfig  # noqa: E402
+from fedrec.errors import FedrecError  # noqa: E402
 from fedrec.inprocess import run_inprocess  # noqa: E402
 from fedrec.report import write_json_atomic  # noqa: E402
 
@@ -37,7 +38,8 @@ def flat_of(data_dir: str, mode: str, epsilon: float, rounds: int, seed: int
                             "partition": "cross-device", "rounds": rounds, "seed": seed,
                             "dp": False, "eval-every": 0, **MODES[mode]}
     if mode == "none":  # the DP recipe's model, as a sweep's non-private row
-        flat.update({"dim": 32, "negatives": 4, "local-epochs": 1, "server-lr": 0.05})
+        flat.update({k: RECIPES["cross-device-dp"][k]
+                     for k in ("dim", "negatives", "local-epochs", "server-lr")})
     if mode == "record":
         flat["target-epsilon"] = epsilon
     if mode in ("user", "distributed"):
@@ -94,4 +96,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FedrecError as err:  # bad data dir or config: one line, no traceback
+        raise SystemExit(f"error: {err}") from None
