@@ -31,7 +31,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from fedrec import privacy
-from fedrec.config import RunConfig
+from fedrec.config import FEATURE_MODELS, RunConfig
 from fedrec.data import ExampleBuilder
 from fedrec.errors import PrivacyError, StateError
 from fedrec.federated import (
@@ -57,6 +57,9 @@ def unsupported(cfg: RunConfig) -> str | None:
     if cfg.privacy.dp and (cfg.model.model != "mf" or cfg.train.optimizer != "sgd"):
         return ("record-level DP runs batched for MF with SGD clients only (other models "
                 "and Adam train each client through Opacus)")
+    if cfg.model.model in FEATURE_MODELS:
+        return ("models with side features train each client with its own users' "
+                "features, one client after another")
     if cfg.train.weight_decay > 0:
         return "weight decay moves rows a client never reads"
     return None

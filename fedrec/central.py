@@ -20,6 +20,7 @@ from fedrec import privacy
 from fedrec.config import RunConfig
 from fedrec.data import ExampleBuilder, Split
 from fedrec.evaluate import evaluate_counts
+from fedrec.features import model_features
 from fedrec.metrics import finalize
 from fedrec.model import RecModel, build_model
 from fedrec.train import (
@@ -133,7 +134,8 @@ def run_centralized(
         return _run_with_early_stopping(cfg, split, on_epoch=on_epoch, on_step=on_step)
     device = resolve_device(cfg.train.device)
     model = build_model(cfg.model, split.n_users, split.n_items,
-                        offset=rating_offset(split), seed=cfg.data.seed).to(device)
+                        offset=rating_offset(split), seed=cfg.data.seed,
+                        features=model_features(cfg.model, split.train)).to(device)
     dp = cfg.privacy.dp
     pc = cfg.privacy
     neg_rng = (np.random.default_rng(privacy.dp_seed(pc, 0, privacy.NEGATIVES)) if dp

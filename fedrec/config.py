@@ -24,7 +24,8 @@ from fedrec.errors import ConfigError
 
 FAULT_KINDS = ("raise", "nan", "inf", "shape", "keys", "dtype", "norm", "mixed", "timeout")
 DATASETS = ("synthetic", "ml-100k", "ml-1m", "ml-latest-small", "movietweetings", "csv")
-MODELS = ("mf", "neumf", "mlp")
+MODELS = ("mf", "neumf", "mlp", "deepfm", "widedeep")
+FEATURE_MODELS = ("deepfm", "widedeep")  # models that read side features
 OBJECTIVES = ("bce", "bpr", "softmax", "mse")
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -109,13 +110,18 @@ class DataConfig:
 class ModelConfig:
     """Model architecture."""
 
-    model: str = "mf"  # "mf" (dot product + biases), "neumf" (GMF + MLP) or "mlp"
+    # "mf" (dot product + biases), "neumf" (GMF + MLP), "mlp" (ids only); "deepfm" or
+    # "widedeep" (ids + item genres/decade + user demographics, where the data has them)
+    model: str = "mf"
     dim: int = 0  # embedding dimension; 0: the setting's tuned default (see RECIPES)
     mlp_layers: str = "64,32,16"  # hidden sizes of the MLP tower (neumf, mlp)
     init_std: float = 0.01  # std of the normal embedding initialisation
+    feature_buckets: int = 2048  # rows of each hashed feature-value table (deepfm, widedeep)
 
     def __post_init__(self) -> None:
         _check(self.model in MODELS, "model", f"one of {MODELS}", self.model)
+        _check(self.feature_buckets >= 2, "feature-buckets", "an integer >= 2",
+               self.feature_buckets)
         _check(self.dim >= 0, "dim", "an integer >= 1 (0: auto)", self.dim)
         _check(self.init_std > 0, "init-std", "a number > 0", self.init_std)
         _check_int_list(self.mlp_layers, "mlp-layers", "64,32,16")

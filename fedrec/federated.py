@@ -29,6 +29,7 @@ from fedrec.data.split import temporal_split, to_feedback
 from fedrec.ddp import DDPPlan, count_keys, encode, prior_vector
 from fedrec.errors import ConfigError, DataError, PrivacyError, StateError
 from fedrec.evaluate import evaluate_counts
+from fedrec.features import model_features
 from fedrec.metrics import finalize, merge_counts
 from fedrec.model import RecModel, build_model
 from fedrec.partition import num_partitions, partition_users
@@ -73,6 +74,7 @@ def _local(data: Interactions, users: np.ndarray) -> Interactions:
     sub = data.subset(mask)
     sub.users = lookup[sub.users]
     sub.user_ids = data.user_ids[users]
+    sub.user_features = [data.user_features[u] for u in users] if data.user_features else []
     return sub
 
 
@@ -175,7 +177,8 @@ MAX_RECEIVED_ABS = 1e4
 
 def _model(cfg: RunConfig, data: ClientData, shared: Arrays, state: ClientState | None,
            seed: int, path: Path | None) -> RecModel:
-    model = build_model(cfg.model, data.n_users, data.n_items, offset=data.offset, seed=seed)
+    model = build_model(cfg.model, data.n_users, data.n_items, offset=data.offset, seed=seed,
+                        features=model_features(cfg.model, data.train))
     expected = set(model.shared_keys())
     if set(shared) != expected:
         raise ValueError(f"shared parameters {sorted(shared)} do not match the model's "

@@ -29,6 +29,7 @@ from fedrec.config import RunConfig
 from fedrec.ddp import PRIOR_KEY, DDPServer, skellam_shares
 from fedrec.errors import ConfigError
 from fedrec.evaluate import evaluate_counts, full_ranking_user_counts
+from fedrec.features import model_features
 from fedrec.federated import (
     FitResult,
     cached_split,
@@ -68,7 +69,8 @@ def _global_model(cfg: RunConfig, split: Any, parts: list[np.ndarray], clients: 
                   shared: Arrays, states: list[ClientState | None]) -> Any:
     """One model holding the shared arrays and every client's user tables (a client
     without state: its fresh tables, as ``_model`` gives it)."""
-    model = build_model(cfg.model, split.n_users, split.n_items, offset=clients[0].offset)
+    model = build_model(cfg.model, split.n_users, split.n_items, offset=clients[0].offset,
+                        features=model_features(cfg.model, split.train))
     tensors = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in shared.items()}
     local = model.local_state_dict()
     for i, users in enumerate(parts):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fedrec.config import ModelConfig
+from fedrec.features import ITEM_SLOTS, USER_SLOTS, Features
 
 
 class Embedding(nn.Embedding):
@@ -33,6 +34,7 @@ class RecModel(nn.Module):
     """Base class: the local/shared split and scoring against all items."""
 
     LOCAL_MODULES: ClassVar[tuple[str, ...]] = ()
+    ITEM_MODULES: ClassVar[tuple[str, ...]] = ()  # shared tables with one row per item
     n_users: int
     n_items: int
 
@@ -50,8 +52,7 @@ class RecModel(nn.Module):
 
     def item_keys(self) -> list[str]:
         """Shared keys of item-indexed tables (one row per item)."""
-        tables = {name for name, m in self.named_modules() if isinstance(m, Embedding)}
-        return [k for k in self.shared_keys() if k.rsplit(".", 1)[0] in tables]
+        return [k for k in self.shared_keys() if k.split(".")[0] in self.ITEM_MODULES]
 
     def shared_state_dict(self) -> dict[str, torch.Tensor]:
         """Detached copies of the shared parameters only."""
@@ -105,6 +106,7 @@ class MF(RecModel):
     """
 
     LOCAL_MODULES = ("user_emb", "user_bias")
+    ITEM_MODULES = ("item_emb", "item_bias")
 
     def __init__(self, n_users: int, n_items: int, dim: int, init_std: float = 0.1,
                  offset: float = 0.0, gen: torch.Generator | None = None) -> None:
@@ -151,6 +153,7 @@ class NeuMF(RecModel):
     final linear layer."""
 
     LOCAL_MODULES = ("user_gmf", "user_mlp")
+    ITEM_MODULES = ("item_gmf", "item_mlp")
 
     def __init__(self, n_users: int, n_items: int, dim: int, hidden: tuple[int, ...],
                  init_std: float = 0.1, offset: float = 0.0,
@@ -182,6 +185,7 @@ class EmbeddingMLP(RecModel):
     """Embedding + fully-connected scorer: ``MLP([p_u, q_i]) -> score``."""
 
     LOCAL_MODULES = ("user_emb",)
+    ITEM_MODULES = ("item_emb",)
 
     def __init__(self, n_users: int, n_items: int, dim: int, hidden: tuple[int, ...],
                  init_std: float = 0.1, offset: float = 0.0,
@@ -206,10 +210,152 @@ class EmbeddingMLP(RecModel):
         return self.item_emb.weight.detach()
 
 
+class _FeatureModel(RecModel):
+    """Ids plus side features: hashed value ids per item (``item_values``, public, from
+    the catalogue) and per user (``user_values``, the client's own users; held in a
+    non-persistent buffer, so never in a state dict and never sent). Value embeddings
+    and biases are shared weights. Without features every slot is empty (id 0) and the
+    model sees ids only."""
+
+    LOCAL_MODULES = ("user_emb", "user_bias")
+    ITEM_MODULES = ("item_emb", "item_bias")
+
+    def __init__(self, n_users: int, n_items: int, dim: int, buckets: int,
+                 init_std: float, offset: float, gen: torch.Generator | None) -> None:
+        super().__init__()
+        self.n_users, self.n_items, self.offset = n_users, n_items, offset
+        self.user_emb = _init(Embedding(n_users, dim), init_std, gen)
+        self.user_bias = Embedding(n_users, 1)
+        self.item_emb = _init(Embedding(n_items, dim), init_std, gen)
+        self.item_bias = Embedding(n_items, 1)
+        self.user_value_emb = _init(Embedding(buckets, dim), init_std, gen)
+        self.item_value_emb = _init(Embedding(buckets, dim), init_std, gen)
+        self.user_value_bias = Embedding(buckets, 1)
+        self.item_value_bias = Embedding(buckets, 1)
+        for table in (self.user_bias, self.item_bias, self.user_value_bias,
+                      self.item_value_bias):
+            nn.init.zeros_(table.weight)
+        self.register_buffer("item_values", torch.zeros(n_items, ITEM_SLOTS, dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("user_values", torch.zeros(n_users, USER_SLOTS, dtype=torch.long),
+                             persistent=False)
+
+    def set_features(self, features: Features) -> None:
+        """Load the value ids of this model's items and users."""
+        for name, ids, n in (("item_values", features.items, self.n_items),
+                             ("user_values", features.users, self.n_users)):
+            buf = getattr(self, name)
+            if tuple(ids.shape) != (n, buf.shape[1]):
+                raise ValueError(f"{name}: expected shape {(n, buf.shape[1])}, got "
+                                 f"{tuple(ids.shape)}")
+            if ids.numel() and (ids.min() < 0 or ids.max() >= self.user_value_emb.num_embeddings):
+                raise ValueError(f"{name}: value ids outside [0, "
+                                 f"{self.user_value_emb.num_embeddings})")
+            buf.copy_(ids)
+
+    def _parts(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Embeddings and first-order terms, each table looked up once (Opacus).
+
+        Returns p ``[B, d]``, q ``[B, K, d]``, user values ``[B, Su, d]`` and item values
+        ``[B, K, Si, d]`` (empty slots zeroed), their masks, and the first-order sum
+        ``[B, K]``.
+        """
+        uv_ids, iv_ids = self.user_values[users], self.item_values[items]
+        mu, mi = (uv_ids > 0).to(self.item_emb.weight.dtype), (iv_ids > 0).to(
+            self.item_emb.weight.dtype)
+        p, q = self.user_emb(users), self.item_emb(items)
+        uv = self.user_value_emb(uv_ids) * mu.unsqueeze(-1)
+        iv = self.item_value_emb(iv_ids) * mi.unsqueeze(-1)
+        first = (self.user_bias(users) + self.item_bias(items).squeeze(-1)
+                 + (self.user_value_bias(uv_ids).squeeze(-1) * mu).sum(1, keepdim=True)
+                 + (self.item_value_bias(iv_ids).squeeze(-1) * mi).sum(-1))
+        return p, q, uv, iv, mu, mi, first
+
+    @staticmethod
+    def _deep_input(p: torch.Tensor, q: torch.Tensor, uv: torch.Tensor, iv: torch.Tensor,
+                    mu: torch.Tensor, mi: torch.Tensor) -> torch.Tensor:
+        """Field vectors side by side: user, item, mean user value, mean item value."""
+        k = q.shape[1]
+        u_mean = uv.sum(1) / mu.sum(1, keepdim=True).clamp(min=1)  # [B, d]
+        i_mean = iv.sum(2) / mi.sum(2, keepdim=True).clamp(min=1)  # [B, K, d]
+        return torch.cat([p.unsqueeze(1).expand(-1, k, -1), q,
+                          u_mean.unsqueeze(1).expand(-1, k, -1), i_mean], dim=-1)
+
+    @torch.no_grad()
+    def score_all(self, users: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+        """Scores ``[U, n_items]`` in small chunks (features make each score costlier)."""
+        return super().score_all(users, chunk)
+
+    @torch.no_grad()
+    def item_vectors(self) -> torch.Tensor:
+        """Item embedding and mean item-value embedding side by side ``[n_items, 2d]``."""
+        ids = self.item_values
+        mask = (ids > 0).to(self.item_emb.weight.dtype).unsqueeze(-1)
+        content = (self.item_value_emb(ids) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return torch.cat([self.item_emb.weight, content], dim=1).detach()
+
+
+class DeepFM(_FeatureModel):
+    """DeepFM (Guo et al., 2017): first-order weights, a factorization machine over every
+    active feature (user id, item id, user values, item values) and an MLP over the field
+    vectors, summed."""
+
+    def __init__(self, n_users: int, n_items: int, dim: int, hidden: tuple[int, ...],
+                 buckets: int, init_std: float = 0.1, offset: float = 0.0,
+                 gen: torch.Generator | None = None) -> None:
+        super().__init__(n_users, n_items, dim, buckets, init_std, offset, gen)
+        self.mlp = _mlp(hidden, 4 * dim)
+        self.out = Linear(hidden[-1], 1)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Scores ``[B, K]``."""
+        p, q, uv, iv, mu, mi, first = self._parts(users, items)
+        total = p.unsqueeze(1) + q + uv.sum(1).unsqueeze(1) + iv.sum(2)  # [B, K, d]
+        squares = ((p * p).sum(-1, keepdim=True) + (q * q).sum(-1)
+                   + (uv * uv).sum((1, 2)).unsqueeze(1) + (iv * iv).sum((2, 3)))  # [B, K]
+        fm = 0.5 * ((total * total).sum(-1) - squares)
+        deep = self.out(self.mlp(self._deep_input(p, q, uv, iv, mu, mi))).squeeze(-1)
+        return first + fm + deep + self.offset
+
+
+# odd multipliers that mix a (user value, item value) pair into a cross-feature id
+_CROSS_A, _CROSS_B = 0x9E3779B1, 0x85EBCA77
+
+
+class WideDeep(_FeatureModel):
+    """Wide & Deep (Cheng et al., 2016): a wide linear part (first-order weights plus
+    hashed crosses of every user value with every item value, e.g. occupation x genre)
+    and a deep MLP over the field vectors, summed."""
+
+    def __init__(self, n_users: int, n_items: int, dim: int, hidden: tuple[int, ...],
+                 buckets: int, init_std: float = 0.1, offset: float = 0.0,
+                 gen: torch.Generator | None = None) -> None:
+        super().__init__(n_users, n_items, dim, buckets, init_std, offset, gen)
+        self.cross = Embedding(8 * buckets, 1)
+        nn.init.zeros_(self.cross.weight)
+        self.mlp = _mlp(hidden, 4 * dim)
+        self.out = Linear(hidden[-1], 1)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Scores ``[B, K]``."""
+        p, q, uv, iv, mu, mi, first = self._parts(users, items)
+        uv_ids, iv_ids = self.user_values[users], self.item_values[items]
+        k = items.shape[1]
+        pair = (uv_ids[:, None, :, None] * _CROSS_A
+                ^ iv_ids[:, :, None, :] * _CROSS_B)  # [B, K, Su, Si]
+        cross_ids = 1 + pair.remainder(self.cross.num_embeddings - 1)
+        cross_mask = mu[:, None, :, None] * mi[:, :, None, :]
+        wide = first + (self.cross(cross_ids.reshape(len(users), k, -1)).squeeze(-1)
+                        * cross_mask.reshape(len(users), k, -1)).sum(-1)
+        deep = self.out(self.mlp(self._deep_input(p, q, uv, iv, mu, mi))).squeeze(-1)
+        return wide + deep + self.offset
+
+
 def build_model(cfg: ModelConfig, n_users: int, n_items: int, *, offset: float = 0.0,
-                seed: int = 0) -> RecModel:
+                seed: int = 0, features: Features | None = None) -> RecModel:
     """Instantiate the configured model, initialised from its own generator seeded with
-    ``seed`` (the global torch generator is neither used nor re-seeded).
+    ``seed`` (the global torch generator is neither used nor re-seeded). ``features``:
+    the value ids of the side features (deepfm, widedeep; ignored by id-only models).
 
     >>> m = build_model(ModelConfig(model="mf", dim=8), n_users=3, n_items=5)
     >>> m(torch.tensor([0, 2]), torch.tensor([[1, 4], [0, 3]])).shape
@@ -228,8 +374,14 @@ def build_model(cfg: ModelConfig, n_users: int, n_items: int, *, offset: float =
         elif cfg.model == "neumf":
             model = NeuMF(n_users, n_items, cfg.dim, cfg.hidden_sizes, cfg.init_std, offset,
                           gen)
+        elif cfg.model in ("deepfm", "widedeep"):
+            cls = DeepFM if cfg.model == "deepfm" else WideDeep
+            model = cls(n_users, n_items, cfg.dim, cfg.hidden_sizes, cfg.feature_buckets,
+                        cfg.init_std, offset, gen)
         else:
             model = EmbeddingMLP(n_users, n_items, cfg.dim, cfg.hidden_sizes, cfg.init_std,
                                  offset, gen)
     _init_linear(model, gen)
+    if features is not None and isinstance(model, _FeatureModel):
+        model.set_features(features)
     return model

@@ -14,6 +14,7 @@ import torch
 
 from fedrec.config import RunConfig
 from fedrec.errors import ConfigError
+from fedrec.features import model_features
 from fedrec.federated import ClientData
 from fedrec.model import build_model
 from fedrec.state import ClientState
@@ -56,7 +57,8 @@ def recommend(cfg: RunConfig, data: ClientData, state: ClientState,
     if not state.local:
         raise ConfigError("this node has not trained yet: no user embedding")
     uid = data.user_ids.index(user)
-    model = build_model(cfg.model, data.n_users, data.n_items, offset=data.offset)
+    model = build_model(cfg.model, data.n_users, data.n_items, offset=data.offset,
+                        features=model_features(cfg.model, data.train))
     model.load_state_dict({**shared, **state.local}, strict=True)
     model.eval()
     scores = model.score_all(torch.tensor([uid]))[0].numpy().astype(np.float64)

@@ -4,7 +4,7 @@ import torch
 from fedrec.config import ModelConfig
 from fedrec.model import build_model
 
-MODELS = ["mf", "neumf", "mlp"]
+MODELS = ["mf", "neumf", "mlp", "deepfm", "widedeep"]
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -14,6 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 from fedrec import privacy
 from fedrec.config import ModelConfig, PrivacyConfig
+from fedrec.features import ITEM_SLOTS, USER_SLOTS, Features
 from fedrec.model import Embedding, Linear, build_model
 from fedrec.privacy import (
     PrivateObjects,
@@ -32,8 +33,10 @@ B, K, U, N_ITEMS = 12, 4, 6, 9
 # Gram formula. mse rows have K = 1 (the k == 1 formulas); "tower" applies Linear layers
 # to the user vector alone (2-D activations, one layer without bias).
 SIZES = {"small": (5, "6,3"), "large": (32, "64,32,16")}
-CASES = [(name, size, objective) for name in ("mf", "neumf", "mlp", "tower")
+CASES = [(name, size, objective)
+         for name in ("mf", "neumf", "mlp", "deepfm", "widedeep", "tower")
          for size in SIZES for objective in ("bce", "bpr", "mse")]
+BUCKETS = 7  # few feature-value rows, so examples share and repeat them
 
 
 class _Tower(nn.Module):
@@ -59,8 +62,19 @@ def _model(name: str, size: str) -> nn.Module:
     dim, mlp = SIZES[size]
     if name == "tower":
         return _Tower(dim).double()
-    cfg = ModelConfig(model=name, dim=dim, mlp_layers=mlp, init_std=0.5)
-    return build_model(cfg, U, N_ITEMS, seed=0).double()
+    cfg = ModelConfig(model=name, dim=dim, mlp_layers=mlp, init_std=0.5,
+                      feature_buckets=BUCKETS)
+    g = torch.Generator().manual_seed(3)
+    # value ids with empty slots (0) and values repeated within a row and across rows
+    features = Features(torch.randint(0, BUCKETS, (N_ITEMS, ITEM_SLOTS), generator=g),
+                        torch.randint(0, BUCKETS, (U, USER_SLOTS), generator=g))
+    model = build_model(cfg, U, N_ITEMS, seed=0, features=features).double()
+    if name in ("deepfm", "widedeep"):
+        with torch.no_grad():  # non-zero biases and crosses, so every table's gradient counts
+            for p in model.parameters():
+                if p.abs().sum() == 0:
+                    p.normal_(0.0, 0.5, generator=g)
+    return model
 
 
 def _batch(objective: str = "bce",

@@ -23,6 +23,8 @@ class Interactions:
         timestamps: float64 times; ordering is what matters.
         user_ids, item_ids: original ids (strings) indexed by dense id.
         titles, genres: per dense item id ("" where unknown).
+        user_features: per dense user id, ``"field=value|field=value"`` (e.g.
+            ``"age=25-34|gender=M"``); empty when the dataset has no user features.
         rating_range: (low, high) of the dataset's rating scale.
         name: dataset name; synthetic is True for generated data.
         cleaning: counts of what cleaning dropped, by reason.
@@ -43,6 +45,7 @@ class Interactions:
     synthetic: bool = False
     cleaning: dict[str, int] = field(default_factory=dict)
     negatives: np.ndarray | None = None
+    user_features: list[str] = field(default_factory=list)
 
     @property
     def n_users(self) -> int:
@@ -63,7 +66,7 @@ class Interactions:
             self.users[mask], self.items[mask], self.ratings[mask], self.timestamps[mask],
             self.user_ids, self.item_ids, self.titles, self.genres, self.rating_range,
             self.name, self.synthetic, dict(self.cleaning),
-            None if self.negatives is None else self.negatives[mask],
+            None if self.negatives is None else self.negatives[mask], self.user_features,
         )
 
     def summary(self) -> str:
@@ -81,6 +84,7 @@ def build_interactions(
     name: str,
     rating_range: tuple[float, float],
     item_meta: pd.DataFrame | None = None,
+    user_meta: pd.DataFrame | None = None,
     synthetic: bool = False,
 ) -> Interactions:
     """Clean raw rows and remap ids to [0, n).
@@ -95,6 +99,7 @@ def build_interactions(
         name: dataset name.
         rating_range: allowed (low, high) ratings, inclusive.
         item_meta: optional columns item (str id), title, genres.
+        user_meta: optional columns user (str id), features (``"field=value|..."``).
         synthetic: marks generated data.
 
     Raises:
@@ -130,6 +135,11 @@ def build_interactions(
             if k >= 0:
                 titles[j] = str(meta["title"].iat[k])
                 genres[j] = str(meta["genres"].iat[k]) if "genres" in meta else ""
+    user_features: list[str] = []
+    if user_meta is not None and not user_meta.empty:
+        umeta = user_meta.drop_duplicates("user").set_index("user")
+        idx = umeta.index.get_indexer(user_ids)
+        user_features = [str(umeta["features"].iat[k]) if k >= 0 else "" for k in idx]
     order = np.lexsort((df["line"].to_numpy(), df["timestamp"].to_numpy(), user_codes))
     return Interactions(
         users=user_codes[order].astype(np.int64),
@@ -144,4 +154,5 @@ def build_interactions(
         name=name,
         synthetic=synthetic,
         cleaning=dropped,
+        user_features=user_features,
     )

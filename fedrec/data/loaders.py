@@ -43,8 +43,43 @@ def _split_lines(path: Path, sep: str, encoding: str, min_fields: int) -> list[l
     return rows
 
 
+# MovieLens 1M's age groups (its users.dat codes), used for ML-100K's exact ages too
+AGE_GROUPS = ((1, "under-18"), (18, "18-24"), (25, "25-34"), (35, "35-44"), (45, "45-49"),
+              (50, "50-55"), (56, "56+"))
+ML1M_OCCUPATIONS = (
+    "other", "academic/educator", "artist", "clerical/admin", "college/grad student",
+    "customer service", "doctor/health care", "executive/managerial", "farmer",
+    "homemaker", "K-12 student", "lawyer", "programmer", "retired", "sales/marketing",
+    "scientist", "self-employed", "technician/engineer", "tradesman/craftsman",
+    "unemployed", "writer",
+)
+
+
+def age_group(age: int) -> str:
+    """MovieLens 1M's age group of an age in years."""
+    return [name for low, name in AGE_GROUPS if age >= low or low == 1][-1]
+
+
+def _user_meta(path: Path, rows: list[list[str]], gender: int, age: int, occupation: int,
+               zip_code: int, *, coded: bool) -> pd.DataFrame:
+    """``user``/``features`` columns from a users file (``coded``: ML-1M's codes)."""
+    feats = []
+    for no, r in enumerate(rows, start=1):
+        try:
+            years = int(r[age])
+            occ = ML1M_OCCUPATIONS[int(r[occupation])] if coded else r[occupation].strip()
+        except (ValueError, IndexError):
+            raise DataError(f"{path}, line {no}: expected an integer age and "
+                            f"{'an occupation code 0-20' if coded else 'an occupation'}, "
+                            f"got {r[age]!r}, {r[occupation]!r}") from None
+        feats.append(f"age={age_group(years)}|gender={r[gender].strip()}|occupation={occ}"
+                     f"|zip={r[zip_code].strip()[:1]}")
+    return pd.DataFrame({"user": [r[0].strip() for r in rows], "features": feats})
+
+
 def load_ml_100k(folder: Path) -> Interactions:
-    """MovieLens 100K: ``u.data`` (TAB: user, item, rating, time) and ``u.item``."""
+    """MovieLens 100K: ``u.data`` (TAB: user, item, rating, time), ``u.item`` (titles,
+    genres) and ``u.user`` (age, gender, occupation, zip code)."""
     path = _need(folder, "u.data", "ml-100k")
     ratings = read_delimited(path, sep="\t", columns=_POS, header=False)
     meta = None
@@ -56,8 +91,12 @@ def load_ml_100k(folder: Path) -> Interactions:
             "genres": ["|".join(g for g, f in zip(ML100K_GENRES, r[5:]) if f.strip() == "1")
                        for r in rows],
         })
+    users = None
+    if (folder / "u.user").exists():
+        rows = _split_lines(folder / "u.user", "|", "latin-1", 5)
+        users = _user_meta(folder / "u.user", rows, 2, 1, 3, 4, coded=False)
     return build_interactions(ratings, source=str(path), name="ml-100k",
-                              rating_range=(1, 5), item_meta=meta)
+                              rating_range=(1, 5), item_meta=meta, user_meta=users)
 
 
 def _movies_dat(path: Path, encoding: str) -> pd.DataFrame:
@@ -70,13 +109,18 @@ def _movies_dat(path: Path, encoding: str) -> pd.DataFrame:
 
 
 def load_ml_1m(folder: Path) -> Interactions:
-    """MovieLens 1M: ``ratings.dat`` (``::``-separated) and ``movies.dat`` (Latin-1)."""
+    """MovieLens 1M: ``ratings.dat`` (``::``-separated), ``movies.dat`` and ``users.dat``
+    (Latin-1)."""
     path = _need(folder, "ratings.dat", "ml-1m")
     ratings = read_delimited(path, sep="::", columns=_POS, header=False)
     movies = folder / "movies.dat"
     meta = _movies_dat(movies, "latin-1") if movies.exists() else None
+    users = None
+    if (folder / "users.dat").exists():
+        rows = _split_lines(folder / "users.dat", "::", "latin-1", 5)
+        users = _user_meta(folder / "users.dat", rows, 1, 2, 3, 4, coded=True)
     return build_interactions(ratings, source=str(path), name="ml-1m",
-                              rating_range=(1, 5), item_meta=meta)
+                              rating_range=(1, 5), item_meta=meta, user_meta=users)
 
 
 def load_ml_latest_small(folder: Path) -> Interactions:

@@ -74,6 +74,7 @@ def remap(data: Interactions) -> Interactions:
         data.user_ids[u_used], data.item_ids[i_used],
         [data.titles[i] for i in i_used], [data.genres[i] for i in i_used],
         data.rating_range, data.name, data.synthetic, dict(data.cleaning),
+        user_features=[data.user_features[u] for u in u_used] if data.user_features else [],
     )
 
 

@@ -75,6 +75,15 @@ def generate_synthetic(
         "genres": ["|".join(dict.fromkeys((GENRES[g], GENRES[s])))
                    for g, s in zip(genre_of, second)],
     })
+    # user features: a segment that follows the user's taste (their strongest of the first
+    # factors) and a coarse activity level, drawn from nothing else
+    segment = np.argmax(user_f[:, : min(rank, 4)], axis=1)
+    level = np.digitize(activity, np.quantile(activity, [1 / 3, 2 / 3]))
+    user_meta = pd.DataFrame({
+        "user": [str(u) for u in range(n_users)],
+        "features": [f"segment={s}|activity={('low', 'mid', 'high')[a]}"
+                     for s, a in zip(segment, level)],
+    })
     df = pd.DataFrame({
         "user": np.concatenate(users).astype(str),
         "item": np.concatenate(items).astype(str),
@@ -83,4 +92,4 @@ def generate_synthetic(
     })
     df["line"] = np.arange(1, len(df) + 1)
     return build_interactions(df, source="synthetic", name="synthetic", rating_range=(1, 5),
-                              item_meta=meta, synthetic=True)
+                              item_meta=meta, user_meta=user_meta, synthetic=True)

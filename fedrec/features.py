@@ -1,0 +1,112 @@
+"""Side features as hashed value ids: item genres and release decade, user demographics.
+
+A feature value is a string ``"field=value"`` (``"genre=Drama"``, ``"decade=1990"``,
+``"occupation=writer"``). Each is hashed (CRC-32, stable across processes and machines)
+into ``[1, buckets)``; 0 marks an empty slot. Hashing needs no shared vocabulary, so a
+client can encode its own users' features without learning anyone else's, and the
+embedding tables of values have a fixed, public size.
+
+Privacy split: the value ids of an item come from the public catalogue; the value ids of
+a user are that user's personal data and stay on the client (a model holds them in a
+non-persistent buffer, never in a state dict). The embedding tables of values are shared
+weights, trained under the same DP as the item table.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedrec.config import FEATURE_MODELS, ModelConfig
+from fedrec.data.interactions import Interactions
+
+ITEM_SLOTS = 12  # value slots per item: genres, then the release decade
+USER_SLOTS = 4  # value slots per user: age group, gender, occupation, zip prefix
+_YEAR = re.compile(r"\((\d{4})\)\s*$")
+
+
+def item_values(title: str, genres: str) -> list[str]:
+    """An item's feature values: its genres and its release decade (from a title that
+    ends in ``(YYYY)``, as MovieLens and MovieTweetings titles do)."""
+    out = [f"genre={g.strip()}" for g in genres.split("|")
+           if g.strip() and g.strip() != "(no genres listed)"]
+    year = _YEAR.search(title.strip())
+    if year:
+        out.append(f"decade={int(year.group(1)) // 10 * 10}")
+    return out
+
+
+def user_values(features: str) -> list[str]:
+    """A user's feature values from ``"field=value|field=value"``."""
+    return [f.strip() for f in features.split("|") if "=" in f]
+
+
+def hash_value(value: str, buckets: int) -> int:
+    """A value's id in ``[1, buckets)`` (stable CRC-32 hashing; 0 is the empty slot)."""
+    return 1 + zlib.crc32(value.encode("utf-8")) % (buckets - 1)
+
+
+def hash_rows(rows: Sequence[Sequence[str]], slots: int, buckets: int) -> np.ndarray:
+    """``[len(rows), slots]`` value ids, rows truncated to ``slots`` and padded with 0."""
+    out = np.zeros((len(rows), slots), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids = [hash_value(v, buckets) for v in row[:slots]]
+        out[i, :len(ids)] = ids
+    return out
+
+
+@dataclass
+class Features:
+    """Value ids the feature models look up: ``items [n_items, ITEM_SLOTS]`` (public,
+    from the catalogue) and ``users [n_users, USER_SLOTS]`` (the client's own users)."""
+
+    items: torch.Tensor
+    users: torch.Tensor
+
+
+# item value ids per catalogue (titles and genres lists), kept with the lists themselves
+# so that an id() is never reused while cached
+_ITEM_CACHE: dict[tuple[int, int, int], tuple[list[str], list[str], torch.Tensor]] = {}
+
+
+def _item_ids(titles: list[str], genres: list[str], buckets: int) -> torch.Tensor:
+    key = (id(titles), id(genres), buckets)
+    hit = _ITEM_CACHE.get(key)
+    if hit is not None and hit[0] is titles and hit[1] is genres:
+        return hit[2]
+    ids = torch.from_numpy(hash_rows([item_values(t, g) for t, g in zip(titles, genres)],
+                                     ITEM_SLOTS, buckets))
+    if len(_ITEM_CACHE) >= 4:
+        _ITEM_CACHE.pop(next(iter(_ITEM_CACHE)))
+    _ITEM_CACHE[key] = (titles, genres, ids)
+    return ids
+
+
+def features_of(data: Interactions, buckets: int) -> Features:
+    """The value ids of ``data``'s items (its whole catalogue) and users."""
+    users = (hash_rows([user_values(f) for f in data.user_features], USER_SLOTS, buckets)
+             if data.user_features else np.zeros((data.n_users, USER_SLOTS), np.int64))
+    return Features(_item_ids(data.titles, data.genres, buckets), torch.from_numpy(users))
+
+
+def collisions(values: Sequence[str], buckets: int) -> list[tuple[str, str]]:
+    """Pairs of distinct values that share a hashed id (for reports and checks)."""
+    seen: dict[int, str] = {}
+    out = []
+    for v in sorted(set(values)):
+        h = hash_value(v, buckets)
+        if h in seen:
+            out.append((seen[h], v))
+        else:
+            seen[h] = v
+    return out
+
+
+def model_features(cfg: ModelConfig, data: Interactions) -> Features | None:
+    """``features_of(data)`` for a model that reads features, else None."""
+    return features_of(data, cfg.feature_buckets) if cfg.model in FEATURE_MODELS else None
