@@ -117,11 +117,15 @@ class ModelConfig:
     mlp_layers: str = "64,32,16"  # hidden sizes of the MLP tower (neumf, mlp)
     init_std: float = 0.01  # std of the normal embedding initialisation
     feature_buckets: int = 2048  # rows of each hashed feature-value table (deepfm, widedeep)
+    # deepfm/widedeep: chance that training drops an item's id embedding and bias, so the
+    # content features learn to score items alone (new items have only content)
+    id_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.model in MODELS, "model", f"one of {MODELS}", self.model)
         _check(self.feature_buckets >= 2, "feature-buckets", "an integer >= 2",
                self.feature_buckets)
+        _check(0 <= self.id_dropout < 1, "id-dropout", "a number in [0, 1)", self.id_dropout)
         _check(self.dim >= 0, "dim", "an integer >= 1 (0: auto)", self.dim)
         _check(self.init_std > 0, "init-std", "a number > 0", self.init_std)
         _check_int_list(self.mlp_layers, "mlp-layers", "64,32,16")

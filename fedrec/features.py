@@ -62,8 +62,9 @@ def hash_rows(rows: Sequence[Sequence[str]], slots: int, buckets: int) -> np.nda
 
 @dataclass
 class Features:
-    """Value ids the feature models look up: ``items [n_items, ITEM_SLOTS]`` (public,
-    from the catalogue) and ``users [n_users, USER_SLOTS]`` (the client's own users)."""
+    """Value ids the feature models look up: ``items [n_items, <= ITEM_SLOTS]`` (public,
+    from the catalogue; as many slots as its richest item needs) and ``users [n_users,
+    USER_SLOTS]`` (the client's own users)."""
 
     items: torch.Tensor
     users: torch.Tensor
@@ -79,8 +80,10 @@ def _item_ids(titles: list[str], genres: list[str], buckets: int) -> torch.Tenso
     hit = _ITEM_CACHE.get(key)
     if hit is not None and hit[0] is titles and hit[1] is genres:
         return hit[2]
-    ids = torch.from_numpy(hash_rows([item_values(t, g) for t, g in zip(titles, genres)],
-                                     ITEM_SLOTS, buckets))
+    rows = [item_values(t, g) for t, g in zip(titles, genres)]
+    # as many slots as the catalogue's richest item needs (fewer lookups per score)
+    slots = min(ITEM_SLOTS, max([len(r) for r in rows] + [1]))
+    ids = torch.from_numpy(hash_rows(rows, slots, buckets))
     if len(_ITEM_CACHE) >= 4:
         _ITEM_CACHE.pop(next(iter(_ITEM_CACHE)))
     _ITEM_CACHE[key] = (titles, genres, ids)

@@ -221,7 +221,8 @@ class _FeatureModel(RecModel):
     ITEM_MODULES = ("item_emb", "item_bias")
 
     def __init__(self, n_users: int, n_items: int, dim: int, buckets: int,
-                 init_std: float, offset: float, gen: torch.Generator | None) -> None:
+                 init_std: float, offset: float, gen: torch.Generator | None,
+                 id_dropout: float = 0.0) -> None:
         super().__init__()
         self.n_users, self.n_items, self.offset = n_users, n_items, offset
         self.user_emb = _init(Embedding(n_users, dim), init_std, gen)
@@ -235,6 +236,10 @@ class _FeatureModel(RecModel):
         for table in (self.user_bias, self.item_bias, self.user_value_bias,
                       self.item_value_bias):
             nn.init.zeros_(table.weight)
+        self.id_dropout = id_dropout
+        # not a DP path: which ids are dropped is part of the gradient computation, which
+        # clipping bounds whatever it is (no noise, no sampling)
+        self._dropout_gen = torch.Generator().manual_seed(0)
         self.register_buffer("item_values", torch.zeros(n_items, ITEM_SLOTS, dtype=torch.long),
                              persistent=False)
         self.register_buffer("user_values", torch.zeros(n_users, USER_SLOTS, dtype=torch.long),
@@ -245,13 +250,13 @@ class _FeatureModel(RecModel):
         for name, ids, n in (("item_values", features.items, self.n_items),
                              ("user_values", features.users, self.n_users)):
             buf = getattr(self, name)
-            if tuple(ids.shape) != (n, buf.shape[1]):
-                raise ValueError(f"{name}: expected shape {(n, buf.shape[1])}, got "
+            if ids.dim() != 2 or ids.shape[0] != n or not 1 <= ids.shape[1] <= buf.shape[1]:
+                raise ValueError(f"{name}: expected shape ({n}, 1..{buf.shape[1]}), got "
                                  f"{tuple(ids.shape)}")
             if ids.numel() and (ids.min() < 0 or ids.max() >= self.user_value_emb.num_embeddings):
                 raise ValueError(f"{name}: value ids outside [0, "
                                  f"{self.user_value_emb.num_embeddings})")
-            buf.copy_(ids)
+            self.register_buffer(name, ids.to(buf.device, torch.long).clone(), persistent=False)
 
     def _parts(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Embeddings and first-order terms, each table looked up once (Opacus).
@@ -264,9 +269,14 @@ class _FeatureModel(RecModel):
         mu, mi = (uv_ids > 0).to(self.item_emb.weight.dtype), (iv_ids > 0).to(
             self.item_emb.weight.dtype)
         p, q = self.user_emb(users), self.item_emb(items)
+        item_bias = self.item_bias(items).squeeze(-1)
+        if self.training and self.id_dropout > 0:  # the content must score items alone
+            keep = (torch.rand(items.shape, generator=self._dropout_gen) >= self.id_dropout
+                    ).to(q.dtype).to(q.device)
+            q, item_bias = q * keep.unsqueeze(-1), item_bias * keep
         uv = self.user_value_emb(uv_ids) * mu.unsqueeze(-1)
         iv = self.item_value_emb(iv_ids) * mi.unsqueeze(-1)
-        first = (self.user_bias(users) + self.item_bias(items).squeeze(-1)
+        first = (self.user_bias(users) + item_bias
                  + (self.user_value_bias(uv_ids).squeeze(-1) * mu).sum(1, keepdim=True)
                  + (self.item_value_bias(iv_ids).squeeze(-1) * mi).sum(-1))
         return p, q, uv, iv, mu, mi, first
@@ -302,8 +312,8 @@ class DeepFM(_FeatureModel):
 
     def __init__(self, n_users: int, n_items: int, dim: int, hidden: tuple[int, ...],
                  buckets: int, init_std: float = 0.1, offset: float = 0.0,
-                 gen: torch.Generator | None = None) -> None:
-        super().__init__(n_users, n_items, dim, buckets, init_std, offset, gen)
+                 gen: torch.Generator | None = None, id_dropout: float = 0.0) -> None:
+        super().__init__(n_users, n_items, dim, buckets, init_std, offset, gen, id_dropout)
         self.mlp = _mlp(hidden, 4 * dim)
         self.out = Linear(hidden[-1], 1)
 
@@ -329,8 +339,8 @@ class WideDeep(_FeatureModel):
 
     def __init__(self, n_users: int, n_items: int, dim: int, hidden: tuple[int, ...],
                  buckets: int, init_std: float = 0.1, offset: float = 0.0,
-                 gen: torch.Generator | None = None) -> None:
-        super().__init__(n_users, n_items, dim, buckets, init_std, offset, gen)
+                 gen: torch.Generator | None = None, id_dropout: float = 0.0) -> None:
+        super().__init__(n_users, n_items, dim, buckets, init_std, offset, gen, id_dropout)
         self.cross = Embedding(8 * buckets, 1)
         nn.init.zeros_(self.cross.weight)
         self.mlp = _mlp(hidden, 4 * dim)
@@ -377,7 +387,7 @@ def build_model(cfg: ModelConfig, n_users: int, n_items: int, *, offset: float =
         elif cfg.model in ("deepfm", "widedeep"):
             cls = DeepFM if cfg.model == "deepfm" else WideDeep
             model = cls(n_users, n_items, cfg.dim, cfg.hidden_sizes, cfg.feature_buckets,
-                        cfg.init_std, offset, gen)
+                        cfg.init_std, offset, gen, cfg.id_dropout)
         else:
             model = EmbeddingMLP(n_users, n_items, cfg.dim, cfg.hidden_sizes, cfg.init_std,
                                  offset, gen)
