@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedrec.config import RunConfig
+from fedrec.config import FEATURE_MODELS, RunConfig
 from fedrec.errors import ConfigError
 from fedrec.features import model_features
 from fedrec.federated import ClientData
@@ -28,10 +28,15 @@ class Recommendation:
     title: str
     score: float
     because: list[str]  # titles of the user's past items closest to it
+    feature: str = ""  # feature models: the item's genre the user liked most often
+    feature_count: int = 0  # how many of the user's liked items have that genre
 
     def explanation(self) -> str:
-        """'because you liked X and Y' (or empty)."""
-        return ("because you liked " + " and ".join(self.because)) if self.because else ""
+        """'because you liked X and Y; you liked 5 Film-Noir titles' (or empty)."""
+        parts = ["because you liked " + " and ".join(self.because)] if self.because else []
+        if self.feature:
+            parts.append(f"you liked {self.feature_count} {self.feature} titles")
+        return "; ".join(parts)
 
 
 def liked_cut(data: ClientData, cfg: RunConfig) -> float:
@@ -48,7 +53,9 @@ def recommend(cfg: RunConfig, data: ClientData, state: ClientState,
     """Top-``k`` unseen items for ``user`` (an original user id held by this node).
 
     Explanations: the user's highly rated training items (``liked_cut``) with the highest
-    cosine similarity to the recommended item's embedding.
+    cosine similarity to the recommended item's embedding; for models that read features
+    (deepfm, widedeep), also the recommended item's genre that most of the user's liked
+    items share (when at least two and a quarter of them do).
     """
     if user not in data.user_ids:
         shown = ", ".join(data.user_ids[:5])
@@ -77,12 +84,21 @@ def recommend(cfg: RunConfig, data: ClientData, state: ClientState,
     def name(i: int) -> str:
         return titles[i] or str(data.train.item_ids[i])
 
+    genres = [{g.strip() for g in data.train.genres[j].split("|") if g.strip()}
+              for j in liked] if cfg.model.model in FEATURE_MODELS else []
     out = []
     for i in top:
         because: list[str] = []
         if len(liked) and explain > 0:
             sims = unit[liked] @ unit[i]
             because = [name(int(j)) for j in liked[np.argsort(-sims)[:explain]]]
-        out.append(Recommendation(str(data.train.item_ids[i]), name(int(i)),
-                                  float(scores[i]), because))
+        rec = Recommendation(str(data.train.item_ids[i]), name(int(i)), float(scores[i]),
+                             because)
+        counts = {g: sum(g in mine for mine in genres)
+                  for g in data.train.genres[i].split("|") if g.strip()}
+        if counts:
+            g, n = max(counts.items(), key=lambda kv: (kv[1], kv[0]))
+            if n >= max(2, 0.25 * len(genres)):
+                rec.feature, rec.feature_count = g.strip(), n
+        out.append(rec)
     return out

@@ -148,3 +148,36 @@ def test_feature_models_train_federated_in_every_mode(name: str, mode: dict) -> 
         assert rows[-1]["recall@20"] > 0.365 + 0.05
     for key in ("epsilon-max", "user-epsilon"):
         assert rows[-1].get(key, 0.0) <= 8.0 + 1e-6
+
+
+def test_feature_reasons_are_true_of_the_users_liked_items() -> None:
+    """'you liked N <genre> titles': the genre is the recommended item's, and N counts the
+    user's liked (highly rated) training items of that genre."""
+    import warnings
+
+    from fedrec.config import RunConfig
+    from fedrec.federated import fit_client, init_shared, partition_data
+    from fedrec.recommend import liked_cut, recommend
+
+    cfg = RunConfig.from_flat({"synthetic-users": 60, "synthetic-items": 80, "dim": 8,
+                               "mlp-layers": "16,8", "seed": 1, "dp": False,
+                               "model": "deepfm", "num-clients": 3})
+    data = partition_data(cfg, 0, 3)
+    shared = init_shared(cfg, data.n_items)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fit_client(cfg, data, shared, None, seed=0, server_round=1)
+    tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in res.shared.items()}
+    reasons = 0
+    for uid, user in enumerate(data.user_ids[:5]):
+        liked = data.train.items[(data.train.users == uid)
+                                 & (data.train.ratings >= liked_cut(data, cfg))]
+        for rec in recommend(cfg, data, res.state, tensors, user, k=5):
+            if rec.feature:
+                reasons += 1
+                item = list(data.train.item_ids).index(rec.item)
+                assert rec.feature in data.train.genres[item].split("|")
+                assert rec.feature_count == sum(
+                    rec.feature in data.train.genres[j].split("|") for j in liked) >= 2
+                assert f"you liked {rec.feature_count} {rec.feature} titles" in rec.explanation()
+    assert reasons
