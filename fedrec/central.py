@@ -95,6 +95,8 @@ def build_trainer(cfg: RunConfig, model: RecModel, n_examples: int, *, steps: in
     optimizer = build_optimizer(model.parameters(), cfg.train)
     criterion = privacy.RowLoss(cfg.train.objective)
     if not cfg.privacy.dp:
+        if hasattr(model, "per_example_lookups"):  # no per-example norms needed
+            model.per_example_lookups = False
         return Trainer(model, model, optimizer, criterion, None, 0.0)
     q = sample_rate or dp_sample_rate(cfg, n_examples)
     if sigma is None:

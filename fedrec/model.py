@@ -237,6 +237,7 @@ class _FeatureModel(RecModel):
                       self.item_value_bias):
             nn.init.zeros_(table.weight)
         self.id_dropout = id_dropout
+        self.per_example_lookups = True  # see _item_content
         # not a DP path: which ids are dropped is part of the gradient computation, which
         # clipping bounds whatever it is (no noise, no sampling)
         self._dropout_gen = torch.Generator().manual_seed(0)
@@ -258,16 +259,38 @@ class _FeatureModel(RecModel):
                                  f"{self.user_value_emb.num_embeddings})")
             self.register_buffer(name, ids.to(buf.device, torch.long).clone(), persistent=False)
 
+    def _item_content(self, items: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per (example, item): the sum and the sum of squares of the item's value
+        embeddings, its value biases summed, and its number of values.
+
+        With ``per_example_lookups`` (the default, and what DP-SGD needs: Opacus computes
+        per-example norms from lookups indexed by example) the value table is looked up
+        with ``[B, K, Si]`` ids. Without it (non-private training, set by
+        ``fedrec.central.build_trainer``; and scoring without gradients) the same
+        quantities are computed once per catalogue item and gathered: equal values, far
+        fewer lookups.
+        """
+        if self.per_example_lookups and torch.is_grad_enabled():
+            ids = self.item_values[items]  # [B, K, Si]
+        else:
+            ids = self.item_values  # [n_items, Si]
+        m = (ids > 0).to(self.item_emb.weight.dtype)
+        v = self.item_value_emb(ids) * m.unsqueeze(-1)
+        parts = (v.sum(-2), (v * v).sum((-2, -1)),
+                 (self.item_value_bias(ids).squeeze(-1) * m).sum(-1), m.sum(-1))
+        if ids.dim() == 2:
+            parts = tuple(t[items] for t in parts)
+        return parts
+
     def _parts(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Embeddings and first-order terms, each table looked up once (Opacus).
 
-        Returns p ``[B, d]``, q ``[B, K, d]``, user values ``[B, Su, d]`` and item values
-        ``[B, K, Si, d]`` (empty slots zeroed), their masks, and the first-order sum
-        ``[B, K]``.
+        Returns p ``[B, d]``, q ``[B, K, d]``, user values ``[B, Su, d]`` (empty slots
+        zeroed) and their mask, the item values' sum ``[B, K, d]``, sum of squares and
+        count ``[B, K]``, and the first-order sum ``[B, K]``.
         """
-        uv_ids, iv_ids = self.user_values[users], self.item_values[items]
-        mu, mi = (uv_ids > 0).to(self.item_emb.weight.dtype), (iv_ids > 0).to(
-            self.item_emb.weight.dtype)
+        uv_ids = self.user_values[users]
+        mu = (uv_ids > 0).to(self.item_emb.weight.dtype)
         p, q = self.user_emb(users), self.item_emb(items)
         item_bias = self.item_bias(items).squeeze(-1)
         if self.training and self.id_dropout > 0:  # the content must score items alone
@@ -275,19 +298,18 @@ class _FeatureModel(RecModel):
                     ).to(q.dtype).to(q.device)
             q, item_bias = q * keep.unsqueeze(-1), item_bias * keep
         uv = self.user_value_emb(uv_ids) * mu.unsqueeze(-1)
-        iv = self.item_value_emb(iv_ids) * mi.unsqueeze(-1)
-        first = (self.user_bias(users) + item_bias
-                 + (self.user_value_bias(uv_ids).squeeze(-1) * mu).sum(1, keepdim=True)
-                 + (self.item_value_bias(iv_ids).squeeze(-1) * mi).sum(-1))
-        return p, q, uv, iv, mu, mi, first
+        iv_sum, iv_sq, iv_bias, iv_n = self._item_content(items)
+        first = (self.user_bias(users) + item_bias + iv_bias
+                 + (self.user_value_bias(uv_ids).squeeze(-1) * mu).sum(1, keepdim=True))
+        return p, q, uv, mu, iv_sum, iv_sq, iv_n, first
 
     @staticmethod
-    def _deep_input(p: torch.Tensor, q: torch.Tensor, uv: torch.Tensor, iv: torch.Tensor,
-                    mu: torch.Tensor, mi: torch.Tensor) -> torch.Tensor:
+    def _deep_input(p: torch.Tensor, q: torch.Tensor, uv: torch.Tensor, mu: torch.Tensor,
+                    iv_sum: torch.Tensor, iv_n: torch.Tensor) -> torch.Tensor:
         """Field vectors side by side: user, item, mean user value, mean item value."""
         k = q.shape[1]
         u_mean = uv.sum(1) / mu.sum(1, keepdim=True).clamp(min=1)  # [B, d]
-        i_mean = iv.sum(2) / mi.sum(2, keepdim=True).clamp(min=1)  # [B, K, d]
+        i_mean = iv_sum / iv_n.unsqueeze(-1).clamp(min=1)  # [B, K, d]
         return torch.cat([p.unsqueeze(1).expand(-1, k, -1), q,
                           u_mean.unsqueeze(1).expand(-1, k, -1), i_mean], dim=-1)
 
@@ -319,12 +341,12 @@ class DeepFM(_FeatureModel):
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Scores ``[B, K]``."""
-        p, q, uv, iv, mu, mi, first = self._parts(users, items)
-        total = p.unsqueeze(1) + q + uv.sum(1).unsqueeze(1) + iv.sum(2)  # [B, K, d]
+        p, q, uv, mu, iv_sum, iv_sq, iv_n, first = self._parts(users, items)
+        total = p.unsqueeze(1) + q + uv.sum(1).unsqueeze(1) + iv_sum  # [B, K, d]
         squares = ((p * p).sum(-1, keepdim=True) + (q * q).sum(-1)
-                   + (uv * uv).sum((1, 2)).unsqueeze(1) + (iv * iv).sum((2, 3)))  # [B, K]
+                   + (uv * uv).sum((1, 2)).unsqueeze(1) + iv_sq)  # [B, K]
         fm = 0.5 * ((total * total).sum(-1) - squares)
-        deep = self.out(self.mlp(self._deep_input(p, q, uv, iv, mu, mi))).squeeze(-1)
+        deep = self.out(self.mlp(self._deep_input(p, q, uv, mu, iv_sum, iv_n))).squeeze(-1)
         return first + fm + deep + self.offset
 
 
@@ -348,8 +370,9 @@ class WideDeep(_FeatureModel):
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Scores ``[B, K]``."""
-        p, q, uv, iv, mu, mi, first = self._parts(users, items)
+        p, q, uv, mu, iv_sum, _, iv_n, first = self._parts(users, items)
         uv_ids, iv_ids = self.user_values[users], self.item_values[items]
+        mi = (iv_ids > 0).to(q.dtype)
         k = items.shape[1]
         pair = (uv_ids[:, None, :, None] * _CROSS_A
                 ^ iv_ids[:, :, None, :] * _CROSS_B)  # [B, K, Su, Si]
@@ -357,7 +380,7 @@ class WideDeep(_FeatureModel):
         cross_mask = mu[:, None, :, None] * mi[:, :, None, :]
         wide = first + (self.cross(cross_ids.reshape(len(users), k, -1)).squeeze(-1)
                         * cross_mask.reshape(len(users), k, -1)).sum(-1)
-        deep = self.out(self.mlp(self._deep_input(p, q, uv, iv, mu, mi))).squeeze(-1)
+        deep = self.out(self.mlp(self._deep_input(p, q, uv, mu, iv_sum, iv_n))).squeeze(-1)
         return wide + deep + self.offset
 
 

@@ -412,6 +412,8 @@ def make_private(
     if noise_multiplier < 0.3:
         warnings.warn(f"noise multiplier {noise_multiplier} is very small: epsilon will be "
                       "large", stacklevel=2)
+    if hasattr(model, "per_example_lookups"):  # feature models: lookups indexed by example
+        model.per_example_lookups = True
     n_examples_hint = 1  # expected_batch_size is set by set_expected_batch_size
     if cfg.grad_sample_mode == "ghost":
         gsm: nn.Module = GradSampleModuleFastGradientClipping(

@@ -181,3 +181,40 @@ def test_feature_reasons_are_true_of_the_users_liked_items() -> None:
                     rec.feature in data.train.genres[j].split("|") for j in liked) >= 2
                 assert f"you liked {rec.feature_count} {rec.feature} titles" in rec.explanation()
     assert reasons
+
+
+@pytest.mark.parametrize("name", FEATURE_MODELS)
+def test_catalogue_content_path_equals_per_example_lookups(name: str) -> None:
+    """Non-private training computes each item's content once per catalogue item; the
+    scores and every gradient equal those of the per-example lookups DP-SGD uses."""
+    cfg = ModelConfig(model=name, dim=4, mlp_layers="8,4", feature_buckets=8)
+    out = {}
+    for per_example in (True, False):
+        m = build_model(cfg, 5, 9, seed=1, features=_features(5, 9, 8, 0)).double()
+        m.per_example_lookups = per_example
+        users, items = torch.tensor([0, 1, 4, 4]), torch.tensor([[1, 2], [3, 3], [5, 8], [0, 7]])
+        scores = m(users, items)
+        scores.square().sum().backward()
+        out[per_example] = (scores.detach(), {n: p.grad for n, p in m.named_parameters()})
+    assert torch.allclose(out[True][0], out[False][0], rtol=1e-12)
+    for n, g in out[True][1].items():
+        assert torch.allclose(g, out[False][1][n], rtol=1e-12, atol=1e-15), n
+
+
+def test_dp_always_gets_per_example_lookups() -> None:
+    """A model a non-private trainer switched to the catalogue path is switched back when
+    wrapped for DP-SGD (Opacus's per-example norms need lookups indexed by example)."""
+    import warnings
+
+    from fedrec.central import build_trainer
+    from fedrec.config import RunConfig
+
+    cfg = RunConfig.from_flat({"model": "deepfm", "dim": 4, "mlp-layers": "8,4", "dp": False,
+                               "lr": 0.01, "optimizer": "adam", "max-grad-norm": 1.0})
+    model = build_model(cfg.model, 5, 9, features=_features(5, 9, 2048, 0))
+    build_trainer(cfg, model, 100, steps=1)
+    assert model.per_example_lookups is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build_trainer(cfg.replace(dp=True), model, 100, steps=1, sigma=1.0)
+    assert model.per_example_lookups is True
