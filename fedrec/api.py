@@ -81,5 +81,5 @@ def recommend_for(cfg: RunConfig, model: RecModel, split: Split, user: str, k: i
     data = split_for_users(split, np.array([uid]))
     local = {k: v[uid:uid + 1] for k, v in model.local_state_dict().items()}
     shared = {k: v for k, v in model.state_dict().items() if k not in local}
-    return recommend(cfg, data, ClientState(local=local, user_ids=[user]),
+    return recommend(cfg.for_central(), data, ClientState(local=local, user_ids=[user]),
                      {k: torch.as_tensor(v) for k, v in shared.items()}, user, k=k)

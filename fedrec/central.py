@@ -137,7 +137,7 @@ def run_centralized(
     device = resolve_device(cfg.train.device)
     model = build_model(cfg.model, split.n_users, split.n_items,
                         offset=rating_offset(split), seed=cfg.data.seed,
-                        features=model_features(cfg.model, split.train)).to(device)
+                        features=model_features(cfg, split.train)).to(device)
     dp = cfg.privacy.dp
     pc = cfg.privacy
     neg_rng = (np.random.default_rng(privacy.dp_seed(pc, 0, privacy.NEGATIVES)) if dp

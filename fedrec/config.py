@@ -120,12 +120,20 @@ class ModelConfig:
     # deepfm/widedeep: chance that training drops an item's id embedding and bias, so the
     # content features learn to score items alone (new items have only content)
     id_dropout: float = 0.0
+    # deepfm/widedeep: use the users' own features (age, gender, ...)? "auto": only where
+    # they are protected or nothing is promised: under distributed DP (user-level, against
+    # the server) and in non-private centralized runs. A reply's value-table rows show a
+    # server which values a client's users have, and record-level DP does not cover them
+    # (every rating carries them). "on": always (see docs/PRIVACY.md); "off": never.
+    user_features: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.model in MODELS, "model", f"one of {MODELS}", self.model)
         _check(self.feature_buckets >= 2, "feature-buckets", "an integer >= 2",
                self.feature_buckets)
         _check(0 <= self.id_dropout < 1, "id-dropout", "a number in [0, 1)", self.id_dropout)
+        _check(self.user_features in ("auto", "on", "off"), "user-features",
+               "'auto', 'on' or 'off'", self.user_features)
         _check(self.dim >= 0, "dim", "an integer >= 1 (0: auto)", self.dim)
         _check(self.init_std > 0, "init-std", "a number > 0", self.init_std)
         _check_int_list(self.mlp_layers, "mlp-layers", "64,32,16")

@@ -9,7 +9,9 @@ embedding tables of values have a fixed, public size.
 Privacy split: the value ids of an item come from the public catalogue; the value ids of
 a user are that user's personal data and stay on the client (a model holds them in a
 non-persistent buffer, never in a state dict). The embedding tables of values are shared
-weights, trained under the same DP as the item table.
+weights. Which rows of the user-value tables a client's update moves names its users'
+values, so a federated client uses its users' features only where that is protected:
+under distributed DP (``uses_user_features``; docs/PRIVACY.md).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedrec.config import FEATURE_MODELS, ModelConfig
+from fedrec.config import FEATURE_MODELS, RunConfig
 from fedrec.data.interactions import Interactions
 
 ITEM_SLOTS = 12  # value slots per item: genres, then the release decade
@@ -90,11 +92,15 @@ def _item_ids(titles: list[str], genres: list[str], buckets: int) -> torch.Tenso
     return ids
 
 
-def features_of(data: Interactions, buckets: int) -> Features:
-    """The value ids of ``data``'s items (its whole catalogue) and users."""
-    users = (hash_rows([user_values(f) for f in data.user_features], USER_SLOTS, buckets)
-             if data.user_features else np.zeros((data.n_users, USER_SLOTS), np.int64))
-    return Features(_item_ids(data.titles, data.genres, buckets), torch.from_numpy(users))
+def features_of(data: Interactions, buckets: int, *, users: bool = True) -> Features:
+    """The value ids of ``data``'s items (its whole catalogue) and, with ``users``, of its
+    users (else every user slot empty)."""
+    if users and data.user_features:
+        user_ids = hash_rows([user_values(f) for f in data.user_features], USER_SLOTS, buckets)
+    else:
+        user_ids = np.zeros((data.n_users, USER_SLOTS), np.int64)
+    users_t = torch.from_numpy(user_ids)
+    return Features(_item_ids(data.titles, data.genres, buckets), users_t)
 
 
 def collisions(values: Sequence[str], buckets: int) -> list[tuple[str, str]]:
@@ -110,6 +116,17 @@ def collisions(values: Sequence[str], buckets: int) -> list[tuple[str, str]]:
     return out
 
 
-def model_features(cfg: ModelConfig, data: Interactions) -> Features | None:
-    """``features_of(data)`` for a model that reads features, else None."""
-    return features_of(data, cfg.feature_buckets) if cfg.model in FEATURE_MODELS else None
+def uses_user_features(cfg: RunConfig) -> bool:
+    """Whether a feature model reads the users' own features (``user-features``; "auto":
+    under distributed DP, and in non-private centralized runs)."""
+    if cfg.model.user_features != "auto":
+        return cfg.model.user_features == "on"
+    return cfg.privacy.ddp or (cfg.central and not cfg.privacy.dp)
+
+
+def model_features(cfg: RunConfig, data: Interactions) -> Features | None:
+    """``features_of(data)`` for a model that reads features (users' own features only
+    where ``uses_user_features``), else None."""
+    if cfg.model.model not in FEATURE_MODELS:
+        return None
+    return features_of(data, cfg.model.feature_buckets, users=uses_user_features(cfg))

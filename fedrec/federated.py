@@ -178,7 +178,7 @@ MAX_RECEIVED_ABS = 1e4
 def _model(cfg: RunConfig, data: ClientData, shared: Arrays, state: ClientState | None,
            seed: int, path: Path | None) -> RecModel:
     model = build_model(cfg.model, data.n_users, data.n_items, offset=data.offset, seed=seed,
-                        features=model_features(cfg.model, data.train))
+                        features=model_features(cfg, data.train))
     expected = set(model.shared_keys())
     if set(shared) != expected:
         raise ValueError(f"shared parameters {sorted(shared)} do not match the model's "

@@ -70,7 +70,7 @@ def _global_model(cfg: RunConfig, split: Any, parts: list[np.ndarray], clients: 
     """One model holding the shared arrays and every client's user tables (a client
     without state: its fresh tables, as ``_model`` gives it)."""
     model = build_model(cfg.model, split.n_users, split.n_items, offset=clients[0].offset,
-                        features=model_features(cfg.model, split.train))
+                        features=model_features(cfg, split.train))
     tensors = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in shared.items()}
     local = model.local_state_dict()
     for i, users in enumerate(parts):

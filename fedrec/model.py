@@ -238,8 +238,9 @@ class _FeatureModel(RecModel):
             nn.init.zeros_(table.weight)
         self.id_dropout = id_dropout
         self.per_example_lookups = True  # see _item_content
-        # not a DP path: which ids are dropped is part of the gradient computation, which
-        # clipping bounds whatever it is (no noise, no sampling)
+        # reproducible masks for non-private runs; fedrec.privacy.make_private replaces it
+        # with an OS-seeded generator (DP-SGD's sensitivity argument needs masks nobody
+        # can predict, drawn independently per example)
         self._dropout_gen = torch.Generator().manual_seed(0)
         self.register_buffer("item_values", torch.zeros(n_items, ITEM_SLOTS, dtype=torch.long),
                              persistent=False)
@@ -378,8 +379,9 @@ class WideDeep(_FeatureModel):
                 ^ iv_ids[:, :, None, :] * _CROSS_B)  # [B, K, Su, Si]
         cross_ids = 1 + pair.remainder(self.cross.num_embeddings - 1)
         cross_mask = mu[:, None, :, None] * mi[:, :, None, :]
-        wide = first + (self.cross(cross_ids.reshape(len(users), k, -1)).squeeze(-1)
-                        * cross_mask.reshape(len(users), k, -1)).sum(-1)
+        pairs = uv_ids.shape[1] * iv_ids.shape[2]
+        wide = first + (self.cross(cross_ids.reshape(len(users), k, pairs)).squeeze(-1)
+                        * cross_mask.reshape(len(users), k, pairs)).sum(-1)
         deep = self.out(self.mlp(self._deep_input(p, q, uv, mu, iv_sum, iv_n))).squeeze(-1)
         return wide + deep + self.offset
 

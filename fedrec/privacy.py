@@ -414,6 +414,10 @@ def make_private(
                       "large", stacklevel=2)
     if hasattr(model, "per_example_lookups"):  # feature models: lookups indexed by example
         model.per_example_lookups = True
+    if hasattr(model, "_dropout_gen"):
+        # id-dropout masks from OS entropy: with a public stream, removing one example
+        # would shift the masks of every later one (the sum would move by more than C)
+        model._dropout_gen = secret_generator("cpu")
     n_examples_hint = 1  # expected_batch_size is set by set_expected_batch_size
     if cfg.grad_sample_mode == "ghost":
         gsm: nn.Module = GradSampleModuleFastGradientClipping(

@@ -65,7 +65,7 @@ def recommend(cfg: RunConfig, data: ClientData, state: ClientState,
         raise ConfigError("this node has not trained yet: no user embedding")
     uid = data.user_ids.index(user)
     model = build_model(cfg.model, data.n_users, data.n_items, offset=data.offset,
-                        features=model_features(cfg.model, data.train))
+                        features=model_features(cfg, data.train))
     model.load_state_dict({**shared, **state.local}, strict=True)
     model.eval()
     scores = model.score_all(torch.tensor([uid]))[0].numpy().astype(np.float64)

@@ -218,3 +218,124 @@ def test_dp_always_gets_per_example_lookups() -> None:
         warnings.simplefilter("ignore")
         build_trainer(cfg.replace(dp=True), model, 100, steps=1, sigma=1.0)
     assert model.per_example_lookups is True
+
+
+@pytest.mark.parametrize(("flat", "central", "used"), [
+    ({"dp": False}, True, True),  # non-private centralized: nothing is promised
+    ({"dp": True}, True, False),  # record-level: every rating carries the features
+    ({"dp": False}, False, False),  # federated without DP: the reply shows them
+    ({"dp": False, "user-dp": True}, False, False),  # the server sees the raw update
+    ({"dp": True}, False, False),
+    ({"dp": False, "ddp": True, "user-target-epsilon": 8.0}, False, True),
+    ({"dp": False, "user-features": "on"}, False, True),
+    ({"dp": False, "ddp": True, "user-target-epsilon": 8.0, "user-features": "off"}, False,
+     False),
+])
+def test_user_features_only_where_protected(flat: dict, central: bool, used: bool) -> None:
+    from fedrec.config import RunConfig
+    from fedrec.features import model_features, uses_user_features
+
+    cfg = RunConfig.from_flat({"model": "deepfm", "synthetic-users": 20,
+                               "synthetic-items": 30, **flat})
+    cfg = cfg.for_central() if central else cfg
+    assert uses_user_features(cfg) is used
+    feats = model_features(cfg, load_dataset(cfg.data))
+    assert feats is not None and bool((feats.users > 0).any()) is used
+    assert (feats.items > 0).any()  # item features are public: always used
+
+
+@pytest.mark.parametrize("flat", [{}, {"user-dp": True, "user-target-epsilon": 8.0}])
+def test_a_reply_does_not_show_the_users_features(flat: dict) -> None:
+    """Without DP or with central user-level DP the server reads a client's raw update:
+    by default its user-value rows do not move, so they name no value; with
+    user-features=on they do (the leak docs/PRIVACY.md describes)."""
+    import warnings
+
+    from fedrec.config import RunConfig
+    from fedrec.federated import fit_client, init_shared, partition_data
+
+    moved = {}
+    for setting in ("auto", "on"):
+        cfg = RunConfig.from_flat({"synthetic-users": 20, "synthetic-items": 30, "dim": 4,
+                                   "mlp-layers": "8,4", "seed": 1, "dp": False,
+                                   "model": "deepfm", "num-clients": 20,
+                                   "user-features": setting, **flat})
+        data = partition_data(cfg, 3, 20)
+        shared = init_shared(cfg, data.n_items)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = fit_client(cfg, data, shared, None, seed=0, server_round=1)
+        moved[setting] = {k: np.flatnonzero((np.asarray(res.shared[k]) != shared[k]).any(-1))
+                          for k in ("user_value_emb.weight", "user_value_bias.weight")}
+    assert all(len(rows) == 0 for rows in moved["auto"].values())
+    values = user_values(data.train.user_features[0])
+    expected = sorted(hash_value(v, 2048) for v in values)
+    assert sorted(moved["on"]["user_value_emb.weight"]) == expected
+
+
+def test_id_dropout_masks_are_secret_under_dp() -> None:
+    """Non-private runs draw reproducible id-dropout masks; DP-SGD draws them from OS
+    entropy (a public stream would let one example shift every later example's mask)."""
+    import warnings
+
+    from fedrec.config import PrivacyConfig
+    from fedrec.privacy import RowLoss, make_private
+
+    cfg = ModelConfig(model="deepfm", dim=4, mlp_layers="8,4", id_dropout=0.5)
+    masks = {}
+    for dp in (False, True):
+        draws = []
+        for _ in range(2):
+            m = build_model(cfg, 5, 9, seed=1)
+            if dp:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    make_private(m, torch.optim.SGD(m.parameters(), lr=0.1), RowLoss("bce"),
+                                 PrivacyConfig(dp=True, max_grad_norm=1.0), sample_rate=0.5,
+                                 noise_multiplier=1.0)
+            draws.append(torch.rand(64, generator=m._dropout_gen))
+        masks[dp] = draws
+    assert torch.equal(*masks[False]) and not torch.equal(*masks[True])
+
+
+@pytest.mark.parametrize("name", FEATURE_MODELS)
+def test_clipping_is_exact_with_id_dropout(name: str) -> None:
+    """Per-example norms and the clipped gradient equal brute force when ids are dropped
+    (the same masks: the generator's state is replayed for the DP forward)."""
+    import warnings
+
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    from fedrec.config import PrivacyConfig
+    from fedrec.privacy import RowLoss, make_private
+
+    cfg = ModelConfig(model=name, dim=4, mlp_layers="8,4", feature_buckets=5, id_dropout=0.5)
+    m = build_model(cfg, 5, 9, seed=1, features=_features(5, 9, 5, 0)).double()
+    g = torch.Generator().manual_seed(0)
+    users = torch.randint(0, 5, (10,), generator=g)
+    items = torch.randint(0, 9, (10, 4), generator=g)
+    targets = torch.zeros(10, 4, dtype=torch.float64)
+    targets[:, 0] = 1
+    params = list(m.parameters())
+    state = m._dropout_gen.get_state()
+    per = RowLoss("bce", reduction="none")(m(users, items), targets)
+    brute = [torch.cat([x.reshape(-1) for x in torch.autograd.grad(
+        per[b], params, retain_graph=True, allow_unused=True, materialize_grads=True)])
+        for b in range(10)]
+    norms = torch.stack([x.norm() for x in brute])
+    clip = float(norms.median())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        po = make_private(m, torch.optim.SGD(params, lr=1.0), RowLoss("bce"),
+                          PrivacyConfig(dp=True, max_grad_norm=clip), sample_rate=0.5,
+                          noise_multiplier=0.0)
+    po.optimizer.expected_batch_size = 10
+    m._dropout_gen.set_state(state)  # replay the brute-force masks
+    DPLossFastGradientClipping(po.model, po.optimizer, RowLoss("bce"), "mean")(
+        po.model(users, items), targets).backward()
+    assert torch.allclose(po.model.per_sample_gradient_norms, norms, rtol=1e-9)
+    po.optimizer.pre_step()
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    expected = sum(f * b for f, b in zip(factors, brute)) / 10
+    got = torch.cat([p.grad.reshape(-1) for p in params])
+    assert torch.allclose(got, expected, rtol=1e-9, atol=1e-14)
