@@ -210,31 +210,22 @@ class EmbeddingMLP(RecModel):
         return self.item_emb.weight.detach()
 
 
-class _FeatureModel(RecModel):
+class _FeatureModel(MF):
     """Ids plus side features: hashed value ids per item (``item_values``, public, from
     the catalogue) and per user (``user_values``, the client's own users; held in a
     non-persistent buffer, so never in a state dict and never sent). Value embeddings
     and biases are shared weights. Without features every slot is empty (id 0) and the
-    model sees ids only."""
-
-    LOCAL_MODULES = ("user_emb", "user_bias")
-    ITEM_MODULES = ("item_emb", "item_bias")
+    model sees ids only. The id tables are MF's (same names, same local/shared split)."""
 
     def __init__(self, n_users: int, n_items: int, dim: int, buckets: int,
                  init_std: float, offset: float, gen: torch.Generator | None,
                  id_dropout: float = 0.0) -> None:
-        super().__init__()
-        self.n_users, self.n_items, self.offset = n_users, n_items, offset
-        self.user_emb = _init(Embedding(n_users, dim), init_std, gen)
-        self.user_bias = Embedding(n_users, 1)
-        self.item_emb = _init(Embedding(n_items, dim), init_std, gen)
-        self.item_bias = Embedding(n_items, 1)
+        super().__init__(n_users, n_items, dim, init_std, offset, gen)
         self.user_value_emb = _init(Embedding(buckets, dim), init_std, gen)
         self.item_value_emb = _init(Embedding(buckets, dim), init_std, gen)
         self.user_value_bias = Embedding(buckets, 1)
         self.item_value_bias = Embedding(buckets, 1)
-        for table in (self.user_bias, self.item_bias, self.user_value_bias,
-                      self.item_value_bias):
+        for table in (self.user_value_bias, self.item_value_bias):
             nn.init.zeros_(table.weight)
         self.id_dropout = id_dropout
         self.per_example_lookups = True  # see _item_content
@@ -316,8 +307,9 @@ class _FeatureModel(RecModel):
 
     @torch.no_grad()
     def score_all(self, users: torch.Tensor, chunk: int = 32) -> torch.Tensor:
-        """Scores ``[U, n_items]`` in small chunks (features make each score costlier)."""
-        return super().score_all(users, chunk)
+        """Scores ``[U, n_items]`` through ``forward`` in small chunks (not MF's product:
+        features make each score costlier)."""
+        return RecModel.score_all(self, users, chunk)
 
     @torch.no_grad()
     def item_vectors(self) -> torch.Tensor:
