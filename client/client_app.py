@@ -92,6 +92,9 @@ def enforce_node_floor(cfg: RunConfig, node: Mapping[str, Any]) -> None:
     named = {k: _node_value(node, k) for k in NODE_PRIVACY_KEYS if k in node}
     if not named:
         return
+    if cfg.model.user_features == "on":
+        raise PrivacyError("user-features=on: a node with a privacy floor never lets the run "
+                           "config use its users' own features outside distributed DP")
     floor = RunConfig.from_flat({**named, "dp": named.get("dp", True)})
     f = floor.privacy
     if f.dp and not p.dp:

@@ -229,6 +229,7 @@ class _FeatureModel(MF):
             nn.init.zeros_(table.weight)
         self.id_dropout = id_dropout
         self.per_example_lookups = True  # see _item_content
+        self.dp_wrapped = False  # set by fedrec.privacy.make_private, never cleared
         # reproducible masks for non-private runs; fedrec.privacy.make_private replaces it
         # with an OS-seeded generator (DP-SGD's sensitivity argument needs masks nobody
         # can predict, drawn independently per example)
@@ -262,7 +263,7 @@ class _FeatureModel(MF):
         quantities are computed once per catalogue item and gathered: equal values, far
         fewer lookups.
         """
-        if self.per_example_lookups and torch.is_grad_enabled():
+        if (self.per_example_lookups or self.dp_wrapped) and torch.is_grad_enabled():
             ids = self.item_values[items]  # [B, K, Si]
         else:
             ids = self.item_values  # [n_items, Si]

@@ -414,6 +414,7 @@ def make_private(
                       "large", stacklevel=2)
     if hasattr(model, "per_example_lookups"):  # feature models: lookups indexed by example
         model.per_example_lookups = True
+        model.dp_wrapped = True  # sticky: no later switch can turn them off
     if hasattr(model, "_dropout_gen"):
         # id-dropout masks from OS entropy: with a public stream, removing one example
         # would shift the masks of every later one (the sum would move by more than C)

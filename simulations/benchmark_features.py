@@ -104,7 +104,7 @@ def part_central(base: dict[str, Any], out: dict[str, Any]) -> None:
         chosen = choose(base, model, val)
         _, metrics, _ = _central(base, test, **chosen["settings"], **{"eval-every": 0})
         rows[name] = {**chosen, **{k: metrics[k] for k in metrics if "@" in k},
-                      "train_seconds": metrics["train_seconds"]}
+                      "train_seconds": metrics["train_seconds"], "lr_grid": list(GRID["lr"])}
         print(f"{name}: test Recall@20 {rows[name]['recall@20']:.4f}", flush=True)
         write_json_atomic(OUT, out)
     if "implicit ALS" not in rows:
@@ -236,7 +236,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--parts", default=",".join(PARTS),
                     help=f"comma list of {list(PARTS)} (default: all)")
+    ap.add_argument("--lr-grid", default=",".join(map(str, GRID["lr"])),
+                    help="central: learning rates tried on validation (comma list)")
     args = ap.parse_args()
+    try:
+        GRID["lr"] = tuple(float(x) for x in args.lr_grid.split(","))
+    except ValueError:
+        raise SystemExit(f"--lr-grid: expected numbers separated by commas, got "
+                         f"{args.lr_grid!r}") from None
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:

@@ -339,3 +339,27 @@ def test_clipping_is_exact_with_id_dropout(name: str) -> None:
     expected = sum(f * b for f, b in zip(factors, brute)) / 10
     got = torch.cat([p.grad.reshape(-1) for p in params])
     assert torch.allclose(got, expected, rtol=1e-9, atol=1e-14)
+
+
+def test_a_dp_wrapped_model_keeps_per_example_lookups() -> None:
+    """Once wrapped for DP-SGD, switching the flag off (as a non-private trainer would)
+    leaves the per-example path on: the catalogue path under Opacus would give wrong
+    per-example norms when a batch has as many examples as the catalogue has items."""
+    import warnings
+
+    from fedrec.config import PrivacyConfig
+    from fedrec.privacy import RowLoss, make_private
+
+    m = build_model(ModelConfig(model="deepfm", dim=4, mlp_layers="8,4"), 5, 9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_private(m, torch.optim.SGD(m.parameters(), lr=0.1), RowLoss("bce"),
+                     PrivacyConfig(dp=True, max_grad_norm=1.0), sample_rate=0.5,
+                     noise_multiplier=1.0)
+    m.per_example_lookups = False
+    looked_up = []
+    hook = m.item_value_emb.register_forward_hook(lambda mod, args, out: looked_up.append(
+        args[0].shape))
+    m(torch.tensor([0, 1]), torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    hook.remove()
+    assert looked_up[0][:2] == (2, 3)  # ids indexed by example, not the catalogue

@@ -276,6 +276,7 @@ def test_client_errors_reach_the_server_as_codes_only(
     ({"epsilon-cap": 1.0}, {"target-epsilon": 2.0}),
     ({"delta": 1e-6}, {"delta": 1e-5}),
     ({}, {"insecure-noise-seed": 3}),
+    ({"dp": True}, {"user-features": "on"}),  # its users' features outside distributed DP
 ])
 def test_a_node_refuses_a_run_config_below_its_privacy_floor(
         tmp_path: Path, task_identity: None, node_floor: dict[str, Any],
