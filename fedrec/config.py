@@ -110,22 +110,22 @@ class DataConfig:
 class ModelConfig:
     """Model architecture."""
 
-    # "mf" (dot product + biases), "neumf" (GMF + MLP), "mlp" (ids only); "deepfm" or
-    # "widedeep" (ids + item genres/decade + user demographics, where the data has them)
-    model: str = "mf"
+    # deepfm/widedeep read ids + item genres/decade + user demographics where the data has
+    # them; mf, neumf, mlp read ids only
+    model: str = "mf"  # mf (dot product), neumf (GMF + MLP), mlp, deepfm, widedeep
     dim: int = 0  # embedding dimension; 0: the setting's tuned default (see RECIPES)
     mlp_layers: str = "64,32,16"  # hidden sizes of the MLP tower (neumf, mlp)
     init_std: float = 0.01  # std of the normal embedding initialisation
     feature_buckets: int = 2048  # rows of each hashed feature-value table (deepfm, widedeep)
     # deepfm/widedeep: chance that training drops an item's id embedding and bias, so the
     # content features learn to score items alone (new items have only content)
-    id_dropout: float = 0.0
+    id_dropout: float = 0.0  # deepfm/widedeep: chance to drop an item's id in training
     # deepfm/widedeep: use the users' own features (age, gender, ...)? "auto": only where
     # they are protected or nothing is promised: under distributed DP (user-level, against
     # the server) and in non-private centralized runs. A reply's value-table rows show a
     # server which values a client's users have, and record-level DP does not cover them
     # (every rating carries them). "on": always (see docs/PRIVACY.md); "off": never.
-    user_features: str = "auto"
+    user_features: str = "auto"  # auto (only under ddp, or central without DP), on, off
 
     def __post_init__(self) -> None:
         _check(self.model in MODELS, "model", f"one of {MODELS}", self.model)
