@@ -225,11 +225,21 @@ def corrupt(arrays: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
     return out
 
 
+def _no_plain_ddp(cfg: RunConfig) -> None:
+    """Under distributed DP a node answers only SecAgg+ rounds: a plain reply would show
+    the server its unnoised update or counts (and, with feature models, its users'
+    features)."""
+    if cfg.privacy.ddp:
+        raise PrivacyError("the run says ddp=true: this node trains and evaluates only in "
+                           "SecAgg+ rounds, not through plain messages")
+
+
 @_guarded
 def train_handler(msg: Message, context: Context,
                   overrides: Mapping[str, Any] = {}) -> Message:  # noqa: B006 - read only
     """One round of local training."""
     cfg, data, shared, pid = _setup(msg, context, overrides)
+    _no_plain_ddp(cfg)
     path = state_path(cfg.fed.state_dir, pid)
     lpath = ledger_path(cfg.fed.state_dir, pid)
     server_round = int(msg.content["config"].get("server-round", 0))
@@ -309,6 +319,7 @@ def evaluate_handler(msg: Message, context: Context,
     ``eval-noise-multiplier`` 0 the node refuses to evaluate for the server.
     """
     cfg, data, shared, pid = _setup(msg, context, overrides)
+    _no_plain_ddp(cfg)
     server_round = int(msg.content["config"].get("server-round", 0))
     fault = injected_fault(cfg, pid, server_round)
     act_on_fault(cfg, fault if fault in ("raise", "timeout") else None)
@@ -369,6 +380,9 @@ class _DDPClient(NumPyClient):
 def ddp_train_handler(msg: Message, context: Context,
                       overrides: Mapping[str, Any] = {}) -> Message:  # noqa: B006
     """A SecAgg+ fit round (legacy FitIns layout) of distributed DP."""
+    if SECAGG_CONFIGS not in msg.content.config_records:  # it did not pass secaggplus_mod
+        raise PrivacyError("a distributed-DP fit must come as a SecAgg+ round; this one "
+                           "has no SecAgg+ stage, so the reply would not be masked")
     cfg, data, pid = _node(context, overrides)
     client = _DDPClient(cfg, data, pid)
     return handle_legacy_message_from_msgtype(lambda _: client.to_client(), msg, context)

@@ -538,3 +538,26 @@ def test_dp_clients_divide_by_the_configured_batch_and_draw_batches_from_os_entr
         assert res.ledger.history[0][2] == steps
     assert sizes == [16, 16, 16]  # batch-size, never q * n
     assert len({s for s, _ in seen}) == 3 and len({n for _, n in seen}) == 3
+
+
+def test_a_ddp_node_answers_only_secagg_rounds(tmp_path: Path, task_identity: None) -> None:
+    """Under ddp=true a plain train or evaluate message, or a legacy fit that skipped the
+    SecAgg+ stages, is refused (error 104): its reply would be unmasked."""
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitins_to_recorddict
+
+    from client.client_app import ddp_train_handler, evaluate_handler
+
+    run = {**FLAT, "dp": False, "ddp": True, "user-target-epsilon": 8.0, "num-clients": 2,
+           "state-dir": str(tmp_path)}
+    cfg = RunConfig.from_flat(run)
+    shared = init_shared(cfg, load_split(cfg.data).n_items)
+    node = {"partition-id": 0, "num-partitions": 2}
+    for handler, kind in ((train_handler, "train"), (evaluate_handler, "evaluate")):
+        reply = handler(_ask(kind, shared), _context(run, node))
+        assert reply.has_error() and reply.error.code == 104, reply
+    fit = FitIns(ndarrays_to_parameters(list(shared.values())), {"ddp-task": "train"})
+    legacy = Message(fitins_to_recorddict(fit, keep_input=True), dst_node_id=2,
+                     message_type="train")
+    reply = ddp_train_handler(legacy, _context(run, node))
+    assert reply.has_error() and reply.error.code == 104, reply
