@@ -22,7 +22,7 @@ from fedrec.evaluate import full_ranking_counts
 from fedrec.metrics import finalize
 
 
-class _Scores:
+class FixedScores:
     """One score per item for every user, shaped like a model for the evaluator."""
 
     def __init__(self, scores: np.ndarray) -> None:
@@ -54,6 +54,6 @@ def dp_popularity_metrics(cfg: RunConfig, split: Split, epsilon: float) -> dict[
     """
     p = cfg.privacy
     rng = np.random.default_rng(privacy.dp_seed(p, cfg.data.seed, privacy.USER_NOISE))
-    model = _Scores(popularity_scores(split, epsilon, p.delta, rng))
+    model = FixedScores(popularity_scores(split, epsilon, p.delta, rng))
     counts = full_ranking_counts(model, split.train, split.test, cfg.eval.ks)  # type: ignore[arg-type]
     return finalize(counts, cfg.eval.ks)

@@ -69,17 +69,6 @@ def among_new_items(scorer: Any, cold: ItemColdStart, ks: tuple[int, ...]) -> di
     return finalize(counts, ks)
 
 
-class FixedScores:
-    """One score per item for every user (a baseline shaped like a model)."""
-
-    def __init__(self, scores: np.ndarray) -> None:
-        self.scores = torch.from_numpy(np.asarray(scores, dtype=np.float32))
-        self.n_items = len(self.scores)
-
-    def score_all(self, users: torch.Tensor) -> torch.Tensor:
-        return self.scores.expand(len(users), -1).clone()
-
-
 def oracle_popularity(cold: ItemColdStart) -> np.ndarray:
     """Each new item's number of ratings in the test period: popularity among new items,
     known only in hindsight (an upper reference, not a deployable ranking)."""

@@ -84,8 +84,10 @@ def recommend(cfg: RunConfig, data: ClientData, state: ClientState,
     def name(i: int) -> str:
         return titles[i] or str(data.train.item_ids[i])
 
-    genres = [{g.strip() for g in data.train.genres[j].split("|") if g.strip()}
-              for j in liked] if cfg.model.model in FEATURE_MODELS else []
+    def genres_of(i: int) -> set[str]:
+        return {g.strip() for g in data.train.genres[i].split("|") if g.strip()}
+
+    genres = [genres_of(j) for j in liked] if cfg.model.model in FEATURE_MODELS else []
     out = []
     for i in top:
         because: list[str] = []
@@ -94,11 +96,10 @@ def recommend(cfg: RunConfig, data: ClientData, state: ClientState,
             because = [name(int(j)) for j in liked[np.argsort(-sims)[:explain]]]
         rec = Recommendation(str(data.train.item_ids[i]), name(int(i)), float(scores[i]),
                              because)
-        counts = {g: sum(g in mine for mine in genres)
-                  for g in data.train.genres[i].split("|") if g.strip()}
+        counts = {g: sum(g in mine for mine in genres) for g in genres_of(int(i))}
         if counts:
             g, n = max(counts.items(), key=lambda kv: (kv[1], kv[0]))
             if n >= max(2, 0.25 * len(genres)):
-                rec.feature, rec.feature_count = g.strip(), n
+                rec.feature, rec.feature_count = g, n
         out.append(rec)
     return out

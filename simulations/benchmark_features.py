@@ -38,9 +38,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fedrec.baselines import FixedScores  # noqa: E402
 from fedrec.central import run_centralized  # noqa: E402
 from fedrec.coldstart import (  # noqa: E402
-    FixedScores,
     among_new_items,
     content_popularity,
     item_cold_start,
@@ -62,7 +62,7 @@ MODELS = {"mf": "MF", "deepfm": "DeepFM", "widedeep": "Wide & Deep"}
 GRID = {"dim": (32, 64), "lr": (0.001, 0.002)}
 MAX_EPOCHS, EVAL_EVERY = 40, 5
 ID_DROPOUT = (0.0, 0.5)  # item cold start: chosen on a validation cold-start split
-LOADERS = {"ml-100k": "ml-100k", "ml-latest-small": "ml-latest-small"}
+DATASETS = ("ml-100k", "ml-latest-small")
 
 
 def _cfg(base: dict[str, Any], **over: Any) -> RunConfig:
@@ -232,7 +232,7 @@ def main() -> None:
     global OUT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", required=True)
-    ap.add_argument("--dataset", default="ml-100k", choices=sorted(LOADERS))
+    ap.add_argument("--dataset", default="ml-100k", choices=DATASETS)
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--parts", default=",".join(PARTS),
                     help=f"comma list of {list(PARTS)} (default: all)")
@@ -252,7 +252,7 @@ def main() -> None:
     import json
 
     out: dict[str, Any] = json.loads(OUT.read_text()) if OUT.exists() else {}
-    base = {"dataset": LOADERS[args.dataset], "data-dir": args.data_dir, "split": "fraction",
+    base = {"dataset": args.dataset, "data-dir": args.data_dir, "split": "fraction",
             "test-fraction": 0.2, "seed": 0}
     try:
         split = load_split(RunConfig.from_flat(base).data)

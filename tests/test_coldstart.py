@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedrec.baselines import FixedScores
 from fedrec.central import run_centralized
 from fedrec.coldstart import (
-    FixedScores,
     among_new_items,
     item_cold_start,
     oracle_popularity,
