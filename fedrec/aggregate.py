@@ -56,16 +56,17 @@ class MeanAccumulator:
         self.weight += w
         self.masked = self.masked and update.touched is not None
         m = update.touched.astype(np.float64) if self.masked else None  # type: ignore[union-attr]
+        on = np.flatnonzero(m) if m is not None else None  # rows with a nonzero mask
         for key in self.current:  # keys outside the global model are never aggregated
             x = update.arrays[key].astype(np.float64)
             self.sums[key][0] += w * x
             self.sums[key][1] += x
-            if key in self.rows and m is not None:
-                mx = x * m.reshape(m.shape + (1,) * (x.ndim - 1))
-                self.rows[key][0] += w * mx
-                self.rows[key][1] += mx
-                self.dens[key][0] += w * m
-                self.dens[key][1] += m
+            if key in self.rows and m is not None and on is not None:
+                mx = x[on] * m[on].reshape((-1,) + (1,) * (x.ndim - 1))
+                self.rows[key][0][on] += w * mx
+                self.rows[key][1][on] += mx
+                self.dens[key][0][on] += w * m[on]
+                self.dens[key][1][on] += m[on]
 
     def add_noise(self, noise: dict[str, np.ndarray]) -> None:
         """Add ``noise`` to the sums of unmasked updates that all weigh the same (the

@@ -163,11 +163,29 @@ def item_keys(cfg: RunConfig, n_items: int) -> list[str]:
     return build_model(cfg.model, 1, n_items).item_keys()
 
 
+@functools.lru_cache(maxsize=32)
+def _local_layout(model: ModelConfig) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
+    """Per local key of the model: its shape per user and whether it is drawn (not
+    zero); from a one-user model built once per model config."""
+    template = build_model(model, 1, 1)
+    state = template.state_dict()
+    return tuple((key, tuple(state[key].shape[1:]),
+                  key.split(".")[0] not in template.LOCAL_ZEROS)
+                 for key in template.local_keys())
+
+
 def initial_local(cfg: RunConfig, n_users: int, seed: int) -> dict[str, torch.Tensor]:
     """The user tables a client starts from without a state file: those of
-    ``build_model(..., seed=seed)``, whose user tables are drawn first from the seed, so
-    no item table is needed to get them."""
-    return build_model(cfg.model, n_users, 1, seed=seed).local_state_dict()
+    ``build_model(..., seed=seed)``, whose user tables are drawn first from the seed
+    (``RecModel.LOCAL_ZEROS`` start at zero), drawn here without building the model."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape, drawn in _local_layout(cfg.model):
+        value = torch.zeros((n_users,) + shape)
+        if drawn:
+            value.normal_(0.0, cfg.model.init_std, generator=gen)
+        out[key] = value
+    return out
 
 
 # The largest magnitude a received shared value may have (a public check on the message).

@@ -35,6 +35,9 @@ class RecModel(nn.Module):
 
     LOCAL_MODULES: ClassVar[tuple[str, ...]] = ()
     ITEM_MODULES: ClassVar[tuple[str, ...]] = ()  # shared tables with one row per item
+    # local tables that start at zero; the others are drawn N(0, init_std) from the
+    # model's generator before anything else, in registration order (``initial_local``)
+    LOCAL_ZEROS: ClassVar[tuple[str, ...]] = ()
     n_users: int
     n_items: int
 
@@ -107,6 +110,7 @@ class MF(RecModel):
 
     LOCAL_MODULES = ("user_emb", "user_bias")
     ITEM_MODULES = ("item_emb", "item_bias")
+    LOCAL_ZEROS = ("user_bias",)
 
     def __init__(self, n_users: int, n_items: int, dim: int, init_std: float = 0.1,
                  offset: float = 0.0, gen: torch.Generator | None = None) -> None:

@@ -478,8 +478,14 @@ def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float,
     """
     key = tuple((float(s), float(q), int(n)) for s, q, n in history)
     if accountant == "rdp":
-        return _epsilon_of_rdp(_rdp_sum(key), float(delta))
+        return _epsilon_rdp_cached(key, float(delta))
     return _epsilon_cached(key, float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon_rdp_cached(history: Entries, delta: float) -> float:
+    """``epsilon_of`` with the RDP accountant, per distinct (history, delta)."""
+    return _epsilon_of_rdp(_rdp_sum(history), delta)
 
 
 RDP_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)

@@ -13,7 +13,15 @@ from fedrec.config import RunConfig
 from fedrec.data import load_split
 from fedrec.errors import StateError
 from fedrec.evaluate import evaluate_counts
-from fedrec.federated import evaluate_client, fit_client, init_shared, split_for_users
+from fedrec.config import MODELS
+from fedrec.federated import (
+    evaluate_client,
+    fit_client,
+    init_shared,
+    initial_local,
+    split_for_users,
+)
+from fedrec.model import build_model
 from fedrec.metrics import finalize, merge_counts
 from fedrec.partition import partition_users
 from fedrec.state import (
@@ -28,6 +36,19 @@ from fedrec.state import (
 
 FLAT = {"synthetic-users": 40, "synthetic-items": 60, "dim": 4, "batch-size": 16,
         "negatives": 2, "rounds": 3, "num-clients": 4, "epochs": 2, "eval-every": 0}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_initial_local_is_the_built_models_user_tables(model: str) -> None:
+    """The user tables drawn without a model are the very ones a model built from the
+    same seed holds (fit_client builds the model; the batched engine draws them)."""
+    cfg = RunConfig.from_flat({"model": model, "dim": 8, "mlp-layers": "16,8"})
+    for n_users, seed in ((1, 0), (3, 17)):
+        built = build_model(cfg.model, n_users, 5, seed=seed).local_state_dict()
+        drawn = initial_local(cfg, n_users, seed)
+        assert set(drawn) == set(built)
+        for key in built:
+            assert torch.equal(drawn[key], built[key]), (model, key)
 
 
 def test_federated_evaluation_equals_centralized() -> None:

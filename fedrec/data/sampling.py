@@ -10,6 +10,7 @@ eligible as a negative elsewhere), which the per-example guarantee does not cove
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,7 +84,6 @@ class ExampleBuilder:
         self.uniform = uniform
         self.rng = (seed if isinstance(seed, np.random.Generator)
                     else np.random.default_rng(seed))
-        self.seen = PairSet(train.users, train.items, train.n_items)
         k = 1 + negatives if implicit else 1
         targets = torch.zeros(len(train), k)
         if implicit:
@@ -94,6 +94,11 @@ class ExampleBuilder:
         self._users = torch.from_numpy(train.users)
         # items used by any example built so far (positives and sampled negatives)
         self.touched = np.zeros(train.n_items, dtype=bool)
+
+    @functools.cached_property
+    def seen(self) -> PairSet:
+        """The training pairs (negatives exclude them unless ``uniform``)."""
+        return PairSet(self.train.users, self.train.items, self.train.n_items)
 
     def build(self) -> Examples:
         """Examples with freshly sampled negatives."""
