@@ -4,9 +4,11 @@ It runs ``fedrec.federated.fit_client``'s semantics: each client gets its own co
 shared rows it reads, its own user embeddings and its own optimizer state; its examples,
 negatives and batch order come from the seeds (under DP: the OS-seeded generators)
 ``fit_client`` uses, so both give the same update to float tolerance
-(``tests/test_batched.py``). The clients' steps run side by side through
-``torch.func.vmap`` over one model: a one-user client's ~85 ratings in steps of 16 no
-longer pay a model build, an optimizer and a Python loop each.
+(``tests/test_batched.py``). The clients' steps run side by side, on the rows each
+step reads (gathered from and added back to the clients' stacked tables by flat
+``index_select``/``index_add_``), scored by ``torch.func.vmap`` over one model (MF in
+closed form): a one-user client's ~85 ratings in steps of 16 no longer pay a model
+build, an optimizer and a Python loop each.
 
 Without DP on the device (no DP; user-level DP, clipped and noised at the server) only
 the rows a client reads are copied (padded to the largest client of a chunk); rows it
@@ -22,7 +24,6 @@ Other models or Adam under record-level DP, and weight decay, stay on ``fit_clie
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -84,11 +85,6 @@ class _Plan:
     dp: DPPlan | None = None  # record-level DP: q, steps, sigma of this round
     noise: torch.Generator | None = None  # record-level DP, exact_noise: its noise source
     stream: tuple[int, int] = (0, 0)  # (seed, round): names its test-only DP streams
-
-    @functools.cached_property
-    def steps(self) -> list[tuple[torch.Tensor, ...]]:
-        """(users, items, targets) of each step."""
-        return list(zip(*(t.split(self.lengths) for t in self.examples)))
 
 
 def _plan(cfg: RunConfig, index: int, data: ClientData, state: ClientState | None,
@@ -239,6 +235,30 @@ def _scatter_add(table: torch.Tensor, index: torch.Tensor, values: torch.Tensor)
     flat.index_add_(0, _flat_index(index, r), values.reshape((-1,) + table.shape[2:]))
 
 
+def _layout(plans: Sequence[_Plan], n_steps: int, width: int, k: int
+            ) -> tuple[torch.Tensor, ...]:
+    """Every client's examples in one ``[C, S, width]`` layout (users; items and targets
+    with a trailing K; a 0/1 mask), each placed by one indexed write."""
+    lengths = [np.asarray(p.lengths, dtype=np.int64) for p in plans]
+    step_of = torch.from_numpy(np.concatenate([np.repeat(np.arange(len(n)), n)
+                                               for n in lengths]))
+    slot_of = torch.from_numpy(np.concatenate([
+        np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n) for n in lengths]))
+    client_of = torch.from_numpy(np.repeat(np.arange(len(plans)),
+                                           [int(n.sum()) for n in lengths]))
+    where = (client_of, step_of, slot_of)
+    c = len(plans)
+    users = torch.zeros(c, n_steps, width, dtype=torch.long)
+    items = torch.zeros(c, n_steps, width, k, dtype=torch.long)
+    targets = torch.zeros(c, n_steps, width, k)
+    mask = torch.zeros(c, n_steps, width)
+    users[where] = torch.cat([p.examples[0] for p in plans])
+    items[where] = torch.cat([p.examples[1] for p in plans])
+    targets[where] = torch.cat([p.examples[2] for p in plans])
+    mask[where] = 1.0
+    return users, items, targets, mask
+
+
 def _row_scores(template: torch.nn.Module, rows: dict[str, torch.Tensor], batch: int, k: int,
                 batched: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """Scores ``[C, batch, k]`` of each client's ``batch`` examples from the rows they
@@ -278,23 +298,7 @@ def _train_chunk(cfg: RunConfig, plans: list[_Plan], shared: Arrays) -> list[Fit
     n_steps = max(len(p.lengths) for p in plans)
     batch = cfg.train.batch_size
     k = plans[0].examples[1].shape[1]
-    # every client's examples in one [C, S, B] layout, placed by one indexed write each
-    lengths = [np.asarray(p.lengths, dtype=np.int64) for p in plans]
-    step_of = torch.from_numpy(np.concatenate([np.repeat(np.arange(len(n)), n)
-                                               for n in lengths]))
-    slot_of = torch.from_numpy(np.concatenate([
-        np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n) for n in lengths]))
-    client_of = torch.from_numpy(np.repeat(np.arange(n_clients),
-                                           [int(n.sum()) for n in lengths]))
-    where = (client_of, step_of, slot_of)
-    users = torch.zeros(n_clients, n_steps, batch, dtype=torch.long)
-    items = torch.zeros(n_clients, n_steps, batch, k, dtype=torch.long)
-    targets = torch.zeros(n_clients, n_steps, batch, k)
-    mask = torch.zeros(n_clients, n_steps, batch)
-    users[where] = torch.cat([p.examples[0] for p in plans])
-    items[where] = torch.cat([p.examples[1] for p in plans])
-    targets[where] = torch.cat([p.examples[2] for p in plans])
-    mask[where] = 1.0
+    users, items, targets, mask = _layout(plans, n_steps, batch, k)
     last = torch.zeros(n_clients, n_steps, dtype=torch.bool)  # steps of the last epoch
     for c, p in enumerate(plans):
         last[c, :len(p.epochs)] = torch.tensor([e == p.epochs[-1] for e in p.epochs])
@@ -444,8 +448,8 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
     pcfg = cfg.privacy
     n_clients = len(plans)
     n_users = max(p.data.n_users for p in plans)
-    n_steps = max(len(p.steps) for p in plans)
-    if any(len(p.steps) != n_steps for p in plans):
+    n_steps = max(len(p.lengths) for p in plans)
+    if any(len(p.lengths) != n_steps for p in plans):
         raise RuntimeError("DP clients of one round take the same number of steps")
     n_items = plans[0].data.n_items
     template = build_model(cfg.model, n_users, n_items, offset=plans[0].data.offset)
@@ -483,16 +487,13 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
         _scatter_add(table, rows, _secure_noise(1.0, rows.shape + table.shape[2:],
                                                 chunk_noise) * scale)
 
+    widths = np.array([p.lengths for p in plans], dtype=np.int64).max(0)  # per step
+    all_users, all_items, all_targets, all_mask = _layout(
+        plans, n_steps, max(1, int(widths.max(initial=0))), k)
     for s in range(n_steps):
-        width = max(1, max(len(p.steps[s][0]) for p in plans))
-        users = torch.zeros(n_clients, width, dtype=torch.long)
-        items = torch.zeros(n_clients, width, k, dtype=torch.long)
-        targets = torch.zeros(n_clients, width, k)
-        mask = torch.zeros(n_clients, width)
-        for c, p in enumerate(plans):
-            u, i, t = p.steps[s]
-            users[c, :len(u)], items[c, :len(u)], targets[c, :len(u)] = u, i, t
-            mask[c, :len(u)] = 1.0
+        width = max(1, int(widths[s]))
+        users, items = all_users[:, s, :width], all_items[:, s, :width].contiguous()
+        targets, mask = all_targets[:, s, :width], all_mask[:, s, :width]
         index = {key: (users if key in local_keys else items).reshape(n_clients, -1)
                  for key in tables}
         if not exact_noise:  # rows this step reads first take the noise they owe
@@ -555,7 +556,7 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
         local = {key: tables[key][c, :p.data.n_users].clone() for key in local_keys}
         out = {key: tables[key][c].numpy().copy() for key in shared_keys}
         history = privacy.add_entry(p.ledger.history, (p.dp.sigma, p.dp.sample_rate,
-                                                       len(p.steps)))
+                                                       len(p.lengths)))
         ledger = dataclasses.replace(
             p.ledger, rounds=p.ledger.rounds + 1, history=[tuple(h) for h in history],
             epsilon=privacy.epsilon_of(history, pcfg.delta, pcfg.accountant))
