@@ -126,6 +126,9 @@ class ModelConfig:
     # server which values a client's users have, and record-level DP does not cover them
     # (every rating carries them). "on": always (see docs/PRIVACY.md); "off": never.
     user_features: str = "auto"  # auto (only under ddp, or central without DP), on, off
+    # deepfm/widedeep: "on" adds each item's title embedding (WordLlama, offline; the
+    # optional extra fedrec[text]) to its content, through a shared projection
+    item_text: str = "off"  # deepfm/widedeep: on adds title embeddings (fedrec[text])
 
     def __post_init__(self) -> None:
         _check(self.model in MODELS, "model", f"one of {MODELS}", self.model)
@@ -134,6 +137,7 @@ class ModelConfig:
         _check(0 <= self.id_dropout < 1, "id-dropout", "a number in [0, 1)", self.id_dropout)
         _check(self.user_features in ("auto", "on", "off"), "user-features",
                "'auto', 'on' or 'off'", self.user_features)
+        _check(self.item_text in ("on", "off"), "item-text", "'on' or 'off'", self.item_text)
         _check(self.dim >= 0, "dim", "an integer >= 1 (0: auto)", self.dim)
         _check(self.init_std > 0, "init-std", "a number > 0", self.init_std)
         _check_int_list(self.mlp_layers, "mlp-layers", "64,32,16")

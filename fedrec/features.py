@@ -70,6 +70,7 @@ class Features:
 
     items: torch.Tensor
     users: torch.Tensor
+    text: torch.Tensor | None = None  # [n_items, TEXT_DIM] title vectors (item-text=on)
 
 
 # item value ids per catalogue (titles and genres lists), kept with the lists themselves
@@ -92,15 +93,22 @@ def _item_ids(titles: list[str], genres: list[str], buckets: int) -> torch.Tenso
     return ids
 
 
-def features_of(data: Interactions, buckets: int, *, users: bool = True) -> Features:
+def features_of(data: Interactions, buckets: int, *, users: bool = True,
+                text: bool = False) -> Features:
     """The value ids of ``data``'s items (its whole catalogue) and, with ``users``, of its
-    users (else every user slot empty)."""
+    users (else every user slot empty); with ``text``, its titles' vectors
+    (``fedrec.text``)."""
     if users and data.user_features:
         user_ids = hash_rows([user_values(f) for f in data.user_features], USER_SLOTS, buckets)
     else:
         user_ids = np.zeros((data.n_users, USER_SLOTS), np.int64)
     users_t = torch.from_numpy(user_ids)
-    return Features(_item_ids(data.titles, data.genres, buckets), users_t)
+    vectors = None
+    if text:
+        from fedrec.text import title_vectors  # the optional extra, loaded when asked for
+
+        vectors = torch.from_numpy(np.array(title_vectors(data.titles)))
+    return Features(_item_ids(data.titles, data.genres, buckets), users_t, vectors)
 
 
 def collisions(values: Sequence[str], buckets: int) -> list[tuple[str, str]]:
@@ -129,4 +137,5 @@ def model_features(cfg: RunConfig, data: Interactions) -> Features | None:
     where ``uses_user_features``), else None."""
     if cfg.model.model not in FEATURE_MODELS:
         return None
-    return features_of(data, cfg.model.feature_buckets, users=uses_user_features(cfg))
+    return features_of(data, cfg.model.feature_buckets, users=uses_user_features(cfg),
+                       text=cfg.model.item_text == "on")

@@ -18,6 +18,7 @@ from torch import nn
 
 from fedrec.config import ModelConfig
 from fedrec.features import ITEM_SLOTS, USER_SLOTS, Features
+from fedrec.text import TEXT_DIM
 
 
 class Embedding(nn.Embedding):
@@ -223,7 +224,7 @@ class _FeatureModel(MF):
 
     def __init__(self, n_users: int, n_items: int, dim: int, buckets: int,
                  init_std: float, offset: float, gen: torch.Generator | None,
-                 id_dropout: float = 0.0) -> None:
+                 id_dropout: float = 0.0, text_dim: int = 0) -> None:
         super().__init__(n_users, n_items, dim, init_std, offset, gen)
         self.user_value_emb = _init(Embedding(buckets, dim), init_std, gen)
         self.item_value_emb = _init(Embedding(buckets, dim), init_std, gen)
@@ -242,6 +243,9 @@ class _FeatureModel(MF):
                              persistent=False)
         self.register_buffer("user_values", torch.zeros(n_users, USER_SLOTS, dtype=torch.long),
                              persistent=False)
+        # item-text=on: public title vectors (zero: no text), projected by a shared layer
+        self.text_proj = Linear(text_dim, dim, bias=False) if text_dim else None
+        self.register_buffer("item_text", torch.zeros(n_items, text_dim), persistent=False)
 
     def set_features(self, features: Features) -> None:
         """Load the value ids of this model's items and users."""
@@ -255,6 +259,17 @@ class _FeatureModel(MF):
                 raise ValueError(f"{name}: value ids outside [0, "
                                  f"{self.user_value_emb.num_embeddings})")
             self.register_buffer(name, ids.to(buf.device, torch.long).clone(), persistent=False)
+        if (features.text is None) != (self.text_proj is None):
+            raise ValueError("item text: the model was built with item-text="
+                             f"{'on' if self.text_proj is not None else 'off'} but the "
+                             f"features {'lack' if features.text is None else 'have'} it")
+        if features.text is not None:
+            want = tuple(self.item_text.shape)
+            if tuple(features.text.shape) != want or not torch.isfinite(features.text).all():
+                raise ValueError(f"item_text: expected finite values of shape {want}, got "
+                                 f"{tuple(features.text.shape)}")
+            self.register_buffer("item_text", features.text.to(
+                self.item_text.device, self.item_text.dtype).clone(), persistent=False)
 
     def _item_content(self, items: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per (example, item): the sum and the sum of squares of the item's value
@@ -275,6 +290,11 @@ class _FeatureModel(MF):
         v = self.item_value_emb(ids) * m.unsqueeze(-1)
         parts = (v.sum(-2), (v * v).sum((-2, -1)),
                  (self.item_value_bias(ids).squeeze(-1) * m).sum(-1), m.sum(-1))
+        if self.text_proj is not None:  # the title vector, projected: one more value
+            text = self.item_text[items] if ids.dim() == 3 else self.item_text
+            has = (text.abs().sum(-1) > 0).to(text.dtype)
+            t = self.text_proj(text) * has.unsqueeze(-1)
+            parts = (parts[0] + t, parts[1] + (t * t).sum(-1), parts[2], parts[3] + has)
         if ids.dim() == 2:
             parts = tuple(t[items] for t in parts)
         return parts
@@ -332,8 +352,10 @@ class DeepFM(_FeatureModel):
 
     def __init__(self, n_users: int, n_items: int, dim: int, hidden: tuple[int, ...],
                  buckets: int, init_std: float = 0.1, offset: float = 0.0,
-                 gen: torch.Generator | None = None, id_dropout: float = 0.0) -> None:
-        super().__init__(n_users, n_items, dim, buckets, init_std, offset, gen, id_dropout)
+                 gen: torch.Generator | None = None, id_dropout: float = 0.0,
+                 text_dim: int = 0) -> None:
+        super().__init__(n_users, n_items, dim, buckets, init_std, offset, gen, id_dropout,
+                         text_dim)
         self.mlp = _mlp(hidden, 4 * dim)
         self.out = Linear(hidden[-1], 1)
 
@@ -359,8 +381,10 @@ class WideDeep(_FeatureModel):
 
     def __init__(self, n_users: int, n_items: int, dim: int, hidden: tuple[int, ...],
                  buckets: int, init_std: float = 0.1, offset: float = 0.0,
-                 gen: torch.Generator | None = None, id_dropout: float = 0.0) -> None:
-        super().__init__(n_users, n_items, dim, buckets, init_std, offset, gen, id_dropout)
+                 gen: torch.Generator | None = None, id_dropout: float = 0.0,
+                 text_dim: int = 0) -> None:
+        super().__init__(n_users, n_items, dim, buckets, init_std, offset, gen, id_dropout,
+                         text_dim)
         self.cross = Embedding(8 * buckets, 1)
         nn.init.zeros_(self.cross.weight)
         self.mlp = _mlp(hidden, 4 * dim)
@@ -409,7 +433,8 @@ def build_model(cfg: ModelConfig, n_users: int, n_items: int, *, offset: float =
         elif cfg.model in ("deepfm", "widedeep"):
             cls = DeepFM if cfg.model == "deepfm" else WideDeep
             model = cls(n_users, n_items, cfg.dim, cfg.hidden_sizes, cfg.feature_buckets,
-                        cfg.init_std, offset, gen, cfg.id_dropout)
+                        cfg.init_std, offset, gen, cfg.id_dropout,
+                        TEXT_DIM if cfg.item_text == "on" else 0)
         else:
             model = EmbeddingMLP(n_users, n_items, cfg.dim, cfg.hidden_sizes, cfg.init_std,
                                  offset, gen)

@@ -322,10 +322,13 @@ class _BookkeepingDPLoss(DPLossFastGradientClipping):
 def supports_bookkeeping(model: nn.Module) -> bool:
     """True if every module holding trainable parameters is a fedrec Embedding/Linear and
     no embedding table is frozen (book-keeping back-propagates to the tables only, so a
-    frozen one would leave the layers above it without output gradients)."""
+    frozen one would leave the layers above it without output gradients), and no Linear
+    layer reads a buffer (a feature model's title projection lies on no path to a table:
+    its norms would never be computed)."""
     frozen = any(isinstance(m, Embedding) and not m.weight.requires_grad
                  for m in model.modules())
-    return not frozen and all(isinstance(m, _BK_TYPES) for m in model.modules()
+    from_buffer = any(getattr(m, "text_proj", None) is not None for m in model.modules())
+    return not frozen and not from_buffer and all(isinstance(m, _BK_TYPES) for m in model.modules()
                               if any(p.requires_grad for p in m.parameters(recurse=False)))
 
 

@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from fedrec.central import run_centralized
-from fedrec.config import RunConfig
+from fedrec.config import MODELS, RunConfig
 from fedrec.data import load_split
 from fedrec.errors import StateError
 from fedrec.evaluate import evaluate_counts
-from fedrec.config import MODELS
 from fedrec.federated import (
     evaluate_client,
     fit_client,
@@ -21,8 +20,8 @@ from fedrec.federated import (
     initial_local,
     split_for_users,
 )
-from fedrec.model import build_model
 from fedrec.metrics import finalize, merge_counts
+from fedrec.model import build_model
 from fedrec.partition import partition_users
 from fedrec.state import (
     ClientState,

@@ -25,6 +25,7 @@ from fedrec.privacy import (
     make_private,
     supports_bookkeeping,
 )
+from fedrec.text import TEXT_DIM
 
 B, K, U, N_ITEMS = 12, 4, 6, 9
 
@@ -34,7 +35,7 @@ B, K, U, N_ITEMS = 12, 4, 6, 9
 # to the user vector alone (2-D activations, one layer without bias).
 SIZES = {"small": (5, "6,3"), "large": (32, "64,32,16")}
 CASES = [(name, size, objective)
-         for name in ("mf", "neumf", "mlp", "deepfm", "widedeep", "tower")
+         for name in ("mf", "neumf", "mlp", "deepfm", "widedeep", "deepfm-text", "tower")
          for size in SIZES for objective in ("bce", "bpr", "mse")]
 BUCKETS = 7  # few feature-value rows, so examples share and repeat them
 
@@ -62,14 +63,19 @@ def _model(name: str, size: str) -> nn.Module:
     dim, mlp = SIZES[size]
     if name == "tower":
         return _Tower(dim).double()
-    cfg = ModelConfig(model=name, dim=dim, mlp_layers=mlp, init_std=0.5,
-                      feature_buckets=BUCKETS)
+    text = name.endswith("-text")  # title vectors through a shared projection
+    cfg = ModelConfig(model=name.removesuffix("-text"), dim=dim, mlp_layers=mlp, init_std=0.5,
+                      feature_buckets=BUCKETS, item_text="on" if text else "off")
     g = torch.Generator().manual_seed(3)
     # value ids with empty slots (0) and values repeated within a row and across rows
+    vectors = None
+    if text:  # item 4 has no title: its text is zero and left out
+        vectors = torch.randn(N_ITEMS, TEXT_DIM, generator=g)
+        vectors[4] = 0.0
     features = Features(torch.randint(0, BUCKETS, (N_ITEMS, ITEM_SLOTS), generator=g),
-                        torch.randint(0, BUCKETS, (U, USER_SLOTS), generator=g))
+                        torch.randint(0, BUCKETS, (U, USER_SLOTS), generator=g), vectors)
     model = build_model(cfg, U, N_ITEMS, seed=0, features=features).double()
-    if name in ("deepfm", "widedeep"):
+    if cfg.model in ("deepfm", "widedeep"):
         with torch.no_grad():  # non-zero biases and crosses, so every table's gradient counts
             for p in model.parameters():
                 if p.abs().sum() == 0:
