@@ -138,6 +138,9 @@ class ModelConfig:
         _check(self.user_features in ("auto", "on", "off"), "user-features",
                "'auto', 'on' or 'off'", self.user_features)
         _check(self.item_text in ("on", "off"), "item-text", "'on' or 'off'", self.item_text)
+        _check(self.item_text == "off" or self.model in FEATURE_MODELS, "item-text",
+               f"'off' for model {self.model} (only {' and '.join(FEATURE_MODELS)} read "
+               "titles)", self.item_text)
         _check(self.dim >= 0, "dim", "an integer >= 1 (0: auto)", self.dim)
         _check(self.init_std > 0, "init-std", "a number > 0", self.init_std)
         _check_int_list(self.mlp_layers, "mlp-layers", "64,32,16")

@@ -61,7 +61,8 @@ MODELS = {"mf": "MF", "deepfm": "DeepFM", "widedeep": "Wide & Deep"}
 # each model also tries these, and the epoch count, on validation
 GRID = {"dim": (32, 64), "lr": (0.001, 0.002)}
 MAX_EPOCHS, EVAL_EVERY = 40, 5
-ID_DROPOUT = (0.0, 0.5)  # item cold start: chosen on a validation cold-start split
+# item cold start: id-dropout and title embeddings, chosen on a validation cold-start split
+COLD_GRID = {"id-dropout": (0.0, 0.5), "item-text": ("off", "on")}
 DATASETS = ("ml-100k", "ml-latest-small")
 
 
@@ -160,17 +161,23 @@ def part_item_cold(base: dict[str, Any], out: dict[str, Any]) -> None:
                                                                          bool)), True),
                             0.1, seed=1)
     inner_split = Split(inner.train, inner.train.subset(np.zeros(len(inner.train), bool)), True)
-    val: dict[float, float] = {}
-    for p in ID_DROPOUT:
-        trained, _, _ = _central(base, inner_split, **settings, **{"eval-every": 0,
-                                                                   "id-dropout": p})
-        val[p] = among_new_items(trained, inner, KS)["recall@20"]
-        print(f"item cold start, validation, id-dropout {p}: {val[p]:.4f}", flush=True)
-    chosen = max(val, key=lambda p: val[p])
-    res["id_dropout_validation"] = {str(p): v for p, v in val.items()}
-    name = f"{MODELS[model]} (id-dropout {chosen})"
-    for label, over in ((name, {**settings, "id-dropout": chosen}),
-                        ("MF", out["central"]["MF"]["settings"])):
+    val: dict[tuple[Any, ...], float] = {}
+    for combo in itertools.product(*COLD_GRID.values()):
+        over = dict(zip(COLD_GRID, combo))
+        trained, _, _ = _central(base, inner_split, **settings, **over, **{"eval-every": 0})
+        val[combo] = among_new_items(trained, inner, KS)["recall@20"]
+        print(f"item cold start, validation, {over}: {val[combo]:.4f}", flush=True)
+    chosen = dict(zip(COLD_GRID, max(val, key=lambda c: val[c])))
+    res["validation"] = [{**dict(zip(COLD_GRID, c)), "recall@20": v} for c, v in val.items()]
+    name = (f"{MODELS[model]} (id-dropout {chosen['id-dropout']}, titles "
+            f"{chosen['item-text']})")
+    runs = [(name, {**settings, **chosen})]
+    if len(COLD_GRID["item-text"]) > 1:  # the chosen point with the other title setting
+        other = "off" if chosen["item-text"] == "on" else "on"
+        runs.append((f"{MODELS[model]} (id-dropout {chosen['id-dropout']}, titles {other})",
+                     {**settings, **chosen, "item-text": other}))
+    runs.append(("MF", out["central"]["MF"]["settings"]))
+    for label, over in runs:
         trained, _, _ = _central(base, warm, **over, **{"eval-every": 0})
         res[label] = among_new_items(trained, cold, KS)["recall@20"]
         print(f"item cold start {label}: {res[label]:.4f}", flush=True)
@@ -236,6 +243,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--parts", default=",".join(PARTS),
                     help=f"comma list of {list(PARTS)} (default: all)")
+    ap.add_argument("--cold-grid", default="",
+                    help="item_cold: restrict its validation grid, e.g. 'id-dropout=0.5' or "
+                         "'id-dropout=0.5;item-text=off,on' (default: the whole COLD_GRID)")
     ap.add_argument("--lr-grid", default=",".join(map(str, GRID["lr"])),
                     help="central: learning rates tried on validation (comma list)")
     args = ap.parse_args()
@@ -244,6 +254,16 @@ def main() -> None:
     except ValueError:
         raise SystemExit(f"--lr-grid: expected numbers separated by commas, got "
                          f"{args.lr_grid!r}") from None
+    for term in filter(None, args.cold_grid.split(";")):
+        key, _, values = term.partition("=")
+        if key not in COLD_GRID or not values:
+            raise SystemExit(f"--cold-grid: expected KEY=V1,V2;... with KEY in "
+                             f"{list(COLD_GRID)}, got {term!r}")
+        cast = float if key == "id-dropout" else str
+        try:
+            COLD_GRID[key] = tuple(cast(v) for v in values.split(","))
+        except ValueError:
+            raise SystemExit(f"--cold-grid: {key} takes numbers, got {values!r}") from None
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:

@@ -140,3 +140,34 @@ def test_features_carry_titles_and_a_mismatch_is_refused(tmp_path: Path) -> None
     on = build_model(ModelConfig(model="deepfm", dim=4, mlp_layers="8,4", item_text="on"), 2, 2)
     with pytest.raises(ValueError, match="item-text=on but the features lack it"):
         on.set_features(features_of(data, 64))
+
+
+def test_item_text_trains_under_record_level_dp(tmp_path: Path) -> None:
+    """A client with titles trains DP-SGD through Opacus (two-pass ghost clipping: the
+    projection reads a buffer); the reply carries the projection, moved; an id-only
+    model refuses item-text=on with the key named."""
+    from fedrec.config import RunConfig
+    from fedrec.data.split import temporal_split
+    from fedrec.errors import ConfigError as Err
+    from fedrec.federated import fit_client, init_shared, split_for_users
+
+    d = tmp_path / "ml-100k"
+    d.mkdir()
+    lines = [f"{u}\t{i}\t{1 + (u * i) % 5}\t{100 + u * 10 + i}" for u in (1, 2, 3)
+             for i in range(10, 30)]
+    (d / "u.data").write_text("\n".join(lines) + "\n")
+    g = "|".join(["0"] * 19)
+    (d / "u.item").write_text("".join(f"{i}|Movie number {i} (199{i % 10})|01-Jan-1995||"
+                                      f"http://x|{g}\n" for i in range(10, 30)))
+    flat = {"dataset": "ml-100k", "data-dir": str(d), "model": "deepfm", "dim": 4,
+            "mlp-layers": "8,4", "item-text": "on", "dp": True, "target-epsilon": 8.0,
+            "negatives": 2}
+    cfg = RunConfig.from_flat(flat)
+    split = temporal_split(load_dataset(cfg.data), "fraction", 0.2, 0)
+    shared = init_shared(cfg, split.n_items)
+    res = fit_client(cfg, split_for_users(split, np.array([0, 1, 2])), shared, None, seed=0,
+                     server_round=1)
+    assert res.shared is not None and 0 < res.epsilon <= 8.0 + 1e-6
+    assert not np.allclose(res.shared["text_proj.weight"], shared["text_proj.weight"])
+    with pytest.raises(Err, match="config key 'item-text'"):
+        RunConfig.from_flat({**flat, "model": "mf"})
