@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import io
 import logging
 import os
@@ -71,11 +72,20 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("FEDREC_CACHE", Path.home() / ".cache" / "fedrec")) / "text"
 
 
+def _encoder_version() -> str:
+    try:
+        return importlib.metadata.version("wordllama")
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
 def catalogue_key(titles: Sequence[str]) -> str:
-    """A digest naming a catalogue's titles, the encoder and the kept dimensions."""
-    h = hashlib.sha256(f"{ENCODER}|{TEXT_DIM}\n".encode())
+    """A digest naming a catalogue's titles (each length-prefixed), the encoder and its
+    version, and the kept dimensions."""
+    h = hashlib.sha256(f"{ENCODER} {_encoder_version()}|{TEXT_DIM}\n".encode())
     for t in titles:
-        h.update(t.encode("utf-8", "surrogatepass") + b"\x00")
+        raw = t.encode("utf-8", "surrogatepass")
+        h.update(len(raw).to_bytes(8, "little") + raw)
     return h.hexdigest()
 
 
@@ -112,13 +122,21 @@ def _embed(titles: Sequence[str]) -> np.ndarray:
 
 
 def _read_cached(path: Path, n: int) -> np.ndarray | None:
-    """The cached vectors, or None when absent or not what this catalogue needs (a
-    damaged or foreign file is recomputed, never trusted)."""
-    try:
-        out = np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
+    """The cached vectors, or None when absent or not what this catalogue needs: a
+    damaged or foreign file (any load error, not one array, another shape or dtype, a
+    row neither of unit norm nor zero) is recomputed, never trusted."""
+    if not path.is_file():
         return None
-    if out.shape != (n, TEXT_DIM) or out.dtype != np.float32 or not np.isfinite(out).all():
+    try:
+        with path.open("rb") as f:
+            out = np.load(f, allow_pickle=False)
+    except Exception:  # noqa: BLE001 - whatever a damaged file raises, it is recomputed
+        return None
+    if (not isinstance(out, np.ndarray) or out.shape != (n, TEXT_DIM)
+            or out.dtype != np.float32 or not np.isfinite(out).all()):
+        return None
+    norms = np.linalg.norm(out, axis=1)
+    if not np.all((np.abs(norms - 1.0) < 1e-3) | (norms == 0.0)):
         return None
     return out
 

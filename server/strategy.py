@@ -182,9 +182,16 @@ class FedRecStrategy(FedAvg):
             arrays = clip_update(arrays, self.current, self.cfg.fed.clip_update_norm)
         metrics = content[METRICS]
         weight = float(metrics.get(keys.NUM_EXAMPLES, 0))
+        if not math.isfinite(weight) or weight < 0:
+            return f"example count {weight!r} is not a finite number >= 0"
         touched = None
         if TOUCHED in content:
             touched = content[TOUCHED]["items"].numpy()
+            rows = (self.current[self.item_keys[0]].shape[0] if self.item_keys else None)
+            if (touched.ndim != 1 or (rows is not None and touched.shape[0] != rows)
+                    or not np.isin(touched, (0, 1)).all()):
+                return (f"item mask of shape {touched.shape} is not a 0/1 vector of "
+                        f"{rows} items")
         return Update(arrays, weight, touched)
 
     def _robust(self, updates: list[Update]) -> dict[str, np.ndarray]:

@@ -561,3 +561,35 @@ def test_a_ddp_node_answers_only_secagg_rounds(tmp_path: Path, task_identity: No
                      message_type="train")
     reply = ddp_train_handler(legacy, _context(run, node))
     assert reply.has_error() and reply.error.code == 104, reply
+
+
+def test_a_reply_with_a_bad_item_mask_or_count_is_left_out(task_identity: None) -> None:
+    """The server checks a reply's item mask (a 0/1 vector with one entry per item) and
+    example count (finite, >= 0): a mask of another length or with weights other than
+    0/1, or a negative or NaN count, would re-weight rows of the global model."""
+    from server.strategy import FedRecStrategy
+
+    cfg = RunConfig.from_flat({"dp": False})
+    current = {"a.weight": np.zeros((5, 3), np.float32), "b.weight": np.zeros(4, np.float32)}
+    strategy = FedRecStrategy(cfg, item_keys=["a.weight"], num_nodes=2)
+    strategy.current = current
+    request = _ask("train", current)
+
+    def reply(mask: np.ndarray | None, count: float = 3.0) -> Message:
+        content = RecordDict({
+            "arrays": ArrayRecord({k: Array(v + 1) for k, v in current.items()}),
+            "metrics": MetricRecord({keys.NUM_EXAMPLES: count})})
+        if mask is not None:
+            content["touched"] = ArrayRecord({"items": Array(mask)})
+        return Message(content, reply_to=request)
+
+    good = strategy._valid_update(reply(np.array([1, 0, 1, 0, 0], np.float32)))
+    assert not isinstance(good, str) and good.weight == 3.0
+    assert not isinstance(strategy._valid_update(reply(None)), str)
+    for mask in (np.ones(3, np.float32), np.ones(7, np.float32), np.ones((5, 1), np.float32),
+                 np.array([5, 0, 1, 0, 0], np.float32), np.array([1, -1, 1, 0, 0], np.float32)):
+        why = strategy._valid_update(reply(mask))
+        assert isinstance(why, str) and "item mask" in why, mask
+    for count in (-1.0, math.nan, math.inf):
+        why = strategy._valid_update(reply(None, count))
+        assert isinstance(why, str) and "example count" in why, count

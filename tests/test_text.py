@@ -57,6 +57,22 @@ def test_the_disk_cache_is_used_and_a_bad_one_is_recomputed(
     monkeypatch.setattr(text, "_MEMORY", {})
     with pytest.raises(AssertionError, match="encoded again"):  # damaged: never trusted
         title_vectors(TITLES)
+    import io
+    import zipfile
+
+    npz = io.BytesIO()
+    np.savez(npz, first)
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w") as z:
+        z.writestr("x", "y")
+    huge = io.BytesIO()
+    np.save(huge, first * 1e30)
+    for damaged in (b"", npz.getvalue(), b"PK\x03\x04 not a zip", zipped.getvalue(),
+                    huge.getvalue()):
+        path.write_bytes(damaged)
+        monkeypatch.setattr(text, "_MEMORY", {})
+        with pytest.raises(AssertionError, match="encoded again"):
+            title_vectors(TITLES)
     monkeypatch.undo()
     monkeypatch.setenv("FEDREC_CACHE", str(_cache.parent))
     monkeypatch.setattr(text, "_MEMORY", {})
