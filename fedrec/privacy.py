@@ -170,7 +170,7 @@ def lookup_sq_norms(g: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     summed first and the sums squared, so no large terms cancel in floating point (an
     inner-product form could round a real norm down to 0: an unclipped example).
     """
-    sq = (g * g).sum(dim=(1, 2))
+    sq = torch.linalg.vector_norm(g.flatten(1), dim=1).square()  # one fused reduction
     if ids.shape[1] > 1:
         ordered, order = ids.sort(dim=1)
         starts = torch.ones_like(ordered, dtype=torch.bool)
