@@ -302,18 +302,32 @@ class _BookkeepingDPTensor(DPTensorFastGradientClipping):
         else:
             reduced = self.loss_per_sample.sum(dim=0)
         layers = [m for m in self.module.modules() if isinstance(m, _BK_TYPES)]
-        # Gradients w.r.t. the embedding tables alone reach every layer's hook (the
-        # tables sit below everything) and skip the weight gradients of the rest.
-        tables = [m.weight for m in layers if isinstance(m, Embedding) and m.weight.requires_grad]
+        # Gradients w.r.t. the lookups' outputs alone reach every layer's hook (the
+        # lookups sit below everything), and skip both the weight gradients of the
+        # layers above and the dense table gradients below (book-keeping forms the
+        # clipped ones). The outputs are the ones before the hooks' wrapping
+        # (``_keep_lookup``); without them, the tables themselves.
+        tables = [m for m in layers if isinstance(m, Embedding) and m.weight.requires_grad]
+        outs = [m.__dict__.pop("_fedrec_out", None) for m in tables]
         with warnings.catch_warnings():
             # PyTorch notes that hooks on embedding layers (integer inputs) fire on output
             # gradients: that is exactly what the norm samplers use.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            reduced.backward(inputs=tables or None)
+            if tables and all(o is not None and o.requires_grad for o in outs):
+                torch.autograd.grad(reduced, outs, allow_unused=True)
+            else:
+                reduced.backward(inputs=[m.weight for m in tables] or None)
         self.optimizer.zero_grad()
         coef = self.module.get_clipping_coef()
         for layer in layers:
             _bookkeeping_grads(layer, coef)
+
+
+def _keep_lookup(layer: nn.Module, args: tuple[object, ...], output: torch.Tensor) -> None:
+    """Forward hook of an embedding under book-keeping: keep this batch's lookup output
+    (before the backward hooks wrap it) as the point the norm pass stops at."""
+    if output.requires_grad:
+        layer._fedrec_out = output
 
 
 class _BookkeepingDPLoss(DPLossFastGradientClipping):
@@ -439,6 +453,10 @@ def make_private(
             generator=generator, secure_mode=True)
         loss_cls = (_BookkeepingDPLoss if supports_bookkeeping(model)
                     else DPLossFastGradientClipping)
+        if loss_cls is _BookkeepingDPLoss:
+            for layer in model.modules():
+                if isinstance(layer, Embedding):
+                    layer.register_forward_hook(_keep_lookup)
         dp_crit: nn.Module | DPLossFastGradientClipping = loss_cls(
             gsm, dp_opt, criterion, loss_reduction="mean")
     else:

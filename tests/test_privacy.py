@@ -458,3 +458,29 @@ def test_bookkeeping_only_for_fedrec_layers() -> None:
     model.mlp.append(torch.nn.LayerNorm(4))
     assert not supports_bookkeeping(model)
     _assert_two_pass(model)
+
+
+def test_bookkeeping_stops_the_norm_pass_at_the_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Book-keeping's norm pass differentiates w.r.t. the lookups' outputs (kept by a
+    forward hook), not the tables: no dense table gradient is formed before the clipped
+    one, and the result is still exact (``_assert_exact`` on the same model)."""
+    model, objective = _model("neumf", "small"), "bce"
+    tables = [m for m in model.modules() if isinstance(m, Embedding)]
+    po, criterion = _private(model, objective, 1.0, bookkeeping=True)
+    users, items, targets = _batch(objective)
+    loss = criterion(po.model(users, items), targets)
+    assert all(getattr(m, "_fedrec_out", None) is not None for m in tables)
+    calls: list[int] = []
+    real_grad = torch.autograd.grad
+
+    def grad_spy(outputs, inputs, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(len(inputs))
+        assert not any(isinstance(i, nn.Parameter) for i in inputs)
+        return real_grad(outputs, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", grad_spy)
+    loss.backward()
+    assert calls == [len(tables)]
+    assert not any(hasattr(m, "_fedrec_out") for m in tables)
+    monkeypatch.undo()
+    _assert_exact(_model("neumf", "small"), objective, bookkeeping=True)
