@@ -57,6 +57,7 @@ from fedrec.report import write_json_atomic  # noqa: E402
 
 KS = (10, 20)
 MODELS = {"mf": "MF", "deepfm": "DeepFM", "widedeep": "Wide & Deep"}
+CENTRAL_MODELS = list(MODELS)  # --models: those the central part tunes and measures
 # the central recipe (dim 64, Adam 0.002, batch 1024, 20 negatives) is MF's tuned point;
 # each model also tries these, and the epoch count, on validation
 GRID = {"dim": (32, 64), "lr": (0.001, 0.002)}
@@ -100,7 +101,7 @@ def part_central(base: dict[str, Any], out: dict[str, Any]) -> None:
     test = load_split(RunConfig.from_flat(base).data)
     rows = out.setdefault("central", {})
     for model, name in MODELS.items():
-        if name in rows:
+        if name in rows or model not in CENTRAL_MODELS:
             continue
         chosen = choose(base, model, val)
         _, metrics, _ = _central(base, test, **chosen["settings"], **{"eval-every": 0})
@@ -243,6 +244,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--parts", default=",".join(PARTS),
                     help=f"comma list of {list(PARTS)} (default: all)")
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help=f"central: the models to tune and measure (some of {list(MODELS)})")
     ap.add_argument("--cold-grid", default="",
                     help="item_cold: restrict its validation grid, e.g. 'id-dropout=0.5' or "
                          "'id-dropout=0.5;item-text=off,on' (default: the whole COLD_GRID)")
@@ -254,6 +257,10 @@ def main() -> None:
     except ValueError:
         raise SystemExit(f"--lr-grid: expected numbers separated by commas, got "
                          f"{args.lr_grid!r}") from None
+    models = [m for m in args.models.split(",") if m]
+    if not models or set(models) - set(MODELS):
+        raise SystemExit(f"--models: expected some of {list(MODELS)}, got {args.models!r}")
+    CENTRAL_MODELS[:] = models
     for term in filter(None, args.cold_grid.split(";")):
         key, _, values = term.partition("=")
         if key not in COLD_GRID or not values:
