@@ -62,6 +62,7 @@ CENTRAL_MODELS = list(MODELS)  # --models: those the central part tunes and meas
 # each model also tries these, and the epoch count, on validation
 GRID = {"dim": (32, 64), "lr": (0.001, 0.002)}
 MAX_EPOCHS, EVAL_EVERY = 40, 5
+GRID_EPOCHS = [MAX_EPOCHS]  # --max-epochs: the longest run of the grid
 # item cold start: id-dropout and title embeddings, chosen on a validation cold-start split
 COLD_GRID = {"id-dropout": (0.0, 0.5), "item-text": ("off", "on")}
 DATASETS = ("ml-100k", "ml-latest-small")
@@ -81,7 +82,7 @@ def choose(base: dict[str, Any], model: str, val: Split) -> dict[str, Any]:
     """The grid point and epoch count with the best validation Recall@20."""
     best: dict[str, Any] = {"recall@20": -1.0}
     for combo in itertools.product(*GRID.values()):
-        over = {"model": model, **dict(zip(GRID, combo)), "epochs": MAX_EPOCHS,
+        over = {"model": model, **dict(zip(GRID, combo)), "epochs": GRID_EPOCHS[0],
                 "eval-every": EVAL_EVERY}
         t0 = time.perf_counter()
         _, _, rows = _central(base, val, **over)
@@ -244,6 +245,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--parts", default=",".join(PARTS),
                     help=f"comma list of {list(PARTS)} (default: all)")
+    ap.add_argument("--max-epochs", type=int, default=MAX_EPOCHS,
+                    help="central: epochs of each grid run (the best epoch is chosen on "
+                         "validation, every 5)")
     ap.add_argument("--models", default=",".join(MODELS),
                     help=f"central: the models to tune and measure (some of {list(MODELS)})")
     ap.add_argument("--cold-grid", default="",
@@ -257,6 +261,9 @@ def main() -> None:
     except ValueError:
         raise SystemExit(f"--lr-grid: expected numbers separated by commas, got "
                          f"{args.lr_grid!r}") from None
+    if args.max_epochs < EVAL_EVERY:
+        raise SystemExit(f"--max-epochs: expected an integer >= {EVAL_EVERY}")
+    GRID_EPOCHS[0] = args.max_epochs
     models = [m for m in args.models.split(",") if m]
     if not models or set(models) - set(MODELS):
         raise SystemExit(f"--models: expected some of {list(MODELS)}, got {args.models!r}")
