@@ -380,8 +380,8 @@ def _finish(p: _Plan, local: dict[str, torch.Tensor], out: Arrays, loss: float,
     """One client's FitResult after its steps; non-finite values are refused, as
     ``fit_client`` refuses them (nothing is sent or kept). ``finite``: the caller found
     every value of the chunk finite (its rows not read came from the checked message)."""
-    if not finite and not all(torch.isfinite(v).all() for v in local.values()) or not all(
-            np.isfinite(v).all() for v in out.values()):
+    if not finite and (not all(torch.isfinite(v).all() for v in local.values())
+                       or not all(np.isfinite(v).all() for v in out.values())):
         raise PrivacyError("training produced non-finite values; nothing is sent or kept")
     return FitResult(out, touched, len(p.data.train), loss, ledger.epsilon, False, 0.0,
                      ClientState(local=local, rounds=p.state.rounds + 1,
