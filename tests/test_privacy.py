@@ -206,22 +206,29 @@ def test_a_repeated_row_whose_lookups_cancel_is_not_rounded_to_zero() -> None:
     assert got == pytest.approx(true, rel=1e-3)
 
 
-def test_a_linear_gram_norm_whose_terms_cancel_is_recomputed() -> None:
-    """float32, Gram form (K = 2, d 8 x 8): the two positions' gradients are large and
+def test_a_linear_gram_norm_whose_terms_cancel_is_recomputed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32, Gram form (K = 2, d 8 -> 64): the two positions' gradients are large and
     nearly opposite on one input, so G_b = w a^T has norm |w| |a| ~ 1 while the Gram
     terms cancel to ~0; the example's norm is recomputed, weight and bias."""
     gen = torch.Generator().manual_seed(5)
-    layer = Linear(8, 8)
-    v = torch.randn(8, generator=gen) * 3000
-    w = torch.randn(8, generator=gen)
+    d_in, d_out = 8, 64
+    layer = Linear(d_in, d_out)
+    v = torch.randn(d_out, generator=gen) * 1e7
+    w = torch.randn(d_out, generator=gen)
     w /= w.norm()
-    a_vec = torch.randn(8, generator=gen)
+    a_vec = torch.randn(d_in, generator=gen)
     a_vec /= a_vec.norm()
-    typical_a, typical_g = torch.randn(1, 2, 8, generator=gen), torch.randn(1, 2, 8, generator=gen)
+    typical_a = torch.randn(1, 2, d_in, generator=gen)
+    typical_g = torch.randn(1, 2, d_out, generator=gen)
     a = torch.cat([torch.stack([a_vec, a_vec]).unsqueeze(0), typical_a])  # [2, K, d_in]
     g = torch.cat([torch.stack([v, -v + w]).unsqueeze(0), typical_g])  # [2, K, d_out]
-    assert 8 * 8 > 2 * (8 + 8)  # the Gram form is the cheaper one here
+    assert d_in * d_out > privacy.GRAM_COST * 2 * (d_in + d_out)  # the Gram form is taken
+    grams: list[int] = []
+    real_gram = privacy._gram
+    monkeypatch.setattr(privacy, "_gram", lambda x: grams.append(1) or real_gram(x))
     norms = privacy.linear_norm_sample(layer, [a], g)
+    assert grams  # the Gram form ran (and its recheck caught example 0)
     for b in range(2):
         grad = sum(torch.outer(g[b, k].double(), a[b, k].double()) for k in range(2))
         assert norms[layer.weight][b].item() == pytest.approx(grad.norm().item(), rel=1e-3)
