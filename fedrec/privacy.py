@@ -170,7 +170,9 @@ def lookup_sq_norms(g: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     summed first and the sums squared, so no large terms cancel in floating point (an
     inner-product form could round a real norm down to 0: an unclipped example).
     """
-    sq = torch.linalg.vector_norm(g.flatten(1), dim=1).square()  # one fused reduction
+    # pow-then-sum: torch's cascade summation (vector_norm's float32 accumulation loses a
+    # long small tail next to one large entry: an under-estimate, measured by a review)
+    sq = g.flatten(1).pow(2).sum(1)
     if ids.shape[1] > 1:
         ordered, order = ids.sort(dim=1)
         starts = torch.ones_like(ordered, dtype=torch.bool)
@@ -231,8 +233,12 @@ def linear_norm_sample(
     Opacus's per-sample gradients are); the cheaper one is used (``GRAM_COST``). The Gram
     form's terms can cancel, so it is summed in float64, and an example whose result is
     small next to the size of its terms (``(sum_k |g_bk| |a_bk|)^2``) or not a number
-    is recomputed from ``G_b`` (float64): rounding cannot shrink a norm by more than
-    about (K^2 + d) 1e-14 of itself, for any layer width.
+    is recomputed from ``G_b`` (float64): rounding cannot shrink a Gram-form norm by more
+    than about (K^2 + d) 1e-14 of itself, for any layer width. ``G_b`` in the layer's
+    dtype carries that dtype's rounding, as Opacus's per-sample gradients do: each entry
+    within about K u S of its value (u = 6e-8 in float32, S = sum_k |g_bk| |a_bk|), so a
+    norm's relative error is at most about K u S / ||G_b|| (1e-5 at K = 21 needs
+    S > 8 ||G_b||; an example clipped at C then adds at most C (1 + that) to the sum).
     """
     a = activations[0].to(backprops.dtype)
     g = backprops
@@ -247,8 +253,7 @@ def linear_norm_sample(
         if k == 1:
             sq = (g * g).sum((1, 2)) * (a * a).sum((1, 2))
         elif d_in * d_out <= GRAM_COST * k * (d_in + d_out):
-            sq = torch.linalg.vector_norm(torch.bmm(g.transpose(1, 2), a).flatten(1),
-                                          dim=1).square()  # one fused reduction
+            sq = torch.bmm(g.transpose(1, 2), a).flatten(1).pow(2).sum(1)  # as above
         else:
             gd, ad = g.double(), a.double()
             sq = (_gram(gd) * _gram(ad)).sum((1, 2))
@@ -314,7 +319,10 @@ class _BookkeepingDPTensor(DPTensorFastGradientClipping):
             # gradients: that is exactly what the norm samplers use.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             if tables and all(o is not None and o.requires_grad for o in outs):
-                torch.autograd.grad(reduced, outs, allow_unused=True)
+                # allow_unused=False: an output from another graph (a stray forward
+                # between this loss and its backward) raises instead of leaving layers
+                # without norms
+                torch.autograd.grad(reduced, outs)
             else:
                 reduced.backward(inputs=[m.weight for m in tables] or None)
         self.optimizer.zero_grad()
@@ -326,7 +334,7 @@ class _BookkeepingDPTensor(DPTensorFastGradientClipping):
 def _keep_lookup(layer: nn.Module, args: tuple[object, ...], output: torch.Tensor) -> None:
     """Forward hook of an embedding under book-keeping: keep this batch's lookup output
     (before the backward hooks wrap it) as the point the norm pass stops at."""
-    if output.requires_grad:
+    if layer.training and output.requires_grad:
         layer._fedrec_out = output
 
 

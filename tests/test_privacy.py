@@ -491,3 +491,33 @@ def test_bookkeeping_stops_the_norm_pass_at_the_lookups(monkeypatch: pytest.Monk
     assert not any(hasattr(m, "_fedrec_out") for m in tables)
     monkeypatch.undo()
     _assert_exact(_model("neumf", "small"), objective, bookkeeping=True)
+
+
+def test_a_forward_between_loss_and_backward_cannot_leave_stale_norms() -> None:
+    """A review's case: a forward between a DP loss and its backward. In eval mode it
+    keeps nothing (the step stays exact); a training forward with Opacus's hooks off
+    would swap in lookups of another graph: the backward raises instead of leaving
+    layers without norms (and clipping with the last batch's)."""
+    model, objective = _model("neumf", "small"), "bce"
+    brute = _brute_force(model, objective)
+    norms = torch.stack([g.norm() for g in brute])
+    clip = float(norms.median())
+    po, criterion = _private(model, objective, clip, bookkeeping=True)
+    users, items, targets = _batch(objective)
+    loss = criterion(po.model(users, items), targets)
+    po.model.eval()
+    po.model(users, items)  # with gradients on, in eval mode
+    po.model.train()
+    loss.backward()
+    assert torch.allclose(po.model.per_sample_gradient_norms, norms, rtol=1e-9,
+                          atol=1e-7 * float(norms.max()))
+    po.optimizer.pre_step()
+    assert torch.allclose(_dp_grad(model), _clipped_mean(brute, norms, clip),
+                          rtol=1e-9, atol=1e-14)
+    po.optimizer.zero_grad()
+    loss = criterion(po.model(users, items), targets)
+    po.model.disable_hooks()
+    po.model(users, items)
+    po.model.enable_hooks()
+    with pytest.raises(RuntimeError, match="not have been used in the graph"):
+        loss.backward()
