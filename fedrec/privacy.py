@@ -253,7 +253,10 @@ def linear_norm_sample(
         if k == 1:
             sq = (g * g).sum((1, 2)) * (a * a).sum((1, 2))
         elif d_in * d_out <= GRAM_COST * k * (d_in + d_out):
-            sq = torch.bmm(g.transpose(1, 2), a).flatten(1).pow(2).sum(1)  # as above
+            # G_b, then its 2-norm as Opacus's own clipping takes it (DPOptimizer:
+            # ``g.reshape(len(g), -1).norm(2, dim=-1)``), one fused reduction
+            sq = torch.linalg.vector_norm(torch.bmm(g.transpose(1, 2), a).flatten(1),
+                                          dim=1).square()
         else:
             gd, ad = g.double(), a.double()
             sq = (_gram(gd) * _gram(ad)).sum((1, 2))
