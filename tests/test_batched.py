@@ -374,7 +374,10 @@ def test_folded_noise_is_one_draw_for_the_sum() -> None:
     owed = sum(out[i].owed for i in range(n))
     total = sum(out[i].shared[key] - shared[key] for i in range(n))
     total = total + owed_noise(owed, shared, [key], dp_generator(cfg.privacy, 1, 6))[key]
-    assert np.var(total) == pytest.approx(n * steps * per_step, rel=0.06)
+    # the sample variance of these 6,400 values has a relative sd of 1.8% (150 runs: mean
+    # 1.001, max 1.048); a CI run once drew 1.065, so 0.10 (5.7 sd); leaving the folded
+    # draw out takes the variance to ~0
+    assert np.var(total) == pytest.approx(n * steps * per_step, rel=0.10)
 
     spread = {}
     for exact in (False, True):
