@@ -259,22 +259,31 @@ def _layout(plans: Sequence[_Plan], n_steps: int, width: int, k: int
     return users, items, targets, mask
 
 
+def _last_epoch(plans: Sequence[_Plan], n_steps: int) -> torch.Tensor:
+    """``[C, S]``: which steps of each client belong to its last local epoch (the loss
+    a client reports); steps past a client's own are False."""
+    last = torch.zeros(len(plans), n_steps, dtype=torch.bool)
+    for c, p in enumerate(plans):
+        last[c, :len(p.epochs)] = torch.tensor([e == p.epochs[-1] for e in p.epochs])
+    return last
+
+
 def _row_scores(template: torch.nn.Module, rows: dict[str, torch.Tensor], batch: int, k: int,
                 batched: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """Scores ``[C, batch, k]`` of each client's ``batch`` examples from the rows they
     read: local tables ``[C, batch, ...]`` (row b: example b's user) and item tables
     ``[C, batch * k, ...]`` (row b * k + j: its j-th item); other parameters whole.
 
-    MF (every parameter a table) is scored in closed form, ``MF.forward`` on the rows;
-    other models through ``vmap`` of their own forward (``batched``, if given, is that
-    vmap, built once by the caller).
+    MF (every parameter a table) is scored directly on the rows (``MF.score``, what its
+    forward computes after the lookups); other models through ``vmap`` of their own
+    forward (``batched``, if given, is that vmap, built once by the caller).
     """
     if type(template) is MF:
         c = rows["user_emb.weight"].shape[0]
-        p = rows["user_emb.weight"]  # [C, B, d]
-        q = rows["item_emb.weight"].reshape(c, batch, k, -1)  # [C, B, K, d]
-        return ((q * p.unsqueeze(2)).sum(-1) + rows["user_bias.weight"]
-                + rows["item_bias.weight"].reshape(c, batch, k) + template.offset)
+        return MF.score(rows["user_emb.weight"],  # [C, B, d]
+                        rows["item_emb.weight"].reshape(c, batch, k, -1),  # [C, B, K, d]
+                        rows["user_bias.weight"], rows["item_bias.weight"].reshape(c, batch, k),
+                        template.offset)
     batched = batched or vmap(lambda p, u, i: functional_call(template, p, (u, i)))
     first = next(iter(rows.values()))
     c, device = first.shape[0], first.device
@@ -299,9 +308,7 @@ def _train_chunk(cfg: RunConfig, plans: list[_Plan], shared: Arrays) -> list[Fit
     batch = cfg.train.batch_size
     k = plans[0].examples[1].shape[1]
     users, items, targets, mask = _layout(plans, n_steps, batch, k)
-    last = torch.zeros(n_clients, n_steps, dtype=torch.bool)  # steps of the last epoch
-    for c, p in enumerate(plans):
-        last[c, :len(p.epochs)] = torch.tensor([e == p.epochs[-1] for e in p.epochs])
+    last = _last_epoch(plans, n_steps)
     sparse = cfg.train.optimizer == "sgd"
     template = (build_model(cfg.model, batch, batch * k, offset=plans[0].data.offset)
                 if sparse else
@@ -476,8 +483,7 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
     k = 1 + cfg.data.negatives if plans[0].data.implicit else 1
     losses = torch.zeros(n_clients, n_steps, dtype=torch.float64)
     counts = torch.zeros(n_clients, n_steps)
-    last = torch.tensor([[p.epochs[s] == p.epochs[-1] for s in range(n_steps)]
-                         for p in plans])
+    last = _last_epoch(plans, n_steps)
 
     def pay(key: str, rows: torch.Tensor, due: torch.Tensor) -> None:
         """Add ``due [C, M]`` steps' noise (one draw each) to ``rows [C, M]`` of a table."""

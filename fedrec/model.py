@@ -126,10 +126,16 @@ class MF(RecModel):
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Scores ``[B, K]``."""
-        p = self.user_emb(users)  # [B, d]
-        q = self.item_emb(items)  # [B, K, d]
-        dot = (q * p.unsqueeze(1)).sum(-1)  # [B, K]
-        return dot + self.user_bias(users) + self.item_bias(items).squeeze(-1) + self.offset
+        return self.score(self.user_emb(users), self.item_emb(items), self.user_bias(users),
+                          self.item_bias(items).squeeze(-1), self.offset)
+
+    @staticmethod
+    def score(p: torch.Tensor, q: torch.Tensor, user_bias: torch.Tensor,
+              item_bias: torch.Tensor, offset: float) -> torch.Tensor:
+        """``<p, q_k> + b_u + b_k + offset`` from looked-up rows: user rows ``p [..., d]``
+        and ``user_bias [..., 1]``, item rows ``q [..., K, d]`` and ``item_bias [..., K]``
+        (the batched engine scores its gathered rows with it too)."""
+        return (q * p.unsqueeze(-2)).sum(-1) + user_bias + item_bias + offset
 
     @torch.no_grad()
     def score_all(self, users: torch.Tensor, chunk: int = 4096) -> torch.Tensor:

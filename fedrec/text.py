@@ -72,6 +72,7 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("FEDREC_CACHE", Path.home() / ".cache" / "fedrec")) / "text"
 
 
+@functools.lru_cache(maxsize=1)
 def _encoder_version() -> str:
     try:
         return importlib.metadata.version("wordllama")
