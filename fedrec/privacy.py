@@ -217,7 +217,8 @@ register_grad_sampler(Linear)(compute_linear_grad_sample)
 GRAM_CANCELLATION = 1e-2
 # What a multiply-add of the Gram form costs next to one of G_b's, which runs in the
 # layer's dtype: float64 plus the conversions measured 2-4x dearer on this CPU
-# (NeuMF's 64 -> 64 and 64 -> 32 layers at K = 21: 11.0 ms vs 4.9 ms a batch of 1024)
+# (NeuMF's 64 -> 64 and 64 -> 32 layers at K = 21: 11.0 ms vs 4.9 ms a batch of 1024,
+# a one-off micro-benchmark; the end-to-end effect: benchmark_central.py --dp-only)
 GRAM_COST = 2
 
 
