@@ -29,6 +29,9 @@ class Update:
     arrays: dict[str, np.ndarray]
     weight: float  # number of training examples
     touched: np.ndarray | None = None  # [n_items] 0/1, item rows trained on
+    # sorted item rows the item arrays hold (in-process batched engine); every other
+    # row is the current value. None: whole arrays
+    rows: np.ndarray | None = None
 
 
 class MeanAccumulator:
@@ -45,6 +48,10 @@ class MeanAccumulator:
         self.unit = True  # every update added weighs 1
         # weighted and (for example counts of 0) unweighted sums, whole arrays and per row
         self.sums = {k: np.zeros((2,) + v.shape, np.float64) for k, v in current.items()}
+        self.item_keys = set(item_keys)
+        # updates given as rows (``Update.rows``): their other item rows are ``current``,
+        # summed once at the end: (weighted, unweighted) totals of those updates
+        self.implicit = np.zeros(2)
         self.rows = {k: np.zeros((2,) + current[k].shape, np.float64) for k in item_keys}
         self.dens = {k: np.zeros((2, current[k].shape[0]), np.float64) for k in item_keys}
 
@@ -57,8 +64,19 @@ class MeanAccumulator:
         self.masked = self.masked and update.touched is not None
         m = update.touched.astype(np.float64) if self.masked else None  # type: ignore[union-attr]
         on = np.flatnonzero(m) if m is not None else None  # rows with a nonzero mask
+        if update.rows is not None:  # unmasked: item rows as their change from current
+            if update.touched is not None:
+                raise ValueError("an update given as rows carries no touched mask")
+            self.implicit += (w, 1.0)
         for key in self.current:  # keys outside the global model are never aggregated
             x = update.arrays[key].astype(np.float64)
+            if update.rows is not None and key in self.item_keys:
+                delta = x - self.current[key][update.rows]
+                self.sums[key][0][update.rows] += w * delta
+                self.sums[key][1][update.rows] += delta
+                continue
+            if update.rows is not None:  # a whole array: its current part is implicit
+                x = x - self.current[key]
             self.sums[key][0] += w * x
             self.sums[key][1] += x
             if key in self.rows and m is not None and on is not None:
@@ -89,7 +107,8 @@ class MeanAccumulator:
                 out[key] = np.where(den > 0, self.rows[key][i] / np.maximum(den, 1e-300),
                                     cur)
             else:
-                out[key] = self.sums[key][i] / total
+                whole = self.sums[key][i] + self.implicit[i] * cur.astype(np.float64)
+                out[key] = whole / total
         return out
 
     def step(self, server_lr: float = 1.0) -> dict[str, np.ndarray]:

@@ -76,7 +76,8 @@ class _Plan:
     state: ClientState
     ledger: Ledger
     builder: ExampleBuilder
-    rows: np.ndarray  # sorted global item rows it holds: those read by any step (DP: all)
+    rows: np.ndarray  # sorted global item rows it holds: those read by any step (all
+    # under DP with exact_noise)
     examples: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (users, items, targets)
     # of every step, back to back (items: indices into ``rows``)
     lengths: list[int]  # examples of each step
@@ -127,9 +128,9 @@ def _plan(cfg: RunConfig, index: int, data: ClientData, state: ClientState | Non
         lengths += [len(b) for b in batches]
         epochs += [epoch] * len(batches)
     users, items, targets = (torch.cat(t) for t in zip(*parts))
-    if dp is not None:  # noise reaches every row: the client holds the whole table
+    if dp is not None and exact_noise:  # step-by-step noise: the whole table
         rows = np.arange(data.n_items)
-    else:  # the rows it reads, renumbered
+    else:  # the rows it reads, renumbered (DP: other rows only owe noise)
         rows = np.flatnonzero(builder.touched)
         position = np.zeros(data.n_items, dtype=np.int64)
         position[rows] = np.arange(len(rows))
@@ -461,15 +462,23 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
     n_items = plans[0].data.n_items
     template = build_model(cfg.model, n_users, n_items, offset=plans[0].data.offset)
     local_keys = template.local_keys()
+    item_keys = [key for key in template.state_dict() if key not in local_keys]
+    # each client holds the item rows its examples read (all of them with exact_noise):
+    # a row it never reads only owes noise, one draw at the end (or folded)
+    n_rows = max(1, max(len(p.rows) for p in plans))
+    held = _pad_stack([torch.from_numpy(p.rows) for p in plans], n_rows)  # [C, R]
+    real = torch.arange(n_rows).expand(n_clients, -1) < torch.tensor(
+        [len(p.rows) for p in plans]).unsqueeze(1)  # [C, R]: False on padding
     tables: dict[str, torch.Tensor] = {}
     for key in template.state_dict():  # registration order = Opacus's parameter order
         if key in local_keys:
             tables[key] = _pad_stack([p.local[key].float() for p in plans], n_users)
         else:
-            tables[key] = torch.from_numpy(np.asarray(shared[key], dtype=np.float32)).expand(
-                (n_clients,) + shared[key].shape).clone()
-    if any(tables[key].shape[1] != n_items for key in tables if key not in local_keys):
-        raise RuntimeError("item tables of the batched DP engine have one row per item")
+            whole = torch.from_numpy(np.asarray(shared[key], dtype=np.float32))
+            if whole.shape[0] != n_items:
+                raise RuntimeError("item tables of the batched DP engine have one row per "
+                                   "item")
+            tables[key] = whole[held]
     clip, lr = pcfg.max_grad_norm, cfg.train.lr
     normalizer = max(1, round(cfg.train.batch_size))  # privacy.set_expected_batch_size
     std = torch.tensor([p.dp.sigma * clip for p in plans if p.dp is not None])
@@ -478,20 +487,26 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
     # one OS-seeded generator for the chunk's lazy draws (test-only stream when seeded)
     chunk_noise = privacy.dp_generator(pcfg, plans[0].stream[0], plans[0].stream[1],
                                        privacy.CHUNK_NOISE)
-    owed = torch.zeros(n_clients, n_items)  # steps whose noise each item row still owes
+    owed = torch.zeros(n_clients, n_rows)  # steps whose noise each held row still owes
     criterion = RowLoss(cfg.train.objective, reduction="none")
     k = 1 + cfg.data.negatives if plans[0].data.implicit else 1
     losses = torch.zeros(n_clients, n_steps, dtype=torch.float64)
     counts = torch.zeros(n_clients, n_steps)
     last = _last_epoch(plans, n_steps)
 
-    def pay(key: str, rows: torch.Tensor, due: torch.Tensor) -> None:
-        """Add ``due [C, M]`` steps' noise (one draw each) to ``rows [C, M]`` of a table."""
-        table = tables[key]
-        scale = (std.reshape(-1, 1) * due.sqrt() * (-lr / normalizer)).reshape(
-            due.shape + (1,) * (table.dim() - 2))
-        _scatter_add(table, rows, _secure_noise(1.0, rows.shape + table.shape[2:],
-                                                chunk_noise) * scale)
+    def pay(into: dict[str, torch.Tensor], rows: torch.Tensor, due: torch.Tensor) -> None:
+        """Add ``due [C, M]`` steps' noise (one draw each) to ``rows [C, M]`` of the item
+        tables ``into`` (drawn only where something is due)."""
+        c_idx, m_idx = torch.nonzero(due > 0, as_tuple=True)
+        if not len(c_idx):
+            return
+        scale = std[c_idx] * due[c_idx, m_idx].sqrt() * (-lr / normalizer)
+        for key in item_keys:
+            table = into[key]
+            flat = table.view((-1,) + table.shape[2:])
+            z = _secure_noise(1.0, (len(c_idx),) + table.shape[2:], chunk_noise)
+            flat.index_add_(0, c_idx * table.shape[1] + rows[c_idx, m_idx],
+                            z * scale.reshape((-1,) + (1,) * (table.dim() - 2)))
 
     widths = np.array([p.lengths for p in plans], dtype=np.int64).max(0)  # per step
     all_users, all_items, all_targets, all_mask = _layout(
@@ -504,11 +519,8 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
                  for key in tables}
         if not exact_noise:  # rows this step reads first take the noise they owe
             flat = items.reshape(n_clients, -1)
-            due = owed.gather(1, flat) * _first_of_each_row(flat, n_items)
             with torch.no_grad():
-                for key in tables:
-                    if key not in local_keys:
-                        pay(key, flat, due)
+                pay(tables, flat, owed.gather(1, flat) * _first_of_each_row(flat, n_rows))
             owed.scatter_(1, flat, 0.0)
         leaves = {key: _gather(tables[key], index[key]).requires_grad_() for key in tables}
         scores = _row_scores(template, leaves, width, k)
@@ -544,31 +556,45 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
             owed += 1.0
             counts[:, s] = mask.sum(1)
             losses[:, s] = (per.detach() * mask).sum(1).double()
-    owed_var = None
+    per_step = (std * lr / normalizer) ** 2  # [C]: an item coordinate's noise variance
+    owed = owed * real  # padding rows owe nothing
+    out_tables, owed_var = tables, None
     if fold_noise and not exact_noise:  # the caller draws it for the sum
-        owed_var = (owed * (std.reshape(-1, 1) * lr / normalizer) ** 2).double().numpy()
-    elif not exact_noise:  # every item row gets the noise it still owes
-        everything = torch.arange(n_items).expand(n_clients, -1)
+        owed_var = np.repeat((per_step * n_steps).double().numpy()[:, None], n_items, 1)
+        for c, p in enumerate(plans):  # rows never read owe every step
+            owed_var[c, p.rows] = (owed[c, :len(p.rows)] * per_step[c]).double().numpy()
+    elif not exact_noise:  # whole tables, every row with the noise it still owes
         with torch.no_grad():
-            for key in tables:
-                if key not in local_keys:
-                    pay(key, everything, owed)
+            pay(tables, torch.arange(n_rows).expand(n_clients, -1), owed)
+            c_idx, r_idx = torch.nonzero(real, as_tuple=True)
+            rows = held[c_idx, r_idx]
+            out_tables = {key: torch.from_numpy(np.asarray(
+                shared[key], dtype=np.float32)).expand((n_clients,) + shared[key].shape
+                                                       ).clone() for key in item_keys}
+            due = torch.full((n_clients, n_items), float(n_steps))
+            due[c_idx, rows] = 0.0  # held rows have had theirs
+            pay(out_tables, torch.arange(n_items).expand(n_clients, -1), due)
+            for key in item_keys:
+                out_tables[key][c_idx, rows] = tables[key][c_idx, r_idx]
     last_loss = (losses * last).sum(1) / (counts.double() * last).sum(1).clamp(min=1)
     results = []
-    shared_keys = template.shared_keys()
-    finite = all(bool(torch.isfinite(v.sum())) for v in tables.values())  # no NaN/inf
+    finite = all(bool(torch.isfinite(v.sum())) for v in (*tables.values(),
+                                                          *out_tables.values()))
     for c, p in enumerate(plans):
         assert p.dp is not None
         local = {key: tables[key][c, :p.data.n_users].clone() for key in local_keys}
-        out = {key: tables[key][c].numpy().copy() for key in shared_keys}
+        if owed_var is not None:  # the held rows; the others are the received ones
+            out = {key: tables[key][c, :len(p.rows)].numpy().copy() for key in item_keys}
+        else:
+            out = {key: out_tables[key][c].numpy().copy() for key in item_keys}
         history = privacy.add_entry(p.ledger.history, (p.dp.sigma, p.dp.sample_rate,
                                                        len(p.lengths)))
         ledger = dataclasses.replace(
             p.ledger, rounds=p.ledger.rounds + 1, history=[tuple(h) for h in history],
             epsilon=privacy.epsilon_of(history, pcfg.delta, pcfg.accountant))
-        results.append(_finish(p, local, out, float(last_loss[c]), None, ledger, weight=1.0,
-                               owed=None if owed_var is None else owed_var[c],
-                               finite=finite))
+        res = _finish(p, local, out, float(last_loss[c]), None, ledger, weight=1.0,
+                      owed=None if owed_var is None else owed_var[c], finite=finite)
+        results.append(res if owed_var is None else dataclasses.replace(res, rows=p.rows))
     return results
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -299,6 +300,20 @@ class FitResult:
     # batched engine, record-level DP with fold_noise: per item row, the variance of the
     # noise this update still owes (the caller adds the sum's noise in one draw)
     owed: np.ndarray | None = None
+    # batched engine, fold_noise: the item rows ``shared``'s item arrays hold, sorted;
+    # every other row is the received value (``full``). None: the arrays are whole
+    rows: np.ndarray | None = None
+
+    def full(self, received: Arrays, item_keys: Sequence[str]) -> Arrays:
+        """``shared`` whole: the rows ``rows`` leaves out are ``received``'s."""
+        if self.shared is None or self.rows is None:
+            return dict(self.shared or {})
+        out = dict(self.shared)
+        for key in item_keys:
+            whole = np.array(received[key], dtype=self.shared[key].dtype, copy=True)
+            whole[self.rows] = self.shared[key]
+            out[key] = whole
+        return out
 
 
 def fit_client(cfg: RunConfig, data: ClientData, shared: Arrays, state: ClientState | None,

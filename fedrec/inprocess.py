@@ -224,7 +224,7 @@ def _run(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
             if clipped is not None:
                 clipped.add(res.shared)
             else:
-                acc.add(Update(res.shared, res.weight, res.touched))
+                acc.add(Update(res.shared, res.weight, res.touched, res.rows))
             if res.owed is not None:
                 owed += res.owed
             losses.append((res.loss, res.num_examples))

@@ -65,7 +65,7 @@ def _round(cfg: RunConfig, clients: list[Any], shared: dict[str, np.ndarray],
         if isinstance(acc, ClippedSum):
             acc.add(res.shared)
         else:
-            acc.add(Update(res.shared, res.weight, res.touched))
+            acc.add(Update(res.shared, res.weight, res.touched, res.rows))
         if res.owed is not None:
             owed += res.owed
     if fold and isinstance(acc, MeanAccumulator):

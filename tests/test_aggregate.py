@@ -61,3 +61,37 @@ def test_server_adam_takes_one_normalised_step_and_checkpoints_its_moments() -> 
     np.testing.assert_allclose(again.step(ups, new)["w"], opt.step(ups, new)["w"])
     plain = ServerOptimizer(FedConfig(server_opt="avg", server_lr=2.0), item_keys=[])
     np.testing.assert_allclose(plain.step(ups, cur)["w"], 2.0)
+
+
+def test_updates_given_as_rows_average_like_whole_arrays() -> None:
+    """An update that holds only some item rows (the batched engine's) averages as the
+    whole array it stands for, mixed with whole updates and with any weights; one with
+    a touched mask as well is refused."""
+    import pytest
+
+    from fedrec.aggregate import MeanAccumulator
+
+    rng = np.random.default_rng(0)
+    current = {"item": rng.normal(size=(6, 3)), "w": rng.normal(size=(2,))}
+    rows = [np.array([1, 4]), np.array([], dtype=np.int64), None]
+    wholes, parts = [], []
+    for r in rows:
+        whole = {k: v + rng.normal(size=v.shape) for k, v in current.items()}
+        if r is not None:
+            keep = np.ones(6, bool)
+            keep[r] = False
+            whole["item"][keep] = current["item"][keep]
+            parts.append({"item": whole["item"][r], "w": whole["w"]})
+        else:
+            parts.append(whole)
+        wholes.append(whole)
+    for weights in ([1.0, 1.0, 1.0], [3.0, 0.5, 2.0]):
+        dense, sparse = MeanAccumulator(current, ["item"]), MeanAccumulator(current, ["item"])
+        for whole, part, r, w in zip(wholes, parts, rows, weights):
+            dense.add(Update(whole, w))
+            sparse.add(Update(part, w, None, r))
+        for key in current:
+            np.testing.assert_allclose(sparse.average()[key], dense.average()[key])
+    with pytest.raises(ValueError, match="no touched mask"):
+        MeanAccumulator(current, ["item"]).add(
+            Update(parts[0], 1.0, np.ones(6, np.float32), rows[0]))
