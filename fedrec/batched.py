@@ -557,7 +557,7 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
             counts[:, s] = mask.sum(1)
             losses[:, s] = (per.detach() * mask).sum(1).double()
     per_step = (std * lr / normalizer) ** 2  # [C]: an item coordinate's noise variance
-    owed = owed * real  # padding rows owe nothing
+    owed = owed * real  # padding rows are never sent: no draws for them
     out_tables, owed_var = tables, None
     if fold_noise and not exact_noise:  # the caller draws it for the sum
         owed_var = np.repeat((per_step * n_steps).double().numpy()[:, None], n_items, 1)
@@ -572,7 +572,7 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
                 shared[key], dtype=np.float32)).expand((n_clients,) + shared[key].shape
                                                        ).clone() for key in item_keys}
             due = torch.full((n_clients, n_items), float(n_steps))
-            due[c_idx, rows] = 0.0  # held rows have had theirs
+            due[c_idx, rows] = 0.0  # held rows had theirs (copied in below): no draws
             pay(out_tables, torch.arange(n_items).expand(n_clients, -1), due)
             for key in item_keys:
                 out_tables[key][c_idx, rows] = tables[key][c_idx, r_idx]
