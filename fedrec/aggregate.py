@@ -56,7 +56,8 @@ class MeanAccumulator:
         self.dens = {k: np.zeros((2, current[k].shape[0]), np.float64) for k in item_keys}
 
     def add(self, update: Update) -> None:
-        """Fold one valid update (same keys and shapes as ``current``) into the sums."""
+        """Fold one valid update (same keys and shapes as ``current``; item arrays of
+        ``update.rows`` rows if it gives them) into the sums."""
         w = float(update.weight)
         self.unit = self.unit and w == 1.0
         self.count += 1
@@ -64,23 +65,25 @@ class MeanAccumulator:
         self.masked = self.masked and update.touched is not None
         m = update.touched.astype(np.float64) if self.masked else None  # type: ignore[union-attr]
         on = np.flatnonzero(m) if m is not None else None  # rows with a nonzero mask
-        if update.rows is not None:  # unmasked: item rows as their change from current
-            if update.touched is not None:
-                raise ValueError("an update given as rows carries no touched mask")
+        given = update.rows
+        at = on  # where the masked rows sit in the item arrays
+        if given is not None:  # item rows given as their change from current
             self.implicit += (w, 1.0)
+            if on is not None:
+                at = np.minimum(np.searchsorted(given, on), max(len(given) - 1, 0))
+                if len(on) and not (len(given) and np.array_equal(given[at], on)):
+                    raise ValueError("an update's touched rows are not among its rows")
         for key in self.current:  # keys outside the global model are never aggregated
             x = update.arrays[key].astype(np.float64)
-            if update.rows is not None and key in self.item_keys:
-                delta = x - self.current[key][update.rows]
-                self.sums[key][0][update.rows] += w * delta
-                self.sums[key][1][update.rows] += delta
-                continue
-            if update.rows is not None:  # a whole array: its current part is implicit
-                x = x - self.current[key]
-            self.sums[key][0] += w * x
-            self.sums[key][1] += x
+            item = given is not None and key in self.item_keys
+            if given is not None:  # its current part is summed at the end (implicit)
+                x = x - (self.current[key][given] if item else self.current[key])
+            where = given if item else slice(None)
+            self.sums[key][0][where] += w * x
+            self.sums[key][1][where] += x
             if key in self.rows and m is not None and on is not None:
-                mx = x[on] * m[on].reshape((-1,) + (1,) * (x.ndim - 1))
+                mx = ((x + self.current[key][given]) if item else x)[at] * m[on].reshape(
+                    (-1,) + (1,) * (x.ndim - 1))
                 self.rows[key][0][on] += w * mx
                 self.rows[key][1][on] += mx
                 self.dens[key][0][on] += w * m[on]
@@ -229,20 +232,25 @@ class ClippedSum:
     one client's influence at ``clip / denominator`` whether or not others drop out.
     """
 
-    def __init__(self, current: dict[str, np.ndarray], clip: float) -> None:
+    def __init__(self, current: dict[str, np.ndarray], clip: float,
+                 item_keys: Sequence[str] = ()) -> None:
         if clip <= 0:
             raise ValueError(f"clip must be > 0, got {clip}")
         self.current, self.clip, self.count = current, float(clip), 0
+        self.item_keys = set(item_keys)  # the keys an update given as rows holds rows of
         self.sums = {k: np.zeros(v.shape, np.float64) for k, v in current.items()}
 
-    def add(self, arrays: dict[str, np.ndarray]) -> float:
-        """Fold one update in (clipped); returns its norm before clipping."""
-        deltas = {k: arrays[k].astype(np.float64) - cur.astype(np.float64)
+    def add(self, arrays: dict[str, np.ndarray], rows: np.ndarray | None = None) -> float:
+        """Fold one update in (clipped); returns its norm before clipping. ``rows``: the
+        item arrays hold only these rows (``Update.rows``); the others did not change."""
+        where = {k: rows if rows is not None and k in self.item_keys else slice(None)
+                 for k in self.current}
+        deltas = {k: arrays[k].astype(np.float64) - cur[where[k]].astype(np.float64)
                   for k, cur in self.current.items()}
         norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in deltas.values())))
         scale = min(1.0, self.clip / norm) if norm > 0 else 1.0
         for k, d in deltas.items():
-            self.sums[k] += scale * d
+            self.sums[k][where[k]] += scale * d
         self.count += 1
         return norm
 

@@ -153,7 +153,7 @@ def _plan(cfg: RunConfig, index: int, data: ClientData, state: ClientState | Non
 def fit_clients(cfg: RunConfig, clients: Sequence[ClientData], shared: Arrays,
                 states: Sequence[ClientState | None], ledgers: Sequence[Ledger | None], *,
                 seeds: Sequence[int], server_round: int, chunk: int = 256,
-                exact_noise: bool = False, fold_noise: bool = False
+                exact_noise: bool = False, fold_noise: bool = False, as_rows: bool = False
                 ) -> Iterator[tuple[int, FitResult]]:
     """``fit_client`` for each client: yields ``(position in clients, result)``.
 
@@ -165,6 +165,11 @@ def fit_clients(cfg: RunConfig, clients: Sequence[ClientData], shared: Arrays,
     updates, as ``fedrec.inprocess`` does) leaves out the noise each row still owes after
     the last step and reports its variance per item row (``FitResult.owed``): the sum
     of the updates then takes it as one draw (``owed_noise``), not one per client.
+
+    ``as_rows``: each result's item arrays hold only the rows its client held
+    (``FitResult.rows``; every other row is the received one, its noise, under
+    ``fold_noise``, owed to the sum), for a caller that sums them as rows
+    (``MeanAccumulator``, ``ClippedSum``): no client copies the whole catalogue.
 
     Clients train ``chunk`` at a time, grouped by size (a chunk pads to its largest
     client), so results come in chunk order, not list order; a round of thousands of
@@ -196,8 +201,8 @@ def fit_clients(cfg: RunConfig, clients: Sequence[ClientData], shared: Arrays,
                 done[j] = plan
             else:
                 plans.append(plan)
-        trained = (_train_chunk_dp(cfg, plans, shared, exact_noise, fold_noise)
-                   if cfg.privacy.dp else _train_chunk(cfg, plans, shared))
+        trained = (_train_chunk_dp(cfg, plans, shared, exact_noise, fold_noise, as_rows)
+                   if cfg.privacy.dp else _train_chunk(cfg, plans, shared, as_rows))
         done.update({p.index: r for p, r in zip(plans, trained)})
         seconds = (time.perf_counter() - t0) / max(1, len(done))
         for j, res in done.items():
@@ -292,7 +297,8 @@ def _row_scores(template: torch.nn.Module, rows: dict[str, torch.Tensor], batch:
                    torch.arange(batch * k, device=device).reshape(batch, k).expand(c, -1, -1))
 
 
-def _train_chunk(cfg: RunConfig, plans: list[_Plan], shared: Arrays) -> list[FitResult]:
+def _train_chunk(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
+                 as_rows: bool = False) -> list[FitResult]:
     """Train ``plans`` side by side; one FitResult each.
 
     SGD steps touch only the rows a step reads (gathered, differentiated, added back:
@@ -366,19 +372,15 @@ def _train_chunk(cfg: RunConfig, plans: list[_Plan], shared: Arrays) -> list[Fit
         out: Arrays = {}
         for key in shared_keys:
             value = params[key][c].detach().cpu()
-            if key in item_keys:
-                full = np.array(shared[key], dtype=np.float32, copy=True)
-                full[p.rows] = value[:len(p.rows)].numpy()
-                out[key] = full
-            else:
-                out[key] = value.numpy().copy()
+            out[key] = (value[:len(p.rows)] if key in item_keys else value).numpy().copy()
         weighting = cfg.fed.item_weighting
         touched = (p.builder.touched.astype(np.float32)
                    if not (cfg.privacy.user_dp or cfg.privacy.ddp)
                    and weighting in ("auto", "touched") else None)
-        results.append(_finish(p, local, out, float(last_loss[c]), touched,
-                               dataclasses.replace(p.ledger, rounds=p.ledger.rounds + 1),
-                               weight=float(len(p.data.train)), finite=finite))
+        res = _finish(p, local, out, float(last_loss[c]), touched,
+                      dataclasses.replace(p.ledger, rounds=p.ledger.rounds + 1),
+                      weight=float(len(p.data.train)), finite=finite)
+        results.append(_as_rows(res, p.rows, shared, sorted(item_keys), as_rows))
     return results
 
 
@@ -425,7 +427,8 @@ def _first_of_each_row(index: torch.Tensor, n_rows: int) -> torch.Tensor:
 
 
 def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
-                    exact_noise: bool = False, fold_noise: bool = False) -> list[FitResult]:
+                    exact_noise: bool = False, fold_noise: bool = False,
+                    as_rows: bool = False) -> list[FitResult]:
     """Record-level DP-SGD for ``plans`` side by side (MF, SGD): what Opacus does in
     ``fit_client``, step for step.
 
@@ -583,7 +586,7 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
     for c, p in enumerate(plans):
         assert p.dp is not None
         local = {key: tables[key][c, :p.data.n_users].clone() for key in local_keys}
-        if owed_var is not None:  # the held rows; the others are the received ones
+        if out_tables is tables:  # the held rows; the others are the received ones
             out = {key: tables[key][c, :len(p.rows)].numpy().copy() for key in item_keys}
         else:
             out = {key: out_tables[key][c].numpy().copy() for key in item_keys}
@@ -594,8 +597,18 @@ def _train_chunk_dp(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
             epsilon=privacy.epsilon_of(history, pcfg.delta, pcfg.accountant))
         res = _finish(p, local, out, float(last_loss[c]), None, ledger, weight=1.0,
                       owed=None if owed_var is None else owed_var[c], finite=finite)
-        results.append(res if owed_var is None else dataclasses.replace(res, rows=p.rows))
+        results.append(_as_rows(res, p.rows, shared, item_keys, as_rows)
+                       if out_tables is tables else res)
     return results
+
+
+def _as_rows(res: FitResult, rows: np.ndarray, shared: Arrays, item_keys: Sequence[str],
+             as_rows: bool) -> FitResult:
+    """``res``, whose item arrays hold ``rows`` (the others are ``shared``'s), given as
+    those rows (``as_rows``) or whole."""
+    res = dataclasses.replace(res, rows=rows)
+    return res if as_rows else dataclasses.replace(res, shared=res.full(shared, item_keys),
+                                                    rows=None)
 
 
 def owed_noise(owed: np.ndarray, shared: Arrays, keys: Sequence[str],

@@ -202,7 +202,7 @@ def _run(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
         chosen = _sample(cfg, len(clients), rng)
         n_sample = len(chosen)
         acc = MeanAccumulator(shared, keys)
-        clipped = ClippedSum(shared, cfg.privacy.user_clip) if user_dp else None
+        clipped = ClippedSum(shared, cfg.privacy.user_clip, keys) if user_dp else None
         eps, losses, exhausted = [], [], 0
         owed = np.zeros(split.n_items)
         if batched:
@@ -210,7 +210,8 @@ def _run(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
                 (chosen[j], res) for j, res in fit_clients(
                     cfg, [clients[i] for i in chosen], shared, [states[i] for i in chosen],
                     [ledgers[i] for i in chosen], seeds=[cfg.data.seed + i for i in chosen],
-                    server_round=rnd, exact_noise=exact_noise, fold_noise=fold))
+                    server_round=rnd, exact_noise=exact_noise, fold_noise=fold,
+                    as_rows=True))
         else:
             fits = ((i, fit_client(cfg, clients[i], shared, states[i], ledgers[i],
                                    seed=cfg.data.seed + i, server_round=rnd)) for i in chosen)
@@ -222,7 +223,7 @@ def _run(cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None,
             states[i], ledgers[i] = res.state, res.ledger
             # fit_client sends no mask under DP or with uniform weighting
             if clipped is not None:
-                clipped.add(res.shared)
+                clipped.add(res.shared, res.rows)
             else:
                 acc.add(Update(res.shared, res.weight, res.touched, res.rows))
             if res.owed is not None:

@@ -45,7 +45,7 @@ def _round(cfg: RunConfig, clients: list[Any], shared: dict[str, np.ndarray],
            engine: str) -> float:
     """Seconds to train ``clients`` for round 1 and fold their updates into the sum."""
     keys = item_keys(cfg, cached_split(cfg.data).n_items)
-    acc: MeanAccumulator | ClippedSum = (ClippedSum(shared, cfg.privacy.user_clip)
+    acc: MeanAccumulator | ClippedSum = (ClippedSum(shared, cfg.privacy.user_clip, keys)
                                          if cfg.privacy.user_dp else
                                          MeanAccumulator(shared, keys))
     seeds = [cfg.data.seed + i for i in range(len(clients))]
@@ -55,7 +55,8 @@ def _round(cfg: RunConfig, clients: list[Any], shared: dict[str, np.ndarray],
     if engine == "batched":
         fits = (res for _, res in fit_clients(cfg, clients, shared, [None] * len(clients),
                                               [None] * len(clients), seeds=seeds,
-                                              server_round=1, fold_noise=fold))
+                                              server_round=1, fold_noise=fold,
+                                              as_rows=True))
     else:
         fits = (fit_client(cfg, c, shared, None, seed=s, server_round=1)
                 for c, s in zip(clients, seeds))
@@ -63,7 +64,7 @@ def _round(cfg: RunConfig, clients: list[Any], shared: dict[str, np.ndarray],
         if res.shared is None:
             continue
         if isinstance(acc, ClippedSum):
-            acc.add(res.shared)
+            acc.add(res.shared, res.rows)
         else:
             acc.add(Update(res.shared, res.weight, res.touched, res.rows))
         if res.owed is not None:

@@ -65,8 +65,8 @@ def test_server_adam_takes_one_normalised_step_and_checkpoints_its_moments() -> 
 
 def test_updates_given_as_rows_average_like_whole_arrays() -> None:
     """An update that holds only some item rows (the batched engine's) averages as the
-    whole array it stands for, mixed with whole updates and with any weights; one with
-    a touched mask as well is refused."""
+    whole array it stands for, mixed with whole updates, with any weights and with
+    touched masks; a mask naming a row the update does not hold is refused."""
     import pytest
 
     from fedrec.aggregate import MeanAccumulator
@@ -92,6 +92,39 @@ def test_updates_given_as_rows_average_like_whole_arrays() -> None:
             sparse.add(Update(part, w, None, r))
         for key in current:
             np.testing.assert_allclose(sparse.average()[key], dense.average()[key])
-    with pytest.raises(ValueError, match="no touched mask"):
-        MeanAccumulator(current, ["item"]).add(
-            Update(parts[0], 1.0, np.ones(6, np.float32), rows[0]))
+    # with touched masks (rows averaged over the clients that trained them)
+    masks = [np.isin(np.arange(6), [1, 4]).astype(np.float32), np.zeros(6, np.float32),
+             np.isin(np.arange(6), [0, 4, 5]).astype(np.float32)]
+    dense, sparse = MeanAccumulator(current, ["item"]), MeanAccumulator(current, ["item"])
+    for whole, part, r, mask, w in zip(wholes, parts, rows, masks, [3.0, 0.5, 2.0]):
+        dense.add(Update(whole, w, mask))
+        sparse.add(Update(part, w, mask, r))
+    for key in current:
+        np.testing.assert_allclose(sparse.average()[key], dense.average()[key])
+    with pytest.raises(ValueError, match="touched rows are not among its rows"):
+        MeanAccumulator(current, ["item"]).add(Update(parts[0], 1.0, masks[2], rows[0]))
+    with pytest.raises(ValueError, match="touched rows are not among its rows"):
+        MeanAccumulator(current, ["item"]).add(Update(parts[1], 1.0, masks[0], rows[1]))
+
+
+def test_clipped_sum_of_updates_given_as_rows_equals_whole_arrays() -> None:
+    """User-level DP's clipped sum: an update given as rows has the norm and clipped
+    contribution of the whole update it stands for (big ones clipped, small ones not)."""
+    import pytest
+
+    from fedrec.aggregate import ClippedSum
+
+    rng = np.random.default_rng(1)
+    current = {"item": rng.normal(size=(6, 3)), "w": rng.normal(size=(2,))}
+    dense, sparse = ClippedSum(current, 0.5), ClippedSum(current, 0.5, ["item"])
+    for r, size in ((np.array([0, 3]), 1.0), (np.array([5]), 0.01), (None, 2.0)):
+        whole = {k: v + size * rng.normal(size=v.shape) for k, v in current.items()}
+        part = dict(whole)
+        if r is not None:
+            keep = np.ones(6, bool)
+            keep[r] = False
+            whole["item"][keep] = current["item"][keep]
+            part["item"] = whole["item"][r]
+        assert sparse.add(part, r) == pytest.approx(dense.add(whole), rel=1e-12)
+    for key in current:
+        np.testing.assert_allclose(sparse.sums[key], dense.sums[key])

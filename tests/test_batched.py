@@ -366,7 +366,8 @@ def test_folded_noise_is_one_draw_for_the_sum() -> None:
     clients[1:] = [_without_ratings(c) for c in clients[1:]]  # noise only
     shared = init_shared(cfg, n_items)
     out = dict(fit_clients(cfg, clients, shared, [None] * n, [None] * n,
-                           seeds=list(range(n)), server_round=1, fold_noise=True))
+                           seeds=list(range(n)), server_round=1, fold_noise=True,
+                           as_rows=True))
     steps, key = 2 * 4, "item_emb.weight"
     per_step = (0.5 / 8 * 2.0 * 0.5) ** 2  # (lr / B * sigma C)^2
     for i in range(1, n):  # rows 1.. are never read by a client without ratings
