@@ -2,9 +2,10 @@
 
 It runs ``fedrec.federated.fit_client``'s semantics: each client gets its own copy of the
 shared rows it reads, its own user embeddings and its own optimizer state; its examples,
-negatives and batch order come from the seeds (under DP: the OS-seeded generators)
-``fit_client`` uses, so both give the same update to float tolerance
-(``tests/test_batched.py``). The clients' steps run side by side, on the rows each
+negatives and batch order come from the seeds ``fit_client`` uses (under record-level DP
+its OS-seeded generators with ``exact_noise``, else one OS-seeded generator per chunk of
+clients for its noise, Poisson batches and negatives), so both give the same update to
+float tolerance (``tests/test_batched.py``). The clients' steps run side by side, on the rows each
 step reads (gathered from and added back to the clients' stacked tables by flat
 ``index_select``/``index_add_``), scored by ``torch.func.vmap`` over one model (MF in
 closed form): a one-user client's ~85 ratings in steps of 16 no longer pay a model
@@ -89,11 +90,14 @@ class _Plan:
 
 
 def _plan(cfg: RunConfig, index: int, data: ClientData, state: ClientState | None,
-          ledger: Ledger | None, seed: int, server_round: int, exact_noise: bool
+          ledger: Ledger | None, seed: int, server_round: int, exact_noise: bool,
+          streams: tuple[torch.Generator, np.random.Generator] | None = None
           ) -> _Plan | FitResult:
     """fit_client's examples and batch order for one client (same seeds, same draws);
     under record-level DP, its Poisson batches (and, for ``exact_noise``, its own noise
-    source), or the FitResult of a client whose budget does not allow the round."""
+    source), or the FitResult of a client whose budget does not allow the round.
+    ``streams``: under record-level DP, the (sampling, negatives) generators of its chunk,
+    instead of a pair of its own (same distribution; fit_client's draws need its own)."""
     pcfg = cfg.privacy
     ledger = ledger or Ledger(delta=pcfg.delta if pcfg.dp else 0.0,
                               unit=privacy.UNIT_OF_PRIVACY if pcfg.dp else "")
@@ -104,9 +108,12 @@ def _plan(cfg: RunConfig, index: int, data: ClientData, state: ClientState | Non
     noise = None
     if dp is not None:
         stream = (seed, server_round)
-        neg: int | np.random.Generator = np.random.default_rng(
-            privacy.dp_seed(pcfg, *stream, privacy.NEGATIVES))
-        gen = privacy.dp_generator(pcfg, *stream, privacy.SAMPLING)
+        neg: int | np.random.Generator
+        if streams is not None:
+            gen, neg = streams
+        else:
+            neg = np.random.default_rng(privacy.dp_seed(pcfg, *stream, privacy.NEGATIVES))
+            gen = privacy.dp_generator(pcfg, *stream, privacy.SAMPLING)
         if exact_noise:  # else the chunk's generator draws its noise
             noise = privacy.dp_generator(pcfg, *stream, privacy.NOISE)
     else:
@@ -153,15 +160,17 @@ def _plan(cfg: RunConfig, index: int, data: ClientData, state: ClientState | Non
 def fit_clients(cfg: RunConfig, clients: Sequence[ClientData], shared: Arrays,
                 states: Sequence[ClientState | None], ledgers: Sequence[Ledger | None], *,
                 seeds: Sequence[int], server_round: int, chunk: int = 256,
-                exact_noise: bool = False, fold_noise: bool = False, as_rows: bool = False
-                ) -> Iterator[tuple[int, FitResult]]:
+                exact_noise: bool = False, fold_noise: bool = False, as_rows: bool = False,
+                client_streams: bool = False) -> Iterator[tuple[int, FitResult]]:
     """``fit_client`` for each client: yields ``(position in clients, result)``.
 
     Under record-level DP the noise on an item row is drawn when a step reads the row
     and at the end, as the one Gaussian the steps since its last draw add up to (same
     distribution, several times fewer draws; ``_train_chunk_dp``); ``exact_noise`` draws
     it step by step in Opacus's order instead, the very numbers ``fit_client`` adds from
-    the same stream (equality tests). ``fold_noise`` (for a caller that only sums the
+    the same stream, with each client's own sampling and negatives streams (equality
+    tests); otherwise a chunk's clients draw those from one OS-seeded pair (own streams
+    with ``client_streams``, for tests of the lazy noise). ``fold_noise`` (for a caller that only sums the
     updates, as ``fedrec.inprocess`` does) leaves out the noise each row still owes after
     the last step and reports its variance per item row (``FitResult.owed``): the sum
     of the updates then takes it as one draw (``owed_noise``), not one per client.
@@ -189,6 +198,8 @@ def fit_clients(cfg: RunConfig, clients: Sequence[ClientData], shared: Arrays,
     for start in range(0, len(order), chunk):
         t0 = time.perf_counter()
         plans, done = [], {}
+        streams = (_chunk_streams(cfg, seeds[order[start]], server_round)
+                   if cfg.privacy.dp and not (exact_noise or client_streams) else None)
         for j in order[start:start + chunk]:
             if len(clients[j].train) == 0 and not cfg.privacy.dp:  # under DP it still steps
                 done[j] = FitResult(None, None, 0, math.nan, 0.0, False, 0.0,
@@ -196,7 +207,7 @@ def fit_clients(cfg: RunConfig, clients: Sequence[ClientData], shared: Arrays,
                                     ledgers[j] or Ledger(delta=0.0, unit=""))
                 continue
             plan = _plan(cfg, j, clients[j], states[j], ledgers[j], seeds[j], server_round,
-                         exact_noise)
+                         exact_noise, streams)
             if isinstance(plan, FitResult):
                 done[j] = plan
             else:
@@ -207,6 +218,16 @@ def fit_clients(cfg: RunConfig, clients: Sequence[ClientData], shared: Arrays,
         seconds = (time.perf_counter() - t0) / max(1, len(done))
         for j, res in done.items():
             yield j, dataclasses.replace(res, seconds=seconds)
+
+
+def _chunk_streams(cfg: RunConfig, seed: int, server_round: int
+                   ) -> tuple[torch.Generator, np.random.Generator]:
+    """A chunk's (Poisson sampling, negatives) generators under record-level DP: OS
+    entropy (keyed by its first client's seed and the round only under the test seed)."""
+    pcfg = cfg.privacy
+    return (privacy.dp_generator(pcfg, seed, server_round, privacy.CHUNK_SAMPLING),
+            np.random.default_rng(privacy.dp_seed(pcfg, seed, server_round,
+                                                  privacy.CHUNK_NEGATIVES)))
 
 
 def _pad_stack(tensors: Sequence[torch.Tensor], size: int) -> torch.Tensor:

@@ -76,6 +76,7 @@ NOT_SECRET = ("NOT SECRET: insecure-noise-seed is set, so anyone who knows the r
 # purposes of DP random streams (part of the stream key of an insecure seed)
 NOISE, SAMPLING, NEGATIVES, EVAL_NOISE, USER_NOISE = 1, 2, 3, 4, 5
 CHUNK_NOISE = 6  # the batched engine's draws for a chunk of clients (fedrec.batched)
+CHUNK_SAMPLING, CHUNK_NEGATIVES = 7, 8  # its Poisson batches and negatives for a chunk
 
 
 class BudgetError(ValueError):

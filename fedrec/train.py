@@ -76,8 +76,9 @@ def batch_indices(n: int, batch_size: int, *, poisson: bool, generator: torch.Ge
     """
     if poisson:
         q = sample_rate if sample_rate is not None else min(1.0, batch_size / n)
-        for _ in range(steps_per_epoch(n, batch_size, poisson=True, sample_rate=q)):
-            yield torch.nonzero(torch.rand(n, generator=generator) < q).squeeze(1)
+        steps = steps_per_epoch(n, batch_size, poisson=True, sample_rate=q)
+        keep = torch.rand(steps, n, generator=generator) < q  # one draw for the epoch
+        yield from keep.nonzero()[:, 1].split(keep.sum(1).tolist())
     else:
         perm = torch.randperm(n, generator=generator)
         yield from perm.split(batch_size)

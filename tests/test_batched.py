@@ -149,7 +149,8 @@ def test_lazy_noise_has_the_variance_of_its_steps() -> None:
 
     def run(cfg: RunConfig, exact: bool) -> dict:
         return dict(fit_clients(cfg, clients, shared, [None] * n, [None] * n,
-                                seeds=list(range(n)), server_round=1, exact_noise=exact))
+                                seeds=list(range(n)), server_round=1, exact_noise=exact,
+                                client_streams=True))
 
     fast, exact = run(quiet, False), run(quiet, True)
     key = "item_emb.weight"
@@ -434,3 +435,36 @@ def test_noise_is_not_folded_where_each_update_is_clipped_whole(monkeypatch) -> 
     inprocess.run_inprocess(RunConfig.from_flat(flat))
     inprocess.run_inprocess(RunConfig.from_flat({**flat, "user-dp": True}))
     assert folds == [True, False]
+
+
+def test_a_chunk_draws_its_clients_batches_from_one_secret_stream() -> None:
+    """Record-level DP with lazy noise: a chunk's clients take their Poisson batches and
+    negatives from one OS-seeded pair of generators. Each example still joins each step
+    with probability q, independently across clients (copies of one client get their own
+    batches and negatives); two chunks' draws differ unless the test-only seed is set."""
+    from fedrec.batched import _chunk_streams, _plan
+
+    flat = {**BASE, "model": "mf", "optimizer": "sgd", "dp": True, "target-epsilon": 4.0,
+            "sample-rate": 0.2, "partition": "cross-device", "rounds": 1,
+            "feedback": "implicit"}
+    cfg = RunConfig.from_flat(flat)
+    client = _clients(cfg, 1)[0][0]
+    assert client.implicit
+
+    def plans(cfg: RunConfig) -> list:
+        streams = _chunk_streams(cfg, 0, 1)
+        return [_plan(cfg, i, client, None, None, 0, 1, False, streams) for i in range(300)]
+
+    ours = plans(cfg)
+    n_ex = len(client.train)  # an example: a rating with its negatives
+    sizes = np.array([p.lengths for p in ours], dtype=float)  # [clients, steps]
+    assert sizes.shape[1] == 2 * 5  # local epochs x 1 / q
+    assert sizes.mean() == pytest.approx(0.2 * n_ex, rel=0.045)
+    assert sizes.var() == pytest.approx(0.2 * 0.8 * n_ex, rel=0.15)
+    assert len({tuple(p.lengths) for p in ours}) > 250  # not one shared mask
+    negatives = [tuple(p.examples[1][:, 1:].reshape(-1).tolist()) for p in ours[:20]]
+    assert len(set(negatives)) == 20
+    again = plans(cfg)
+    assert [p.lengths for p in again] != [p.lengths for p in ours]
+    seeded = RunConfig.from_flat({**flat, "insecure-noise-seed": 3})
+    assert [p.lengths for p in plans(seeded)] == [p.lengths for p in plans(seeded)]
