@@ -170,10 +170,11 @@ def fit_clients(cfg: RunConfig, clients: Sequence[ClientData], shared: Arrays,
     it step by step in Opacus's order instead, the very numbers ``fit_client`` adds from
     the same stream, with each client's own sampling and negatives streams (equality
     tests); otherwise a chunk's clients draw those from one OS-seeded pair (own streams
-    with ``client_streams``, for tests of the lazy noise). ``fold_noise`` (for a caller that only sums the
-    updates, as ``fedrec.inprocess`` does) leaves out the noise each row still owes after
-    the last step and reports its variance per item row (``FitResult.owed``): the sum
-    of the updates then takes it as one draw (``owed_noise``), not one per client.
+    with ``client_streams``, for tests of the lazy noise). ``fold_noise`` (for a caller
+    that only sums the updates, as ``fedrec.inprocess`` does) leaves out the noise each
+    row still owes after the last step and reports its variance per item row
+    (``FitResult.owed``): the sum of the updates then takes it as one draw
+    (``owed_noise``), not one per client.
 
     ``as_rows``: each result's item arrays hold only the rows its client held
     (``FitResult.rows``; every other row is the received one, its noise, under

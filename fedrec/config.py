@@ -73,6 +73,8 @@ class DataConfig:
     negative_sampling: str = "auto"  # "unseen", "uniform" (any item); auto: uniform under DP
     eval_negatives: int = 0  # 0: full ranking; N: 1 held-out positive + N sampled negatives
     negatives_file: str = ""  # fixed eval negatives, "(user,item)<TAB>neg1<TAB>neg2..." a line
+    item_features_file: str = ""  # CSV/Parquet, a row per item-col id: title, genres, fields
+    user_features_file: str = ""  # CSV/Parquet, a row per user-col id: fields (kept local)
     synthetic_users: int = 600  # size of the generated default dataset
     synthetic_items: int = 1000
     synthetic_activity: float = 60.0  # mean interactions per generated user (ML-1M: 166)

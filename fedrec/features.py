@@ -16,6 +16,7 @@ under distributed DP (``uses_user_features``; docs/PRIVACY.md).
 
 from __future__ import annotations
 
+import logging
 import re
 import zlib
 from collections.abc import Sequence
@@ -27,16 +28,19 @@ import torch
 from fedrec.config import FEATURE_MODELS, RunConfig
 from fedrec.data.interactions import Interactions
 
-ITEM_SLOTS = 12  # value slots per item: genres, then the release decade
-USER_SLOTS = 4  # value slots per user: age group, gender, occupation, zip prefix
+ITEM_SLOTS = 12  # value slots per item at most: genres and fields, then the decade
+USER_SLOTS = 8  # value slots per user at most (ML-100K: age group, gender, occupation, zip)
+log = logging.getLogger(__name__)
 _YEAR = re.compile(r"\((\d{4})\)\s*$")
 
 
 def item_values(title: str, genres: str) -> list[str]:
-    """An item's feature values: its genres and its release decade (from a title that
-    ends in ``(YYYY)``, as MovieLens and MovieTweetings titles do)."""
-    out = [f"genre={g.strip()}" for g in genres.split("|")
-           if g.strip() and g.strip() != "(no genres listed)"]
+    """An item's feature values: its genres (entries already ``"field=value"``, from a
+    feature file, kept as they are) and its release decade (from a title that ends in
+    ``(YYYY)``, as MovieLens and MovieTweetings titles do)."""
+    parts = [g.strip() for g in genres.split("|")]
+    out = [g if "=" in g else f"genre={g}" for g in parts
+           if g and g != "(no genres listed)"]
     year = _YEAR.search(title.strip())
     if year:
         out.append(f"decade={int(year.group(1)) // 10 * 10}")
@@ -54,7 +58,12 @@ def hash_value(value: str, buckets: int) -> int:
 
 
 def hash_rows(rows: Sequence[Sequence[str]], slots: int, buckets: int) -> np.ndarray:
-    """``[len(rows), slots]`` value ids, rows truncated to ``slots`` and padded with 0."""
+    """``[len(rows), slots]`` value ids, rows truncated to ``slots`` (logged) and padded
+    with 0."""
+    over = sum(len(r) > slots for r in rows)
+    if over:
+        log.warning("%d of %d rows have more than %d feature values; their values past "
+                    "the first %d are left out", over, len(rows), slots, slots)
     out = np.zeros((len(rows), slots), dtype=np.int64)
     for i, row in enumerate(rows):
         ids = [hash_value(v, buckets) for v in row[:slots]]
@@ -99,9 +108,12 @@ def features_of(data: Interactions, buckets: int, *, users: bool = True,
     users (else every user slot empty); with ``text``, its titles' vectors
     (``fedrec.text``)."""
     if users and data.user_features:
-        user_ids = hash_rows([user_values(f) for f in data.user_features], USER_SLOTS, buckets)
+        rows = [user_values(f) for f in data.user_features]
+        # as many slots as the richest user needs (the same width for every user)
+        user_ids = hash_rows(rows, min(USER_SLOTS, max([len(r) for r in rows] + [1])),
+                             buckets)
     else:
-        user_ids = np.zeros((data.n_users, USER_SLOTS), np.int64)
+        user_ids = np.zeros((data.n_users, 1), np.int64)
     users_t = torch.from_numpy(user_ids)
     vectors = None
     if text:

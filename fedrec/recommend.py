@@ -28,13 +28,18 @@ class Recommendation:
     title: str
     score: float
     because: list[str]  # titles of the user's past items closest to it
-    feature: str = ""  # feature models: the item's genre the user liked most often
-    feature_count: int = 0  # how many of the user's liked items have that genre
+    feature: str = ""  # feature models: the item's genre (or "field=value" of a feature
+    # file) the user liked most often
+    feature_count: int = 0  # how many of the user's liked items have it
 
     def explanation(self) -> str:
-        """'because you liked X and Y; you liked 5 Film-Noir titles' (or empty)."""
+        """'because you liked X and Y; you liked 5 Film-Noir titles' ('... 5 titles with
+        director Mann' for a feature file's value), or empty."""
         parts = ["because you liked " + " and ".join(self.because)] if self.because else []
-        if self.feature:
+        if "=" in self.feature:
+            field, value = self.feature.split("=", 1)
+            parts.append(f"you liked {self.feature_count} titles with {field} {value}")
+        elif self.feature:
             parts.append(f"you liked {self.feature_count} {self.feature} titles")
         return "; ".join(parts)
 

@@ -51,8 +51,8 @@ def test_ml_100k_user_and_item_features(tmp_path: Path) -> None:
                                                          "decade=1990"]
     assert item_values("Untitled", "") == []
     feats = features_of(data, 64)
-    # as many item slots as the richest item needs; users always USER_SLOTS
-    assert feats.items.shape == (2, 3) and feats.users.shape == (2, USER_SLOTS)
+    # as many slots as the richest item (user) needs
+    assert feats.items.shape == (2, 3) and feats.users.shape == (2, 4)
     heat = list(data.item_ids).index("10")
     assert feats.items[heat, :3].tolist() == [hash_value(v, 64) for v in
                                               ("genre=Action", "genre=Drama", "decade=1990")]
@@ -106,7 +106,7 @@ def test_features_change_scores_and_bad_ids_are_refused(name: str) -> None:
     featured = build_model(cfg, 3, 6, seed=0, features=_features(3, 6, 16, 2))
     users, items = torch.tensor([0, 2]), torch.tensor([[0, 1, 5], [2, 3, 4]])
     assert not torch.allclose(plain(users, items), featured(users, items))
-    with pytest.raises(ValueError, match=r"user_values: expected shape \(3, 1..4\)"):
+    with pytest.raises(ValueError, match=r"user_values: expected shape \(3, 1..8\)"):
         plain.set_features(Features(torch.zeros(6, ITEM_SLOTS, dtype=torch.long),
                                     torch.zeros(4, USER_SLOTS, dtype=torch.long)))
     with pytest.raises(ValueError, match="outside"):
@@ -123,7 +123,7 @@ def test_client_view_keeps_only_its_users_features(tmp_path: Path) -> None:
     split = temporal_split(data, "fraction", 0.5, 0)
     client = split_for_users(split, np.array([1]))
     assert client.train.user_features == [data.user_features[1]]
-    assert features_of(client.train, 64).users.shape == (1, USER_SLOTS)
+    assert features_of(client.train, 64).users.shape == (1, 4)
 
 
 @pytest.mark.parametrize(("name", "mode"), [

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from fedrec.config import DataConfig
+from fedrec.data.feature_files import with_feature_files
 from fedrec.data.interactions import Interactions, build_interactions
 from fedrec.data.loaders import LOADERS, load_table
 from fedrec.data.sampling import ExampleBuilder, Examples, PairSet, sampled_eval_lists
@@ -28,11 +29,16 @@ def load_file(cfg: DataConfig, path: Path) -> Interactions:
 
 
 def load_dataset(cfg: DataConfig) -> Interactions:
-    """Load (or generate) the configured dataset, cleaned, with ids in [0, n).
+    """Load (or generate) the configured dataset, cleaned, with ids in [0, n), with the
+    values of its feature files (``item-features-file``, ``user-features-file``).
 
     Raises:
         DataError: a missing path or a malformed file.
     """
+    return with_feature_files(cfg, _load_dataset(cfg))
+
+
+def _load_dataset(cfg: DataConfig) -> Interactions:
     if cfg.dataset == "synthetic":
         return generate_synthetic(cfg.synthetic_users, cfg.synthetic_items,
                                   mean_activity=cfg.synthetic_activity, seed=cfg.seed)
@@ -61,8 +67,9 @@ def _load_presplit(cfg: DataConfig) -> tuple[Interactions, np.ndarray]:
             "line": np.arange(len(d)) + part * 10**12, "part": part,
         }))
     both = pd.concat(frames, ignore_index=True)
-    data = build_interactions(both.drop(columns="part"), source=cfg.data_file,
-                              name=Path(cfg.data_file).stem, rating_range=(0.0, np.inf))
+    data = with_feature_files(cfg, build_interactions(
+        both.drop(columns="part"), source=cfg.data_file, name=Path(cfg.data_file).stem,
+        rating_range=(0.0, np.inf)))
     test_pairs = set(zip(both.loc[both.part == 1, "user"], both.loc[both.part == 1, "item"]))
     is_test = np.fromiter(
         ((u, i) in test_pairs for u, i in zip(data.user_ids[data.users],

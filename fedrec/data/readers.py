@@ -25,15 +25,16 @@ def _show_sep(sep: str) -> str:
     return {"\t": "TAB", " ": "SPACE"}.get(sep, repr(sep))
 
 
-def read_text(path: Path, encoding: str = "utf-8") -> str:
-    """Read a whole text file; empty, binary or undecodable content is a DataError."""
+def read_text(path: Path, encoding: str = "utf-8", expected: str = "rating rows") -> str:
+    """Read a whole text file; empty, binary or undecodable content is a DataError
+    (``expected``: what an empty file should have held, for its message)."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if not path.is_file():
         raise DataError(f"{path}: not a regular file")
     raw = path.read_bytes()
     if not raw.strip():
-        raise DataError(f"{path}: file is empty; expected rating rows")
+        raise DataError(f"{path}: file is empty; expected {expected}")
     if b"\x00" in raw[:65536]:
         line = raw[: raw.index(b"\x00")].count(b"\n") + 1
         raise DataError(f"{path}, line {line}: binary content (NUL byte); expected a text file")
