@@ -48,7 +48,7 @@ from fedrec.federated import (
 from fedrec.model import MF, build_model
 from fedrec.privacy import RowLoss, lookup_sq_norms
 from fedrec.state import ClientState, Ledger
-from fedrec.train import batch_indices, resolve_device
+from fedrec.train import batch_indices, resolve_device, steps_per_epoch
 
 Arrays = dict[str, np.ndarray]
 
@@ -76,7 +76,7 @@ class _Plan:
     data: ClientData
     state: ClientState
     ledger: Ledger
-    builder: ExampleBuilder
+    builder: ExampleBuilder | None  # None: examples drawn for its whole chunk at once
     rows: np.ndarray  # sorted global item rows it holds: those read by any step (all
     # under DP with exact_noise)
     examples: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (users, items, targets)
@@ -106,6 +106,21 @@ def _plan(cfg: RunConfig, index: int, data: ClientData, state: ClientState | Non
     if pcfg.dp and dp is None:
         return FitResult(None, None, 0, math.nan, ledger.epsilon, True, 0.0, state, ledger)
     noise = None
+    fresh = initial_local(cfg, data.n_users, seed)
+    local = fresh
+    if state.local:  # fit_client's checks of a state file (``_model``)
+        if state.user_ids != data.user_ids:
+            raise StateError(f"client state holds users {state.user_ids[:3]}..., but this "
+                             f"client has {data.user_ids[:3]}...")
+        bad = [k for k in fresh if k not in state.local
+               or tuple(state.local[k].shape) != tuple(fresh[k].shape)]
+        if bad:
+            raise StateError(f"client state: local tensors {bad} missing or of another shape")
+        local = {k: torch.as_tensor(state.local[k]) for k in fresh}
+    if streams is not None and (cfg.uniform_negatives or not data.implicit):
+        empty = torch.zeros(0, dtype=torch.long)  # drawn with its chunk (_sample_chunk)
+        return _Plan(index, data, state, ledger, None, np.zeros(0, np.int64),
+                     (empty, empty, empty), [], [], local, dp, None, (seed, server_round))
     if dp is not None:
         stream = (seed, server_round)
         neg: int | np.random.Generator
@@ -142,17 +157,6 @@ def _plan(cfg: RunConfig, index: int, data: ClientData, state: ClientState | Non
         position = np.zeros(data.n_items, dtype=np.int64)
         position[rows] = np.arange(len(rows))
         items = torch.from_numpy(position[items.numpy()])
-    fresh = initial_local(cfg, data.n_users, seed)
-    local = fresh
-    if state.local:  # fit_client's checks of a state file (``_model``)
-        if state.user_ids != data.user_ids:
-            raise StateError(f"client state holds users {state.user_ids[:3]}..., but this "
-                             f"client has {data.user_ids[:3]}...")
-        bad = [k for k in fresh if k not in state.local
-               or tuple(state.local[k].shape) != tuple(fresh[k].shape)]
-        if bad:
-            raise StateError(f"client state: local tensors {bad} missing or of another shape")
-        local = {k: torch.as_tensor(state.local[k]) for k in fresh}
     return _Plan(index, data, state, ledger, builder, rows, (users, items, targets), lengths,
                  epochs, local, dp, noise, (seed, server_round))
 
@@ -213,6 +217,8 @@ def fit_clients(cfg: RunConfig, clients: Sequence[ClientData], shared: Arrays,
                 done[j] = plan
             else:
                 plans.append(plan)
+        if streams is not None:
+            plans = _sample_chunk(cfg, plans, streams)
         trained = (_train_chunk_dp(cfg, plans, shared, exact_noise, fold_noise, as_rows)
                    if cfg.privacy.dp else _train_chunk(cfg, plans, shared, as_rows))
         done.update({p.index: r for p, r in zip(plans, trained)})
@@ -229,6 +235,68 @@ def _chunk_streams(cfg: RunConfig, seed: int, server_round: int
     return (privacy.dp_generator(pcfg, seed, server_round, privacy.CHUNK_SAMPLING),
             np.random.default_rng(privacy.dp_seed(pcfg, seed, server_round,
                                                   privacy.CHUNK_NEGATIVES)))
+
+
+def _sample_chunk(cfg: RunConfig, plans: list[_Plan],
+                  streams: tuple[torch.Generator, np.random.Generator]) -> list[_Plan]:
+    """Record-level DP: the examples and Poisson batches of every client of a chunk whose
+    plan left them to it (``_plan`` with ``streams``), drawn for all at once from the
+    chunk's generators, as ``_plan`` draws them for one client: each local epoch, every
+    rating with ``negatives`` items uniform over the catalogue, and ``round(1/q)`` steps,
+    each taking every example independently with probability q; a client's examples in
+    step order, in rating order within a step. A client holds the item rows its batches
+    read."""
+    todo = [c for c, p in enumerate(plans) if p.builder is None and p.dp is not None]
+    if not todo:
+        return plans
+    gen, rng = streams
+    trains = [plans[c].data.train for c in todo]
+    n_items, implicit = plans[todo[0]].data.n_items, plans[todo[0]].data.implicit
+    rates = {plans[c].dp.sample_rate for c in todo}  # type: ignore[union-attr]
+    if len(rates) != 1:
+        raise RuntimeError("DP clients of one chunk sample at one rate")
+    q = rates.pop()
+    steps = steps_per_epoch(0, cfg.train.batch_size, poisson=True, sample_rate=q)
+    n = np.array([len(t) for t in trains], dtype=np.int64)
+    client_of = np.repeat(np.arange(len(todo)), n)
+    users = np.concatenate([t.users for t in trains]).astype(np.int64)
+    positives = np.concatenate([t.items for t in trains]).astype(np.int64)
+    k_neg = cfg.data.negatives if implicit else 0
+    epochs = cfg.fed.local_epochs
+    picked: list[tuple[np.ndarray, ...]] = []
+    for epoch in range(epochs):
+        negatives = rng.integers(0, n_items, (len(positives), k_neg))
+        keep = torch.rand(steps, len(positives), generator=gen) < q
+        s_idx, j_idx = (t.numpy() for t in keep.nonzero(as_tuple=True))
+        picked.append((client_of[j_idx], np.full(len(j_idx), epoch), s_idx, j_idx,
+                       np.concatenate([positives[j_idx, None], negatives[j_idx]], 1)))
+    c_of, e_of, s_of, j_of, items = (np.concatenate(t) for t in zip(*picked))
+    order = np.lexsort((j_of, s_of, e_of, c_of))  # client, epoch, step, rating
+    c_of, step_of, j_of, items = (c_of[order], (e_of * steps + s_of)[order], j_of[order],
+                                  items[order])
+    if implicit:
+        targets = np.zeros(items.shape, np.float32)
+        targets[:, 0] = 1.0
+    else:
+        targets = np.concatenate([t.ratings for t in trains]).astype(np.float32)[j_of, None]
+    counts = np.bincount(c_of * (epochs * steps) + step_of,
+                         minlength=len(todo) * epochs * steps).reshape(len(todo), -1)
+    # each client's rows: the distinct items its batches read, numbered in item order
+    keys = c_of[:, None] * n_items + items
+    held, position = np.unique(keys, return_inverse=True)
+    first = np.searchsorted(held, np.arange(len(todo) + 1) * n_items)
+    local_items = position.reshape(items.shape) - first[c_of][:, None]
+    ends = np.concatenate([[0], np.cumsum(counts.sum(1))])
+    users_t, items_t = torch.from_numpy(users[j_of]), torch.from_numpy(local_items)
+    targets_t = torch.from_numpy(targets)
+    out = list(plans)
+    for i, c in enumerate(todo):
+        a, b = ends[i], ends[i + 1]
+        out[c] = dataclasses.replace(
+            plans[c], rows=held[first[i]:first[i + 1]] - i * n_items,
+            examples=(users_t[a:b], items_t[a:b], targets_t[a:b]),
+            lengths=counts[i].tolist(), epochs=np.repeat(np.arange(epochs), steps).tolist())
+    return out
 
 
 def _pad_stack(tensors: Sequence[torch.Tensor], size: int) -> torch.Tensor:
