@@ -22,6 +22,26 @@ from fedrec import privacy
 from fedrec.config import FedConfig, RunConfig
 
 
+def check_rows(rows: np.ndarray, arrays: dict[str, np.ndarray],
+               current: dict[str, np.ndarray], item_keys: set[str]) -> None:
+    """An update given as rows names distinct rows of the catalogue in increasing order,
+    and holds exactly those rows of each item array.
+
+    Raises:
+        ValueError: saying what is wrong.
+    """
+    rows = np.asarray(rows)
+    n = min((current[k].shape[0] for k in item_keys), default=0)
+    if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or (
+            len(rows) and (rows[0] < 0 or rows[-1] >= n or (np.diff(rows) <= 0).any())):
+        raise ValueError(f"an update's rows must be increasing integers in [0, {n})")
+    for key in item_keys:
+        want = (len(rows),) + current[key].shape[1:]
+        if arrays[key].shape != want:
+            raise ValueError(f"{key}: {arrays[key].shape} for {len(rows)} rows; expected "
+                             f"{want}")
+
+
 @dataclass
 class Update:
     """One client's contribution."""
@@ -57,22 +77,26 @@ class MeanAccumulator:
 
     def add(self, update: Update) -> None:
         """Fold one valid update (same keys and shapes as ``current``; item arrays of
-        ``update.rows`` rows if it gives them) into the sums."""
-        w = float(update.weight)
-        self.unit = self.unit and w == 1.0
-        self.count += 1
-        self.weight += w
-        self.masked = self.masked and update.touched is not None
-        m = update.touched.astype(np.float64) if self.masked else None  # type: ignore[union-attr]
-        on = np.flatnonzero(m) if m is not None else None  # rows with a nonzero mask
+        ``update.rows`` rows if it gives them) into the sums; a malformed one is refused
+        (ValueError) before anything is added."""
         given = update.rows
+        masked = self.masked and update.touched is not None
+        m = update.touched.astype(np.float64) if masked else None  # type: ignore[union-attr]
+        on = np.flatnonzero(m) if m is not None else None  # rows with a nonzero mask
         at = on  # where the masked rows sit in the item arrays
-        if given is not None:  # item rows given as their change from current
-            self.implicit += (w, 1.0)
+        if given is not None:
+            check_rows(given, update.arrays, self.current, self.item_keys & set(self.current))
             if on is not None:
                 at = np.minimum(np.searchsorted(given, on), max(len(given) - 1, 0))
                 if len(on) and not (len(given) and np.array_equal(given[at], on)):
                     raise ValueError("an update's touched rows are not among its rows")
+        w = float(update.weight)
+        self.unit = self.unit and w == 1.0
+        self.count += 1
+        self.weight += w
+        self.masked = masked
+        if given is not None:  # item rows given as their change from current
+            self.implicit += (w, 1.0)
         for key in self.current:  # keys outside the global model are never aggregated
             x = update.arrays[key].astype(np.float64)
             item = given is not None and key in self.item_keys
@@ -243,6 +267,8 @@ class ClippedSum:
     def add(self, arrays: dict[str, np.ndarray], rows: np.ndarray | None = None) -> float:
         """Fold one update in (clipped); returns its norm before clipping. ``rows``: the
         item arrays hold only these rows (``Update.rows``); the others did not change."""
+        if rows is not None:
+            check_rows(rows, arrays, self.current, self.item_keys & set(self.current))
         where = {k: rows if rows is not None and k in self.item_keys else slice(None)
                  for k in self.current}
         deltas = {k: arrays[k].astype(np.float64) - cur[where[k]].astype(np.float64)

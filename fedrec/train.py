@@ -77,8 +77,10 @@ def batch_indices(n: int, batch_size: int, *, poisson: bool, generator: torch.Ge
     if poisson:
         q = sample_rate if sample_rate is not None else min(1.0, batch_size / n)
         steps = steps_per_epoch(n, batch_size, poisson=True, sample_rate=q)
-        keep = torch.rand(steps, n, generator=generator) < q  # one draw for the epoch
-        yield from keep.nonzero()[:, 1].split(keep.sum(1).tolist())
+        block = max(1, (1 << 22) // max(1, n))  # steps per draw: ~16 MB of uniforms
+        for first in range(0, steps, block):  # the same numbers as a draw per step
+            keep = torch.rand(min(block, steps - first), n, generator=generator) < q
+            yield from keep.nonzero()[:, 1].split(keep.sum(1).tolist())
     else:
         perm = torch.randperm(n, generator=generator)
         yield from perm.split(batch_size)

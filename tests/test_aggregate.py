@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from fedrec.aggregate import Update, aggregate
 
@@ -128,3 +129,26 @@ def test_clipped_sum_of_updates_given_as_rows_equals_whole_arrays() -> None:
         assert sparse.add(part, r) == pytest.approx(dense.add(whole), rel=1e-12)
     for key in current:
         np.testing.assert_allclose(sparse.sums[key], dense.sums[key])
+
+
+@pytest.mark.parametrize(("rows", "item"), [
+    (np.array([3, 1]), np.zeros((2, 3))),  # not increasing
+    (np.array([1, 1]), np.zeros((2, 3))),  # repeated: one contribution would be lost
+    (np.array([-1]), np.zeros((1, 3))),  # would wrap to the last row
+    (np.array([6]), np.zeros((1, 3))),  # past the catalogue
+    (np.array([0.0, 2.0]), np.zeros((2, 3))),  # not integers
+    (np.array([0, 2, 4]), np.zeros((1, 3))),  # one row standing for three
+])
+def test_malformed_row_updates_are_refused(rows: np.ndarray, item: np.ndarray) -> None:
+    """An update given as rows must name distinct catalogue rows in order and hold each
+    of them, in both accumulators; nothing is added when it does not."""
+    from fedrec.aggregate import ClippedSum, MeanAccumulator
+
+    current = {"item": np.zeros((6, 3)), "w": np.zeros(2)}
+    mean, clipped = MeanAccumulator(current, ["item"]), ClippedSum(current, 1.0, ["item"])
+    arrays = {"item": item, "w": np.ones(2)}
+    with pytest.raises(ValueError, match="rows"):
+        mean.add(Update(arrays, 1.0, None, rows))
+    with pytest.raises(ValueError, match="rows"):
+        clipped.add(arrays, rows)
+    assert mean.count == 0 and clipped.count == 0

@@ -463,8 +463,8 @@ def test_a_chunk_draws_its_clients_batches_from_one_secret_stream() -> None:
     assert sizes.mean() == pytest.approx(0.2 * n_ex, rel=0.045)
     assert sizes.var() == pytest.approx(0.2 * 0.8 * n_ex, rel=0.15)
     assert len({tuple(p.lengths) for p in ours}) > 250  # not one shared mask
-    negatives = [tuple(p.rows[p.examples[1][:, 1:]].reshape(-1).tolist()) for p in ours[:20]]
-    assert len(set(negatives)) == 20
+    negatives = [p.rows[p.examples[1][:, 1:]].tolist() for p in ours[:20]]
+    assert len({str(n) for n in negatives}) == 20
     for p in ours[:20]:  # a step's examples are the client's own ratings, in their order
         assert (p.examples[0] == 0).all()  # its one user
         assert (p.examples[2][:, 0] == 1).all() and (p.examples[2][:, 1:] == 0).all()
@@ -476,9 +476,16 @@ def test_a_chunk_draws_its_clients_batches_from_one_secret_stream() -> None:
         assert all(len(set(st)) == len(st) for st in steps)
     again = plans(cfg)
     assert [p.lengths for p in again] != [p.lengths for p in ours]
+    # with q = 1 every example is in every batch: the negatives alone are secret too
+    whole = RunConfig.from_flat({**flat, "sample-rate": 1.0})
+    drawn = [[p.rows[p.examples[1][:, 1:]].tolist() for p in plans(whole)[:5]]
+             for _ in range(2)]
+    assert drawn[0] != drawn[1]
     seeded = RunConfig.from_flat({**flat, "insecure-noise-seed": 3})
-    again = plans(seeded)
-    assert [p.lengths for p in again] == [p.lengths for p in plans(seeded)]
+    again, twin = plans(seeded), plans(seeded)
+    assert [p.lengths for p in again] == [p.lengths for p in twin]
+    assert all(np.array_equal(a.rows[a.examples[1]], b.rows[b.examples[1]])
+               for a, b in zip(again, twin))  # negatives too
     # exactly the steps of the chunk's masks: step s of epoch e of client c takes its
     # ratings j with mask[e][s, c * n + j] (the sampling stream holds only the masks)
     gen = _chunk_streams(seeded, 0, 1)[0]
@@ -513,3 +520,44 @@ def test_chunk_streams_train_as_each_clients_own_streams() -> None:
                                for i in range(200)])))
     assert stats[0][0] == pytest.approx(stats[1][0], rel=0.01)
     assert stats[0][1] == pytest.approx(stats[1][1], rel=0.04)
+
+
+def test_folded_noise_owed_by_each_held_row_counts_the_steps_since_its_last_read() -> None:
+    """fold_noise: a held row owes the noise of the steps from its last read on, a row
+    never read every step's: checked row by row against the chunk's own batches
+    (test-only seed: the same draws rebuilt), for clients with ratings."""
+    from fedrec.batched import _chunk_streams, _plan, _sample_chunk
+
+    flat = {**BASE, "synthetic-items": 200, "model": "mf", "optimizer": "sgd", "lr": 0.5,
+            "dp": True, "target-epsilon": 0.0, "noise-multiplier": 2.0,
+            "max-grad-norm": 0.5, "sample-rate": 0.25, "partition": "cross-device",
+            "rounds": 1, "feedback": "implicit", "insecure-noise-seed": 5}
+    cfg = RunConfig.from_flat(flat)
+    n = 12
+    clients, n_items = _clients(cfg, n)
+    shared = init_shared(cfg, n_items)
+    out = dict(fit_clients(cfg, clients, shared, [None] * n, [None] * n,
+                           seeds=list(range(n)), server_round=1, fold_noise=True,
+                           as_rows=True))
+    order = sorted(range(n), key=lambda j: len(clients[j].train))  # fit_clients' order
+    streams = _chunk_streams(cfg, order[0], 1)
+    plans = _sample_chunk(cfg, [_plan(cfg, j, clients[j], None, None, j, 1, False, streams)
+                                for j in order], streams)
+    per_step = (0.5 / 8 * 2.0 * 0.5) ** 2
+    checked = 0
+    for p in plans:
+        res = out[p.index]
+        np.testing.assert_array_equal(res.rows, p.rows)
+        steps = len(p.lengths)
+        bounds = np.cumsum([0] + p.lengths)
+        last = np.full(len(p.rows), -1)
+        for t in range(steps):  # the last step whose batch reads each held row
+            last[np.unique(p.examples[1][bounds[t]:bounds[t + 1]].numpy())] = t
+        want = np.full(n_items, steps * per_step)
+        want[p.rows] = (steps - last) * per_step
+        # local row 0 also takes its noise early where a step pads to a longer client
+        np.testing.assert_allclose(res.owed[p.rows[1:]], want[p.rows[1:]], rtol=1e-5)
+        unread = np.setdiff1d(np.arange(n_items), p.rows)
+        np.testing.assert_allclose(res.owed[unread], steps * per_step, rtol=1e-5)
+        checked += len(p.rows) - 1
+    assert checked > 100
