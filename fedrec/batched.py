@@ -77,8 +77,8 @@ class _Plan:
     state: ClientState
     ledger: Ledger
     builder: ExampleBuilder | None  # None: examples drawn for its whole chunk at once
-    rows: np.ndarray  # sorted global item rows it holds: those read by any step (all
-    # under DP with exact_noise)
+    rows: np.ndarray  # sorted global item rows it holds: at least those its steps read
+    # (all under DP with exact_noise)
     examples: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (users, items, targets)
     # of every step, back to back (items: indices into ``rows``)
     lengths: list[int]  # examples of each step
