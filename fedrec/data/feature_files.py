@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import pandas as pd
 
 from fedrec.config import DataConfig
 from fedrec.data.interactions import Interactions
-from fedrec.data.readers import read_text
+from fedrec.data.readers import parquet_frame, parse_error, read_text
 from fedrec.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -43,47 +42,34 @@ def read_feature_table(path: Path, id_col: str, *, sep: str = ",",
         DataError: naming the file (and line): missing, empty or unreadable, no
             ``id_col`` column, a row of another width, an empty or repeated id.
     """
+    expected = "a header and one row per id"
     if path.suffix.lower() in (".parquet", ".pq"):
-        if not path.is_file():
-            raise DataError(f"{path}: feature file not found")
-        try:
-            df = pd.read_parquet(path)
-        except ImportError:
-            raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)"
-                            ) from None
-        except Exception as err:  # noqa: BLE001 - pyarrow raises many types
-            raise DataError(f"{path}: not a readable Parquet file ({type(err).__name__}: "
-                            f"{err})") from None
+        df = parquet_frame(path, expected)
         df = df.astype(str).where(df.notna(), "")
         df.columns = [str(c) for c in df.columns]
+        if id_col not in df.columns:
+            raise DataError(f"{path}: missing column {id_col!r} (the ratings' id column); "
+                            f"found columns {list(df.columns)}")
         df["line"] = np.arange(1, len(df) + 1)
         where = "row"
     else:
-        text = read_text(path, encoding, "a header and one row per id")
+        text = read_text(path, encoding, expected)
         numbered = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()]
-        head_no, head = numbered[0]
+        head_no = numbered[0][0]
         try:
             df = pd.read_csv(io.StringIO("\n".join(ln for _, ln in numbered)), sep=sep,
                              dtype=str, keep_default_na=False, na_filter=False,
                              engine="python" if len(sep) > 1 else "c")
         except pd.errors.ParserError as err:
-            m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(err))
-            if m:
-                raise DataError(f"{path}, line {numbered[int(m.group(2)) - 1][0]}: expected "
-                                f"{m.group(1)} fields separated by {sep!r} as in the "
-                                f"header, found {m.group(3)}") from None
-            raise DataError(f"{path}: cannot parse as {sep!r}-separated text: {err}"
-                            ) from None
+            raise parse_error(path, err, [n for n, _ in numbered], sep,
+                              " as in the header") from None
         df.columns = [str(c).strip() for c in df.columns]
-        df["line"] = [n for n, _ in numbered[1:]]
-        where = "line"
         if id_col not in df.columns:
             raise DataError(f"{path}, line {head_no}: missing column {id_col!r} (the "
-                            f"ratings' id column); found columns {list(df.columns[:-1])}"
-                            + (" (set --sep)" if len(df.columns) == 2 else ""))
-    if id_col not in df.columns:
-        raise DataError(f"{path}: missing column {id_col!r} (the ratings' id column); "
-                        f"found columns {[c for c in df.columns if c != 'line']}")
+                            f"ratings' id column); found columns {list(df.columns)}"
+                            + (" (set --sep)" if len(df.columns) == 1 else ""))
+        df["line"] = [n for n, _ in numbered[1:]]
+        where = "line"
     if df.empty:
         raise DataError(f"{path}: no rows after the header; expected one row per id")
     for col in df.columns:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,18 @@ def _column(path: Path, role: str, raw: pd.Series, line_no: np.ndarray) -> pd.Se
             f"{path}, line {line_no[i]}: {role} field is {col.iloc[i]!r}; expected a number"
         )
     return values.astype(np.float64)
+
+
+def parse_error(path: Path, err: pd.errors.ParserError, line_no: Sequence[int], sep: str,
+                as_in: str = "") -> DataError:
+    """pandas' parse error as a DataError naming the file's line (``line_no``: the file's
+    line of each line pandas read) and the fields expected (``as_in``: where from)."""
+    m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(err))
+    if m:
+        return DataError(f"{path}, line {line_no[int(m.group(2)) - 1]}: expected "
+                         f"{m.group(1)} fields separated by {_show_sep(sep)}{as_in}, "
+                         f"found {m.group(3)}")
+    return DataError(f"{path}: cannot parse as {_show_sep(sep)}-separated text: {err}")
 
 
 def read_delimited(
@@ -140,14 +153,7 @@ def read_delimited(
             skip_blank_lines=False,
         )
     except pd.errors.ParserError as err:
-        m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(err))
-        if m:
-            idx = int(m.group(2)) - 1
-            raise DataError(
-                f"{path}, line {line_no[idx]}: expected {m.group(1)} fields separated by "
-                f"{_show_sep(sep)}, found {m.group(3)}"
-            ) from None
-        raise DataError(f"{path}: cannot parse as {_show_sep(sep)}-separated text: {err}") from None
+        raise parse_error(path, err, line_no, sep) from None
     if df.shape[1] < width:
         first = numbered[0][1]
         guess = _guess_sep(first)
@@ -173,8 +179,9 @@ def read_delimited(
     return out
 
 
-def read_parquet(path: Path, *, columns: dict[str, str | int | None]) -> pd.DataFrame:
-    """Read a Parquet ratings file; column names come from ``columns``."""
+def parquet_frame(path: Path, expected: str = "rating rows") -> pd.DataFrame:
+    """A whole Parquet file; missing, unreadable or empty is a DataError (``expected``:
+    what an empty file should have held, for its message)."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
     try:
@@ -185,7 +192,13 @@ def read_parquet(path: Path, *, columns: dict[str, str | int | None]) -> pd.Data
         raise DataError(
             f"{path}: not a readable Parquet file ({type(err).__name__}: {err})") from None
     if df.empty:
-        raise DataError(f"{path}: file is empty; expected rating rows")
+        raise DataError(f"{path}: file is empty; expected {expected}")
+    return df
+
+
+def read_parquet(path: Path, *, columns: dict[str, str | int | None]) -> pd.DataFrame:
+    """Read a Parquet ratings file; column names come from ``columns``."""
+    df = parquet_frame(path)
     out = pd.DataFrame({"line": np.arange(1, len(df) + 1)})
     for role in ROLES:
         name = columns.get(role)
