@@ -68,7 +68,7 @@ class MeanAccumulator:
         self.unit = True  # every update added weighs 1
         # weighted and (for example counts of 0) unweighted sums, whole arrays and per row
         self.sums = {k: np.zeros((2,) + v.shape, np.float64) for k, v in current.items()}
-        self.item_keys = set(item_keys)
+        self.item_keys = set(item_keys) & set(current)
         # updates given as rows (``Update.rows``): their other item rows are ``current``,
         # summed once at the end: (weighted, unweighted) totals of those updates
         self.implicit = np.zeros(2)
@@ -85,7 +85,7 @@ class MeanAccumulator:
         on = np.flatnonzero(m) if m is not None else None  # rows with a nonzero mask
         at = on  # where the masked rows sit in the item arrays
         if given is not None:
-            check_rows(given, update.arrays, self.current, self.item_keys & set(self.current))
+            check_rows(given, update.arrays, self.current, self.item_keys)
             if on is not None:
                 at = np.minimum(np.searchsorted(given, on), max(len(given) - 1, 0))
                 if len(on) and not (len(given) and np.array_equal(given[at], on)):
@@ -98,16 +98,16 @@ class MeanAccumulator:
         if given is not None:  # item rows given as their change from current
             self.implicit += (w, 1.0)
         for key in self.current:  # keys outside the global model are never aggregated
-            x = update.arrays[key].astype(np.float64)
+            value = update.arrays[key].astype(np.float64)
             item = given is not None and key in self.item_keys
+            x = value
             if given is not None:  # its current part is summed at the end (implicit)
-                x = x - (self.current[key][given] if item else self.current[key])
+                x = value - (self.current[key][given] if item else self.current[key])
             where = given if item else slice(None)
             self.sums[key][0][where] += w * x
             self.sums[key][1][where] += x
             if key in self.rows and m is not None and on is not None:
-                mx = ((x + self.current[key][given]) if item else x)[at] * m[on].reshape(
-                    (-1,) + (1,) * (x.ndim - 1))
+                mx = value[at] * m[on].reshape((-1,) + (1,) * (x.ndim - 1))
                 self.rows[key][0][on] += w * mx
                 self.rows[key][1][on] += mx
                 self.dens[key][0][on] += w * m[on]
@@ -261,14 +261,15 @@ class ClippedSum:
         if clip <= 0:
             raise ValueError(f"clip must be > 0, got {clip}")
         self.current, self.clip, self.count = current, float(clip), 0
-        self.item_keys = set(item_keys)  # the keys an update given as rows holds rows of
+        # the keys an update given as rows holds rows of
+        self.item_keys = set(item_keys) & set(current)
         self.sums = {k: np.zeros(v.shape, np.float64) for k, v in current.items()}
 
     def add(self, arrays: dict[str, np.ndarray], rows: np.ndarray | None = None) -> float:
         """Fold one update in (clipped); returns its norm before clipping. ``rows``: the
         item arrays hold only these rows (``Update.rows``); the others did not change."""
         if rows is not None:
-            check_rows(rows, arrays, self.current, self.item_keys & set(self.current))
+            check_rows(rows, arrays, self.current, self.item_keys)
         where = {k: rows if rows is not None and k in self.item_keys else slice(None)
                  for k in self.current}
         deltas = {k: arrays[k].astype(np.float64) - cur[where[k]].astype(np.float64)

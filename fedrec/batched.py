@@ -456,6 +456,7 @@ def _train_chunk(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
     shared_keys = template.shared_keys()
     finite = all(bool(torch.isfinite(v.detach().sum())) for v in params.values())  # no NaN/inf
     last_loss = (losses * last).sum(1) / (count.double() * last).sum(1).clamp(min=1)
+    item_order = sorted(item_keys)
     for c, p in enumerate(plans):
         local = {key: params[key][c, :p.data.n_users].detach().cpu().clone()
                  for key in local_keys}
@@ -470,7 +471,7 @@ def _train_chunk(cfg: RunConfig, plans: list[_Plan], shared: Arrays,
         res = _finish(p, local, out, float(last_loss[c]), touched,
                       dataclasses.replace(p.ledger, rounds=p.ledger.rounds + 1),
                       weight=float(len(p.data.train)), finite=finite)
-        results.append(_as_rows(res, p.rows, shared, sorted(item_keys), as_rows))
+        results.append(_as_rows(res, p.rows, shared, item_order, as_rows))
     return results
 
 
