@@ -20,7 +20,7 @@ from fedrec import privacy
 from fedrec.config import RunConfig
 from fedrec.data import ExampleBuilder, Split
 from fedrec.evaluate import evaluate_counts
-from fedrec.features import model_features
+from fedrec.features import example_context, model_features
 from fedrec.metrics import finalize
 from fedrec.model import RecModel, build_model
 from fedrec.train import (
@@ -144,7 +144,8 @@ def run_centralized(
                else np.random.default_rng(cfg.data.seed))
     builder = ExampleBuilder(split.train, implicit=split.implicit,
                              negatives=cfg.data.negatives, seed=neg_rng,
-                             uniform=cfg.uniform_negatives)
+                             uniform=cfg.uniform_negatives,
+                             context=example_context(cfg, split.train))
     n = len(split.train)
     q = dp_sample_rate(cfg, n)
     trainer = build_trainer(cfg, model, n, sample_rate=q, steps=cfg.train.epochs * steps_per_epoch(

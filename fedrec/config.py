@@ -131,6 +131,11 @@ class ModelConfig:
     # deepfm/widedeep: "on" adds each item's title embedding (WordLlama, offline; the
     # optional extra fedrec[text]) to its content, through a shared projection
     item_text: str = "off"  # deepfm/widedeep: on adds title embeddings (fedrec[text])
+    # deepfm/widedeep: each rating's context (hour of day, day of week, the item's age
+    # then) as shared context rows; "auto": where the unit of privacy covers a rating's
+    # time (centralized, record-level and distributed DP), not in non-private federated
+    # rounds or user-level DP with the server's noise (``fedrec.features.uses_context``)
+    context: str = "off"  # deepfm/widedeep: off, auto, on
 
     def __post_init__(self) -> None:
         _check(self.model in MODELS, "model", f"one of {MODELS}", self.model)
@@ -143,6 +148,11 @@ class ModelConfig:
         _check(self.item_text == "off" or self.model in FEATURE_MODELS, "item-text",
                f"'off' for model {self.model} (only {' and '.join(FEATURE_MODELS)} read "
                "titles)", self.item_text)
+        _check(self.context in ("auto", "on", "off"), "context", "'auto', 'on' or 'off'",
+               self.context)
+        _check(self.context == "off" or self.model in FEATURE_MODELS, "context",
+               f"'off' for model {self.model} (only {' and '.join(FEATURE_MODELS)} read "
+               "context)", self.context)
         _check(self.dim >= 0, "dim", "an integer >= 1 (0: auto)", self.dim)
         _check(self.init_std > 0, "init-std", "a number > 0", self.init_std)
         _check_int_list(self.mlp_layers, "mlp-layers", "64,32,16")

@@ -14,6 +14,7 @@ import torch
 from fedrec import keys, metrics
 from fedrec.data.interactions import Interactions
 from fedrec.data.sampling import PairSet, sampled_eval_lists
+from fedrec.features import serving_times, with_context
 from fedrec.model import RecModel
 
 
@@ -22,6 +23,14 @@ def _total(scores: torch.Tensor) -> torch.Tensor:
     bounded function of the data whatever model a server sends (a NaN that appeared only
     for some items would otherwise tell, by a failed release, whether a user held them)."""
     return torch.nan_to_num(scores, nan=0.0, posinf=1e30, neginf=-1e30)
+
+
+def _inputs(model: RecModel, users: np.ndarray, times: np.ndarray | None) -> torch.Tensor:
+    """What ``model`` takes as users: the ids, with the context of ``times`` (each
+    example's moment) for a model that reads context."""
+    if times is not None and getattr(model, "reads_context", False):
+        return with_context(users, times)
+    return torch.from_numpy(np.asarray(users))
 
 
 def _by_user(data: Interactions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -50,7 +59,8 @@ def full_ranking_user_counts(model: RecModel, train: Interactions, test: Interac
     parts = []
     for start in range(0, len(test_users), chunk):
         users = test_users[start:start + chunk]
-        scores = _total(model.score_all(torch.from_numpy(users)).float().cpu())  # [U, n_items]
+        served = _inputs(model, users, serving_times(users, test))  # context: when served
+        scores = _total(model.score_all(served).float().cpu())  # [U, n_items]
         lens = tr_bounds[users + 1] - tr_bounds[users]
         rows = np.repeat(np.arange(len(users)), lens)
         cols = np.concatenate([tr_items[tr_bounds[u]:tr_bounds[u + 1]] for u in users])
@@ -82,7 +92,7 @@ def sampled_counts(model: RecModel, train: Interactions, test: Interactions,
                        np.concatenate([train.items, test.items]), train.n_items)
         users, lists = sampled_eval_lists(test, seen, n_negatives, seed)
     device = next(model.parameters()).device
-    scores = _total(model(torch.from_numpy(users).to(device),
+    scores = _total(model(_inputs(model, users, test.timestamps).to(device),
                           torch.from_numpy(lists).to(device)).cpu())
     rank = (scores[:, 1:] > scores[:, :1]).sum(1)  # 0 = best
     uniq, inv = np.unique(users, return_inverse=True)
@@ -106,7 +116,7 @@ def rating_error_counts(model: RecModel, test: Interactions) -> dict[str, float]
     """Summed squared/absolute errors of predicted ratings on test pairs (predictions are
     clipped to the dataset's rating scale, which also bounds each rating's error)."""
     device = next(model.parameters()).device
-    pred = model(torch.from_numpy(test.users).to(device),
+    pred = model(_inputs(model, test.users, test.timestamps).to(device),
                  torch.from_numpy(test.items).to(device).unsqueeze(1)).squeeze(1).cpu()
     lo, hi = test.rating_range
     pred = _total(pred).clamp(min=lo, max=hi if np.isfinite(hi) else None)

@@ -80,6 +80,10 @@ class Features:
     items: torch.Tensor
     users: torch.Tensor
     text: torch.Tensor | None = None  # [n_items, TEXT_DIM] title vectors (item-text=on)
+    # context=on/auto: each item's release year ([n_items], 0 unknown) and whether the
+    # model reads each rating's context (``uses_context``)
+    years: torch.Tensor | None = None
+    context: bool = False
 
 
 # item value ids per catalogue (titles and genres lists), kept with the lists themselves
@@ -120,7 +124,14 @@ def features_of(data: Interactions, buckets: int, *, users: bool = True,
         from fedrec.text import title_vectors  # the optional extra, loaded when asked for
 
         vectors = torch.from_numpy(np.array(title_vectors(data.titles)))
-    return Features(_item_ids(data.titles, data.genres, buckets), users_t, vectors)
+    return Features(_item_ids(data.titles, data.genres, buckets), users_t, vectors,
+                    torch.from_numpy(release_years(data.titles)))
+
+
+def release_years(titles: Sequence[str]) -> np.ndarray:
+    """Each item's release year from a title ending in ``(YYYY)`` (0: unknown)."""
+    years = [_YEAR.search(t.strip()) for t in titles]
+    return np.array([int(y.group(1)) if y else 0 for y in years], dtype=np.int64)
 
 
 def collisions(values: Sequence[str], buckets: int) -> list[tuple[str, str]]:
@@ -146,8 +157,69 @@ def uses_user_features(cfg: RunConfig) -> bool:
 
 def model_features(cfg: RunConfig, data: Interactions) -> Features | None:
     """``features_of(data)`` for a model that reads features (users' own features only
-    where ``uses_user_features``), else None."""
+    where ``uses_user_features``, ratings' context only where ``uses_context``), else
+    None."""
     if cfg.model.model not in FEATURE_MODELS:
         return None
-    return features_of(data, cfg.model.feature_buckets, users=uses_user_features(cfg),
-                       text=cfg.model.item_text == "on")
+    out = features_of(data, cfg.model.feature_buckets, users=uses_user_features(cfg),
+                      text=cfg.model.item_text == "on")
+    out.context = uses_context(cfg)
+    return out
+
+
+# Context of a rating (``context``): the hour of day and day of week of its timestamp
+# (Unix seconds, UTC), and the item's age then (years since its release year). Each is a
+# row of a small shared table (``CONTEXT_ROWS``; row 0: empty), no hashing needed.
+HOUR_ROW, WEEKDAY_ROW = 1, 25  # rows 1-24: hour 0-23; rows 25-31: Monday-Sunday
+AGE_EDGES = (1, 2, 4, 8, 16, 32)  # years since release: [0, 1), [1, 2), ..., [32, inf)
+AGE_ROW = 32  # rows 32-38: the age buckets
+CONTEXT_ROWS = AGE_ROW + len(AGE_EDGES) + 1
+CONTEXT_COLUMNS = 3  # after the user id: hour row, weekday row, year
+
+
+def uses_context(cfg: RunConfig) -> bool:
+    """Whether a feature model reads each rating's context (``context``; "auto": where
+    the unit of privacy covers it or nothing is promised: centralized runs, record-level
+    DP, whose unit is one rating with its time, and distributed DP; not in non-private
+    federated rounds or under user-level DP with the server's noise, where the rows an
+    update moves would show the server the hours and days its user rates at)."""
+    if cfg.model.context != "auto":
+        return cfg.model.context == "on"
+    p = cfg.privacy
+    return cfg.central or p.dp or p.ddp
+
+
+def context_columns(timestamps: np.ndarray) -> np.ndarray:
+    """``[n, CONTEXT_COLUMNS]`` per rating: its hour row, weekday row and calendar year
+    (UTC), each a function of that rating's own timestamp only (so one rating's removal
+    changes no other example: what record-level DP needs)."""
+    t = np.nan_to_num(np.asarray(timestamps, dtype=np.float64), nan=0.0)
+    t = np.clip(t, 0, 2 ** 40).astype(np.int64)  # before 1970 or absurd: clamped
+    days = t // 86400
+    hour = (t % 86400) // 3600
+    weekday = (days + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
+    year = t.astype("datetime64[s]").astype("datetime64[Y]").astype(np.int64) + 1970
+    return np.stack([HOUR_ROW + hour, WEEKDAY_ROW + weekday, year], axis=1)
+
+
+def with_context(users: np.ndarray, timestamps: np.ndarray) -> torch.Tensor:
+    """A context model's input ``[n, 1 + CONTEXT_COLUMNS]``: each user id with the
+    context of the moment given (a rating's time, or the time a list is served)."""
+    return torch.from_numpy(np.concatenate(
+        [np.asarray(users, dtype=np.int64)[:, None], context_columns(timestamps)], axis=1))
+
+
+def serving_times(users: np.ndarray, test: Interactions) -> np.ndarray:
+    """The moment each of ``users`` is served a full ranking in evaluation: its first
+    held-out rating's time (when it came back)."""
+    first = np.full(test.n_users, np.inf)
+    np.minimum.at(first, test.users, test.timestamps.astype(np.float64))
+    out = first[np.asarray(users, dtype=np.int64)]
+    return np.where(np.isfinite(out), out, 0.0)
+
+
+def example_context(cfg: RunConfig, train: Interactions) -> np.ndarray | None:
+    """The context columns of ``train``'s ratings for a model that reads them, else None."""
+    if cfg.model.model not in FEATURE_MODELS or not uses_context(cfg):
+        return None
+    return context_columns(train.timestamps)

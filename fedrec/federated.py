@@ -30,7 +30,7 @@ from fedrec.data.split import temporal_split, to_feedback
 from fedrec.ddp import DDPPlan, count_keys, encode, prior_vector
 from fedrec.errors import ConfigError, DataError, PrivacyError, StateError
 from fedrec.evaluate import evaluate_counts
-from fedrec.features import model_features
+from fedrec.features import example_context, model_features
 from fedrec.metrics import finalize, merge_counts
 from fedrec.model import RecModel, build_model
 from fedrec.partition import num_partitions, partition_users
@@ -359,7 +359,8 @@ def fit_client(cfg: RunConfig, data: ClientData, shared: Arrays, state: ClientSt
         trainer = build_trainer(cfg, model, n, steps=1)
         sampler = torch.Generator().manual_seed(seed * 104729 + server_round)
     builder = ExampleBuilder(data.train, implicit=data.implicit, negatives=cfg.data.negatives,
-                             seed=neg_rng, uniform=cfg.uniform_negatives)
+                             seed=neg_rng, uniform=cfg.uniform_negatives,
+                             context=example_context(cfg, data.train))
     res = train_epochs(trainer.model, trainer.optimizer, trainer.criterion, builder,
                        cfg.train, poisson=pcfg.dp, epochs=cfg.fed.local_epochs,
                        sample_rate=plan.sample_rate if plan else None, generator=sampler)

@@ -17,7 +17,15 @@ import torch
 from torch import nn
 
 from fedrec.config import ModelConfig
-from fedrec.features import ITEM_SLOTS, USER_SLOTS, Features
+from fedrec.features import (
+    AGE_EDGES,
+    AGE_ROW,
+    CONTEXT_COLUMNS,
+    CONTEXT_ROWS,
+    ITEM_SLOTS,
+    USER_SLOTS,
+    Features,
+)
 from fedrec.text import TEXT_DIM
 
 
@@ -226,11 +234,18 @@ class _FeatureModel(MF):
     the catalogue) and per user (``user_values``, the client's own users; held in a
     non-persistent buffer, so never in a state dict and never sent). Value embeddings
     and biases are shared weights. Without features every slot is empty (id 0) and the
-    model sees ids only. The id tables are MF's (same names, same local/shared split)."""
+    model sees ids only. The id tables are MF's (same names, same local/shared split).
+
+    With ``context`` the model has a small shared table of context rows (hour of day,
+    day of week, the item's age then; ``fedrec.features``), and ``users`` may come as
+    ``[B, 1 + CONTEXT_COLUMNS]``: the user id, then the example's hour row, weekday row
+    and year (``fedrec.features.with_context``). Hour and weekday join the user's values,
+    the item's age (year minus its release year) its item's values. A plain ``[B]`` of
+    user ids means no context (empty slots)."""
 
     def __init__(self, n_users: int, n_items: int, dim: int, buckets: int,
                  init_std: float, offset: float, gen: torch.Generator | None,
-                 id_dropout: float = 0.0, text_dim: int = 0) -> None:
+                 id_dropout: float = 0.0, text_dim: int = 0, context: bool = False) -> None:
         super().__init__(n_users, n_items, dim, init_std, offset, gen)
         self.user_value_emb = _init(Embedding(buckets, dim), init_std, gen)
         self.item_value_emb = _init(Embedding(buckets, dim), init_std, gen)
@@ -252,6 +267,16 @@ class _FeatureModel(MF):
         # item-text=on: public title vectors (zero: no text), projected by a shared layer
         self.text_proj = Linear(text_dim, dim, bias=False) if text_dim else None
         self.register_buffer("item_text", torch.zeros(n_items, text_dim), persistent=False)
+        # context=on/auto: shared context rows; each item's release year (0: unknown)
+        self.context_emb = (_init(Embedding(CONTEXT_ROWS, dim), init_std, gen) if context
+                            else None)
+        self.context_bias = Embedding(CONTEXT_ROWS, 1) if context else None
+        if self.context_bias is not None:
+            nn.init.zeros_(self.context_bias.weight)
+        self.register_buffer("item_year", torch.zeros(n_items, dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("age_edges", torch.tensor(AGE_EDGES), persistent=False)
+        self.reads_context = False  # set by set_features (``Features.context``)
 
     def set_features(self, features: Features) -> None:
         """Load the value ids of this model's items and users."""
@@ -276,6 +301,44 @@ class _FeatureModel(MF):
                                  f"{tuple(features.text.shape)}")
             self.register_buffer("item_text", features.text.to(
                 self.item_text.device, self.item_text.dtype).clone(), persistent=False)
+        if features.context and self.context_emb is None:
+            raise ValueError("context: the features ask for it but the model was built "
+                             "with context=off")
+        self.reads_context = features.context
+        if features.years is not None:
+            if tuple(features.years.shape) != (self.n_items,):
+                raise ValueError(f"item years: expected shape ({self.n_items},), got "
+                                 f"{tuple(features.years.shape)}")
+            self.register_buffer("item_year", features.years.to(
+                self.item_year.device, torch.long).clone(), persistent=False)
+
+    def _ids(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """User ids ``[B]`` and the context columns ``[B, CONTEXT_COLUMNS]`` (None if the
+        input has none)."""
+        if users.dim() == 1:
+            return users, None
+        if users.dim() != 2 or users.shape[1] != 1 + CONTEXT_COLUMNS:
+            raise ValueError(f"users: expected [B] ids or [B, {1 + CONTEXT_COLUMNS}] ids "
+                             f"with context, got {tuple(users.shape)}")
+        return users[:, 0], users[:, 1:]
+
+    def _context(self, ctx: torch.Tensor | None, items: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Context rows looked up once (Opacus): the user-side part ``[B, 2, d]`` (hour,
+        weekday) and the item-side part ``[B, K, d]`` (the item's age), empty rows
+        zeroed; their masks ``[B, 2 + K]`` and biases ``[B, 2 + K]``."""
+        assert self.context_emb is not None and self.context_bias is not None
+        b, k = items.shape
+        if ctx is None:
+            ids = torch.zeros(b, 2 + k, dtype=torch.long, device=items.device)
+        else:
+            year = self.item_year[items]  # [B, K]
+            age = (ctx[:, 2:3] - year).clamp(min=0)
+            rows = AGE_ROW + torch.bucketize(age, self.age_edges, right=True)
+            ids = torch.cat([ctx[:, :2], torch.where(year > 0, rows, 0)], dim=1)
+        m = (ids > 0).to(self.item_emb.weight.dtype)
+        e = self.context_emb(ids) * m.unsqueeze(-1)
+        return e, m, self.context_bias(ids).squeeze(-1) * m
 
     def _item_content(self, items: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per (example, item): the sum and the sum of squares of the item's value
@@ -312,6 +375,7 @@ class _FeatureModel(MF):
         zeroed) and their mask, the item values' sum ``[B, K, d]``, sum of squares and
         count ``[B, K]``, and the first-order sum ``[B, K]``.
         """
+        users, ctx = self._ids(users)
         uv_ids = self.user_values[users]
         mu = (uv_ids > 0).to(self.item_emb.weight.dtype)
         p, q = self.user_emb(users), self.item_emb(items)
@@ -324,6 +388,12 @@ class _FeatureModel(MF):
         iv_sum, iv_sq, iv_bias, iv_n = self._item_content(items)
         first = (self.user_bias(users) + item_bias + iv_bias
                  + (self.user_value_bias(uv_ids).squeeze(-1) * mu).sum(1, keepdim=True))
+        if self.context_emb is not None:  # hour and weekday as user values, age as item's
+            e, m, cb = self._context(ctx if self.reads_context else None, items)
+            uv, mu = torch.cat([uv, e[:, :2]], 1), torch.cat([mu, m[:, :2]], 1)
+            iv_sum, iv_sq = iv_sum + e[:, 2:], iv_sq + (e[:, 2:] * e[:, 2:]).sum(-1)
+            iv_n = iv_n + m[:, 2:]
+            first = first + cb[:, :2].sum(1, keepdim=True) + cb[:, 2:]
         return p, q, uv, mu, iv_sum, iv_sq, iv_n, first
 
     @staticmethod
@@ -359,9 +429,9 @@ class DeepFM(_FeatureModel):
     def __init__(self, n_users: int, n_items: int, dim: int, hidden: tuple[int, ...],
                  buckets: int, init_std: float = 0.1, offset: float = 0.0,
                  gen: torch.Generator | None = None, id_dropout: float = 0.0,
-                 text_dim: int = 0) -> None:
+                 text_dim: int = 0, context: bool = False) -> None:
         super().__init__(n_users, n_items, dim, buckets, init_std, offset, gen, id_dropout,
-                         text_dim)
+                         text_dim, context)
         self.mlp = _mlp(hidden, 4 * dim)
         self.out = Linear(hidden[-1], 1)
 
@@ -388,9 +458,9 @@ class WideDeep(_FeatureModel):
     def __init__(self, n_users: int, n_items: int, dim: int, hidden: tuple[int, ...],
                  buckets: int, init_std: float = 0.1, offset: float = 0.0,
                  gen: torch.Generator | None = None, id_dropout: float = 0.0,
-                 text_dim: int = 0) -> None:
+                 text_dim: int = 0, context: bool = False) -> None:
         super().__init__(n_users, n_items, dim, buckets, init_std, offset, gen, id_dropout,
-                         text_dim)
+                         text_dim, context)
         self.cross = Embedding(8 * buckets, 1)
         nn.init.zeros_(self.cross.weight)
         self.mlp = _mlp(hidden, 4 * dim)
@@ -399,16 +469,17 @@ class WideDeep(_FeatureModel):
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Scores ``[B, K]``."""
         p, q, uv, mu, iv_sum, _, iv_n, first = self._parts(users, items)
-        uv_ids, iv_ids = self.user_values[users], self.item_values[items]
-        mi = (iv_ids > 0).to(q.dtype)
+        uv_ids, iv_ids = self.user_values[self._ids(users)[0]], self.item_values[items]
+        mi, mu_ids = (iv_ids > 0).to(q.dtype), (uv_ids > 0).to(q.dtype)
         k = items.shape[1]
         pair = (uv_ids[:, None, :, None] * _CROSS_A
                 ^ iv_ids[:, :, None, :] * _CROSS_B)  # [B, K, Su, Si]
         cross_ids = 1 + pair.remainder(self.cross.num_embeddings - 1)
-        cross_mask = mu[:, None, :, None] * mi[:, :, None, :]
+        cross_mask = mu_ids[:, None, :, None] * mi[:, :, None, :]
         pairs = uv_ids.shape[1] * iv_ids.shape[2]
-        wide = first + (self.cross(cross_ids.reshape(len(users), k, pairs)).squeeze(-1)
-                        * cross_mask.reshape(len(users), k, pairs)).sum(-1)
+        b = len(uv_ids)
+        wide = first + (self.cross(cross_ids.reshape(b, k, pairs)).squeeze(-1)
+                        * cross_mask.reshape(b, k, pairs)).sum(-1)
         deep = self.out(self.mlp(self._deep_input(p, q, uv, mu, iv_sum, iv_n))).squeeze(-1)
         return wide + deep + self.offset
 
@@ -440,7 +511,7 @@ def build_model(cfg: ModelConfig, n_users: int, n_items: int, *, offset: float =
             cls = DeepFM if cfg.model == "deepfm" else WideDeep
             model = cls(n_users, n_items, cfg.dim, cfg.hidden_sizes, cfg.feature_buckets,
                         cfg.init_std, offset, gen, cfg.id_dropout,
-                        TEXT_DIM if cfg.item_text == "on" else 0)
+                        TEXT_DIM if cfg.item_text == "on" else 0, cfg.context != "off")
         else:
             model = EmbeddingMLP(n_users, n_items, cfg.dim, cfg.hidden_sizes, cfg.init_std,
                                  offset, gen)

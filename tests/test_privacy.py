@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 from fedrec import privacy
 from fedrec.config import ModelConfig, PrivacyConfig
-from fedrec.features import ITEM_SLOTS, USER_SLOTS, Features
+from fedrec.features import ITEM_SLOTS, USER_SLOTS, Features, with_context
 from fedrec.model import Embedding, Linear, build_model
 from fedrec.privacy import (
     PrivateObjects,
@@ -35,7 +35,8 @@ B, K, U, N_ITEMS = 12, 4, 6, 9
 # to the user vector alone (2-D activations, one layer without bias).
 SIZES = {"small": (5, "6,3"), "large": (32, "64,32,16")}
 CASES = [(name, size, objective)
-         for name in ("mf", "neumf", "mlp", "deepfm", "widedeep", "deepfm-text", "tower")
+         for name in ("mf", "neumf", "mlp", "deepfm", "widedeep", "deepfm-text", "deepfm-ctx",
+                      "widedeep-ctx", "tower")
          for size in SIZES for objective in ("bce", "bpr", "mse")]
 BUCKETS = 7  # few feature-value rows, so examples share and repeat them
 
@@ -64,8 +65,10 @@ def _model(name: str, size: str) -> nn.Module:
     if name == "tower":
         return _Tower(dim).double()
     text = name.endswith("-text")  # title vectors through a shared projection
-    cfg = ModelConfig(model=name.removesuffix("-text"), dim=dim, mlp_layers=mlp, init_std=0.5,
-                      feature_buckets=BUCKETS, item_text="on" if text else "off")
+    ctx = name.endswith("-ctx")  # each example's context (hour, weekday, the item's age)
+    cfg = ModelConfig(model=name.split("-")[0], dim=dim, mlp_layers=mlp, init_std=0.5,
+                      feature_buckets=BUCKETS, item_text="on" if text else "off",
+                      context="on" if ctx else "off")
     g = torch.Generator().manual_seed(3)
     # value ids with empty slots (0) and values repeated within a row and across rows
     vectors = None
@@ -73,7 +76,9 @@ def _model(name: str, size: str) -> nn.Module:
         vectors = torch.randn(N_ITEMS, TEXT_DIM, generator=g)
         vectors[4] = 0.0
     features = Features(torch.randint(0, BUCKETS, (N_ITEMS, ITEM_SLOTS), generator=g),
-                        torch.randint(0, BUCKETS, (U, USER_SLOTS), generator=g), vectors)
+                        torch.randint(0, BUCKETS, (U, USER_SLOTS), generator=g), vectors,
+                        # release years, two unknown (0): their age slot stays empty
+                        torch.tensor([1990, 0, 1996, 1998, 1999, 0, 1980, 1997, 1995]), ctx)
     model = build_model(cfg, U, N_ITEMS, seed=0, features=features).double()
     if cfg.model in ("deepfm", "widedeep"):
         with torch.no_grad():  # non-zero biases and crosses, so every table's gradient counts
@@ -83,10 +88,16 @@ def _model(name: str, size: str) -> nn.Module:
     return model
 
 
-def _batch(objective: str = "bce",
-           dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch(objective: str = "bce", dtype: torch.dtype = torch.float64,
+           model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch; for a ``model`` that reads context, users come with it (hours and
+    weekdays repeated across examples, years that give several item ages)."""
     g = torch.Generator().manual_seed(0)
     users = torch.randint(0, U, (B,), generator=g)
+    if getattr(model, "reads_context", False):
+        t = torch.randint(800_000_000, 900_000_000, (B,), generator=g).numpy()  # 1995-98
+        t[:3] = t[0]  # three examples at the same moment
+        users = with_context(users.numpy(), t)
     if objective == "mse":  # explicit feedback: one rated item per example, K = 1
         items = torch.randint(0, N_ITEMS, (B, 1), generator=g)
         return users, items, torch.randint(1, 6, (B, 1), generator=g).to(dtype)
@@ -100,7 +111,7 @@ def _batch(objective: str = "bce",
 
 def _brute_force(model: nn.Module, objective: str) -> list[torch.Tensor]:
     """Per-example gradients over the trainable parameters, one autograd call each."""
-    users, items, targets = _batch(objective)
+    users, items, targets = _batch(objective, model=model)
     loss = RowLoss(objective, reduction="sum")
     params = [p for p in model.parameters() if p.requires_grad]
     grads = []
@@ -141,7 +152,7 @@ def _assert_exact(model: nn.Module, objective: str, bookkeeping: bool) -> None:
     norms = torch.stack([g.norm() for g in brute])
     clip = float(norms.median())  # some examples clipped, some not
     po, criterion = _private(model, objective, clip, bookkeeping)
-    users, items, targets = _batch(objective)
+    users, items, targets = _batch(objective, model=model)
     criterion(po.model(users, items), targets).backward()
     # bpr's example 1 (positive = negatives) has norm 0: its ghost norm is the sqrt of a
     # cancelled sum, hence the absolute tolerance
@@ -304,8 +315,9 @@ def test_cases_reach_every_norm_formula(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setitem(samplers, Embedding, embedding_spy)
     monkeypatch.setitem(samplers, Linear, linear_spy)
     for name, size, objective in CASES:
-        po, criterion = _private(_model(name, size), objective, 1.0, bookkeeping=True)
-        users, items, targets = _batch(objective)
+        model = _model(name, size)
+        po, criterion = _private(model, objective, 1.0, bookkeeping=True)
+        users, items, targets = _batch(objective, model=model)
         criterion(po.model(users, items), targets).backward()
 
     assert seen >= {

@@ -75,9 +75,12 @@ class ExampleBuilder:
     """Builds training examples from train interactions, resampling negatives per epoch."""
 
     def __init__(self, train: Interactions, *, implicit: bool, negatives: int,
-                 seed: int | np.random.Generator, uniform: bool = False) -> None:
+                 seed: int | np.random.Generator, uniform: bool = False,
+                 context: np.ndarray | None = None) -> None:
         """``seed``: a seed or a generator (under DP an OS-seeded one); ``uniform``:
-        negatives from the whole catalogue, independent of the user's other ratings."""
+        negatives from the whole catalogue, independent of the user's other ratings;
+        ``context``: per rating, columns that follow the user id in ``users`` (a context
+        model's input, ``fedrec.features.with_context``)."""
         self.train = train
         self.implicit = implicit
         self.negatives = negatives
@@ -92,6 +95,11 @@ class ExampleBuilder:
             targets[:, 0] = torch.from_numpy(train.ratings)
         self._targets = targets
         self._users = torch.from_numpy(train.users)
+        if context is not None:
+            if len(context) != len(train):
+                raise ValueError(f"context: {len(context)} rows for {len(train)} ratings")
+            self._users = torch.from_numpy(np.concatenate(
+                [train.users[:, None], np.asarray(context, dtype=np.int64)], axis=1))
         # items used by any example built so far (positives and sampled negatives)
         self.touched = np.zeros(train.n_items, dtype=bool)
 
