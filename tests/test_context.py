@@ -37,7 +37,7 @@ def test_columns_are_the_ratings_own_utc_hour_weekday_and_year() -> None:
     times = np.array([0, 880_000_000, 893_456_789, 1_700_000_000.7])
     cols = context_columns(times)
     for t, (hour, weekday, year) in zip(times, cols):
-        when = dt.datetime.fromtimestamp(int(t), dt.timezone.utc)  # an independent clock
+        when = dt.datetime.fromtimestamp(int(t), dt.UTC)  # an independent clock
         assert (hour, weekday, year) == (HOUR_ROW + when.hour, WEEKDAY_ROW + when.weekday(),
                                          when.year)
     assert cols[:, :2].min() >= 1 and cols[:, :2].max() < AGE_ROW  # never the empty row
