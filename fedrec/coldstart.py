@@ -56,6 +56,7 @@ class _Among:
     def __init__(self, scorer: Any, candidates: np.ndarray) -> None:
         self.scorer, self.n_items = scorer, scorer.n_items
         self.off = torch.from_numpy(~candidates)
+        self.reads_context = getattr(scorer, "reads_context", False)  # served with it
 
     def score_all(self, users: torch.Tensor) -> torch.Tensor:
         scores = self.scorer.score_all(users).float().clone()

@@ -7,6 +7,7 @@ the node), so it cannot score items for a user.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 
 from fedrec.config import FEATURE_MODELS, RunConfig
 from fedrec.errors import ConfigError
-from fedrec.features import model_features
+from fedrec.features import model_features, with_context
 from fedrec.federated import ClientData
 from fedrec.model import build_model
 from fedrec.state import ClientState
@@ -54,8 +55,9 @@ def liked_cut(data: ClientData, cfg: RunConfig) -> float:
 
 def recommend(cfg: RunConfig, data: ClientData, state: ClientState,
               shared: dict[str, torch.Tensor], user: str, k: int = 10,
-              explain: int = 2) -> list[Recommendation]:
-    """Top-``k`` unseen items for ``user`` (an original user id held by this node).
+              explain: int = 2, at: float | None = None) -> list[Recommendation]:
+    """Top-``k`` unseen items for ``user`` (an original user id held by this node);
+    a model that reads context scores them for the moment ``at`` (Unix seconds; now).
 
     Explanations: the user's highly rated training items (``liked_cut``) with the highest
     cosine similarity to the recommended item's embedding; for models that read features
@@ -73,7 +75,9 @@ def recommend(cfg: RunConfig, data: ClientData, state: ClientState,
                         features=model_features(cfg, data.train))
     model.load_state_dict({**shared, **state.local}, strict=True)
     model.eval()
-    scores = model.score_all(torch.tensor([uid]))[0].numpy().astype(np.float64)
+    served = (with_context(np.array([uid]), np.array([time.time() if at is None else at]))
+              if getattr(model, "reads_context", False) else torch.tensor([uid]))
+    scores = model.score_all(served)[0].numpy().astype(np.float64)
     seen = np.zeros(data.n_items, dtype=bool)
     seen[data.train.items[data.train.users == uid]] = True
     seen[data.test.items[data.test.users == uid]] = True

@@ -56,7 +56,10 @@ from fedrec.inprocess import run_inprocess  # noqa: E402
 from fedrec.report import write_json_atomic  # noqa: E402
 
 KS = (10, 20)
-MODELS = {"mf": "MF", "deepfm": "DeepFM", "widedeep": "Wide & Deep"}
+MODELS = {"mf": "MF", "deepfm": "DeepFM", "widedeep": "Wide & Deep",
+          "deepfm-context": "DeepFM + context"}
+# a model's config keys (a variant's model plus its switches)
+MODEL_FLAT = {"deepfm-context": {"model": "deepfm", "context": "on"}}
 CENTRAL_MODELS = list(MODELS)  # --models: those the central part tunes and measures
 # the central recipe (dim 64, Adam 0.002, batch 1024, 20 negatives) is MF's tuned point;
 # each model also tries these, and the epoch count, on validation
@@ -66,6 +69,11 @@ GRID_EPOCHS = [MAX_EPOCHS]  # --max-epochs: the longest run of the grid
 # item cold start: id-dropout and title embeddings, chosen on a validation cold-start split
 COLD_GRID = {"id-dropout": (0.0, 0.5), "item-text": ("off", "on")}
 DATASETS = ("ml-100k", "ml-latest-small")
+
+
+def _flat(model: str) -> dict[str, Any]:
+    """The config keys of a ``MODELS`` entry."""
+    return MODEL_FLAT.get(model, {"model": model})
 
 
 def _cfg(base: dict[str, Any], **over: Any) -> RunConfig:
@@ -82,7 +90,7 @@ def choose(base: dict[str, Any], model: str, val: Split) -> dict[str, Any]:
     """The grid point and epoch count with the best validation Recall@20."""
     best: dict[str, Any] = {"recall@20": -1.0}
     for combo in itertools.product(*GRID.values()):
-        over = {"model": model, **dict(zip(GRID, combo)), "epochs": GRID_EPOCHS[0],
+        over = {**_flat(model), **dict(zip(GRID, combo)), "epochs": GRID_EPOCHS[0],
                 "eval-every": EVAL_EVERY}
         t0 = time.perf_counter()
         _, _, rows = _central(base, val, **over)
@@ -131,7 +139,7 @@ def _best_feature_model(out: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 def part_federated(base: dict[str, Any], out: dict[str, Any]) -> None:
     model, settings = _best_feature_model(out)
-    flat = {**base, "dp": False, "partition": "cross-device", "model": model,
+    flat = {**base, "dp": False, "partition": "cross-device", **_flat(model),
             "dim": settings["dim"]}
     t0 = time.perf_counter()
     _, rows = run_inprocess(RunConfig.from_flat(flat))

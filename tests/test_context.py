@@ -201,3 +201,33 @@ def test_deepfm_with_context_trains_centrally() -> None:
         model, metrics, rows = run_centralized(cfg, split)
     assert model.reads_context and np.isfinite(rows[-1]["loss"])
     assert 0.0 <= metrics["recall@10"] <= 1.0
+
+
+def test_recommend_scores_for_the_moment_served() -> None:
+    """``recommend`` serves a context model at ``at`` (default: now): its scores are the
+    model's with that moment's context, and another hour ranks differently."""
+    from fedrec.federated import fit_client, init_shared, partition_data
+    from fedrec.recommend import recommend
+
+    cfg = RunConfig.from_flat({**SMALL, "num-clients": 3, "context": "on", "dp": False})
+    data = partition_data(cfg, 1, 3)
+    shared = init_shared(cfg, data.n_items)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fit_client(cfg, data, shared, None, seed=0, server_round=1)
+    g = torch.Generator().manual_seed(0)
+    trained = {k: torch.from_numpy(np.asarray(v)) for k, v in res.shared.items()}
+    trained["context_bias.weight"] = torch.randn(CONTEXT_ROWS, 1, generator=g) * 5
+    user = data.user_ids[0]
+    noon, night = 1_000_000_800.0, 1_000_036_800.0
+    at_noon = recommend(cfg, data, res.state, trained, user, k=30, explain=0, at=noon)
+    at_night = recommend(cfg, data, res.state, trained, user, k=30, explain=0, at=night)
+    model = build_model(cfg.model, data.n_users, data.n_items, offset=data.offset,
+                        features=model_features(cfg, data.train))
+    model.load_state_dict({**trained, **res.state.local})
+    model.eval()
+    want = model.score_all(with_context(np.array([0]), np.array([noon])))[0]
+    for rec in at_noon:
+        item = list(data.train.item_ids).index(rec.item)
+        assert rec.score == pytest.approx(float(want[item]), rel=1e-6)
+    assert [r.score for r in at_noon] != [r.score for r in at_night]
