@@ -32,6 +32,7 @@ ITEM_SLOTS = 12  # value slots per item at most: genres and fields, then the dec
 USER_SLOTS = 8  # value slots per user at most (ML-100K: age group, gender, occupation, zip)
 log = logging.getLogger(__name__)
 _YEAR = re.compile(r"\((\d{4})\)\s*$")
+_WARNED: set[tuple[int, int, int]] = set()  # truncations already logged
 
 
 def item_values(title: str, genres: str) -> list[str]:
@@ -61,7 +62,8 @@ def hash_rows(rows: Sequence[Sequence[str]], slots: int, buckets: int) -> np.nda
     """``[len(rows), slots]`` value ids, rows truncated to ``slots`` (logged) and padded
     with 0."""
     over = sum(len(r) > slots for r in rows)
-    if over:
+    if over and (over, len(rows), slots) not in _WARNED:  # once a run, not every round
+        _WARNED.add((over, len(rows), slots))
         log.warning("%d of %d rows have more than %d feature values; their values past "
                     "the first %d are left out", over, len(rows), slots, slots)
     out = np.zeros((len(rows), slots), dtype=np.int64)
