@@ -88,6 +88,41 @@ def split_for_users(split: Split, users: np.ndarray) -> ClientData:
                       1.0 if split.implicit else float(hi - lo))
 
 
+def split_for_parts(split: Split, parts: Sequence[np.ndarray]) -> list[ClientData]:
+    """``split_for_users`` of every part, the ratings of all parts found by one sort
+    instead of a scan of the whole data per part (100,000 one-user clients of 2M ratings:
+    seconds, not the better part of an hour). Parts that share a user are split one by
+    one."""
+    flat = np.concatenate([np.asarray(u, dtype=np.int64) for u in parts]) if parts else []
+    if len(np.unique(flat)) != len(flat):
+        return [split_for_users(split, users) for users in parts]
+    part_of = np.full(split.n_users, len(parts), dtype=np.int64)  # len(parts): no part
+    local = np.full(split.n_users, -1, dtype=np.int64)
+    for j, users in enumerate(parts):
+        part_of[users] = j
+        local[users] = np.arange(len(users))
+
+    def pieces(data: Interactions) -> list[Interactions]:
+        owner = part_of[data.users]
+        order = np.argsort(owner, kind="stable")  # a part's rows keep their order
+        bounds = np.searchsorted(owner[order], np.arange(len(parts) + 1))
+        out = []
+        for j, users in enumerate(parts):
+            sub = data.subset(order[bounds[j]:bounds[j + 1]])
+            sub.users = local[sub.users]
+            sub.user_ids = data.user_ids[users]
+            sub.user_features = ([data.user_features[u] for u in users]
+                                 if data.user_features else [])
+            out.append(sub)
+        return out
+
+    lo, hi = split.train.rating_range
+    offset, scale = rating_offset(split), 1.0 if split.implicit else float(hi - lo)
+    return [ClientData(train, test, [str(u) for u in split.train.user_ids[users]],
+                       split.implicit, offset, scale)
+            for users, train, test in zip(parts, pieces(split.train), pieces(split.test))]
+
+
 def partition_data(cfg: RunConfig, partition_id: int, num_nodes: int) -> ClientData:
     """Simulation: load the dataset (cached per process) and take one partition."""
     split = cached_split(cfg.data)
@@ -409,7 +444,7 @@ class ExperimenterEvaluation:
         split = cached_split(cfg.data)
         parts = partition_users(cfg.fed.partition, split.n_users, cfg.fed.num_clients,
                                 cfg.data.seed)
-        self.clients = [split_for_users(split, users) for users in parts]
+        self.clients = split_for_parts(split, parts)
 
     def __call__(self, shared: Arrays) -> dict[str, float]:
         """Exact metrics of ``shared`` with the clients' current user embeddings."""

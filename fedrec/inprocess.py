@@ -43,7 +43,7 @@ from fedrec.federated import (
     initial_local,
     item_keys,
     shared_order,
-    split_for_users,
+    split_for_parts,
     unflatten,
 )
 from fedrec.metrics import finalize, merge_counts
@@ -62,8 +62,7 @@ def _federation(cfg: RunConfig) -> tuple[Any, list[np.ndarray], list[Any], Array
     split = cached_split(cfg.data)
     parts = partition_users(cfg.fed.partition, split.n_users, cfg.fed.num_clients,
                             cfg.data.seed)
-    return split, parts, [split_for_users(split, users) for users in parts], init_shared(
-        cfg, split.n_items)
+    return split, parts, split_for_parts(split, parts), init_shared(cfg, split.n_items)
 
 
 def _global_model(cfg: RunConfig, split: Any, parts: list[np.ndarray], clients: list[Any],

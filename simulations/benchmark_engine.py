@@ -10,6 +10,8 @@ The loop engine is timed on ``--loop-sample`` clients and scaled to the whole ro
 costs the same per client, one after another); the batched engine trains every client.
 Under record-level DP the batched round folds the noise rows still owe after the
 clients' last steps into one draw for the sum, as ``fedrec.inprocess`` does.
+Also times splitting the data into the clients (``split``: all parts at once, as the
+in-process rounds do, against one ``split_for_users`` after another, sampled and scaled).
 Writes ``ml1m_round_over_central_epoch`` per DP mode (``none``: no DP; ``record``:
 record-level DP-SGD on every client, epsilon 8; ``user``: user-level DP, clipped and
 noised at the server), ``batched_speedup`` and ``peak_rss_gb`` (the process's peak
@@ -35,7 +37,14 @@ from fedrec.batched import fit_clients, owed_noise
 from fedrec.central import run_centralized
 from fedrec.config import RECIPES, RunConfig
 from fedrec.data import load_split
-from fedrec.federated import cached_split, fit_client, init_shared, item_keys, split_for_users
+from fedrec.federated import (
+    cached_split,
+    fit_client,
+    init_shared,
+    item_keys,
+    split_for_parts,
+    split_for_users,
+)
 from fedrec.partition import partition_users
 from fedrec.privacy import secret_generator
 from fedrec.report import write_json_atomic
@@ -112,9 +121,20 @@ def main() -> None:
         cfg = RunConfig.from_flat({**data, "partition": "cross-device",
                                    "dp": mode == "record", "user-dp": mode == "user"})
         parts = partition_users("cross-device", split.n_users, 0, cfg.data.seed)
-        clients = [split_for_users(split, users) for users in parts]
+        t0 = time.perf_counter()
+        clients = split_for_parts(split, parts)
+        split_s = time.perf_counter() - t0
         shared = init_shared(cfg, split.n_items)
         sample = clients[:: max(1, len(clients) // args.loop_sample)][:args.loop_sample]
+        if "split" not in result:  # the federation's data, all parts at once vs one by one
+            t0 = time.perf_counter()
+            for users in parts[:: max(1, len(parts) // args.loop_sample)][:args.loop_sample]:
+                split_for_users(split, users)
+            loop_s = (time.perf_counter() - t0) * len(parts) / len(sample)
+            result["split"] = {"parts_s": split_s, "loop_s": loop_s,
+                               "speedup": loop_s / split_s}
+            print(f"splitting the data into {len(parts):,} clients: {split_s:.1f}s at once, "
+                  f"{loop_s:.1f}s one by one ({loop_s / split_s:.0f}x)", flush=True)
         loop = _round(cfg, sample, shared, "loop") * len(clients) / len(sample)
         batched = _round(cfg, clients, shared, "batched")
         row = {"loop_round_s": loop, "batched_round_s": batched,

@@ -167,3 +167,30 @@ def test_recommend_finds_the_users_partition_and_explains_from_liked_items(
                if "because you liked" in line]
     assert because and all(t in liked for line in because for t in line.split(" and "))
     assert liked_cut(data, cfg) == 4.0  # synthetic ratings are 1-5: liked = 4 or 5
+
+
+@pytest.mark.parametrize("shape", ["disjoint", "overlapping"])
+def test_split_for_parts_equals_split_for_users(shape: str) -> None:
+    """All parts at once (one sort) give each client the very data ``split_for_users``
+    gives it: same rows in the same order, local ids, user ids and features."""
+    from fedrec.federated import split_for_parts, split_for_users
+
+    cfg = RunConfig.from_flat({**FLAT, "model": "deepfm"})
+    split = load_split(cfg.data)
+    rng = np.random.default_rng(0)
+    users = rng.permutation(split.n_users)
+    parts = [users[:1], users[1:7], users[7:8], np.array([], dtype=np.int64), users[8:-3]]
+    if shape == "overlapping":  # a user in two parts: split part by part
+        parts.append(users[5:9])
+    got = split_for_parts(split, parts)
+    assert len(got) == len(parts)
+    for users_j, mine in zip(parts, got):
+        want = split_for_users(split, users_j)
+        assert mine.user_ids == want.user_ids and mine.offset == want.offset
+        assert (mine.implicit, mine.rating_span) == (want.implicit, want.rating_span)
+        for a, b in ((mine.train, want.train), (mine.test, want.test)):
+            for name in ("users", "items", "ratings", "timestamps", "user_ids"):
+                assert np.array_equal(getattr(a, name), getattr(b, name)), name
+            assert a.user_features == b.user_features and a.n_items == b.n_items
+    assert sum(len(c.train) for c in got[:5]) == int(np.isin(
+        split.train.users, users[:-3]).sum())  # the users left out own no rows here
