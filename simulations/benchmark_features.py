@@ -133,7 +133,7 @@ def _best_feature_model(out: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     feats = [(n, m) for m, n in MODELS.items() if m != "mf" and n in rows]
     if not feats:
         raise SystemExit("run --parts central first (it chooses the feature model)")
-    name, model = max(feats, key=lambda nm: rows[nm[0]]["recall@20"])
+    name, model = max(feats, key=lambda nm: rows[nm[0]]["validation_recall@20"])
     return model, rows[name]["settings"]
 
 
