@@ -95,6 +95,10 @@ def enforce_node_floor(cfg: RunConfig, node: Mapping[str, Any]) -> None:
     if cfg.model.user_features == "on":
         raise PrivacyError("user-features=on: a node with a privacy floor never lets the run "
                            "config use its users' own features outside distributed DP")
+    if cfg.model.context == "on" and not (p.dp or p.ddp):
+        raise PrivacyError("context=on: a node with a privacy floor never lets the run "
+                           "config use its ratings' times outside record-level or "
+                           "distributed DP")
     floor = RunConfig.from_flat({**named, "dp": named.get("dp", True)})
     f = floor.privacy
     if f.dp and not p.dp:

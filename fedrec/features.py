@@ -32,7 +32,7 @@ ITEM_SLOTS = 12  # value slots per item at most: genres and fields, then the dec
 USER_SLOTS = 8  # value slots per user at most (ML-100K: age group, gender, occupation, zip)
 log = logging.getLogger(__name__)
 _YEAR = re.compile(r"\((\d{4})\)\s*$")
-_WARNED: set[tuple[int, int, int]] = set()  # truncations already logged
+_WARNED: set[tuple[object, ...]] = set()  # warnings already logged (once a run)
 
 
 def item_values(title: str, genres: str) -> list[str]:
@@ -177,6 +177,7 @@ AGE_EDGES = (1, 2, 4, 8, 16, 32)  # years since release: [0, 1), [1, 2), ..., [3
 AGE_ROW = 32  # rows 32-38: the age buckets
 CONTEXT_ROWS = AGE_ROW + len(AGE_EDGES) + 1
 CONTEXT_COLUMNS = 3  # after the user id: hour row, weekday row, year
+TIME_RANGE = (100_000_000, 4_102_444_800)  # Unix seconds read as moments: 1973 to 2100
 
 
 def uses_context(cfg: RunConfig) -> bool:
@@ -194,14 +195,24 @@ def uses_context(cfg: RunConfig) -> bool:
 def context_columns(timestamps: np.ndarray) -> np.ndarray:
     """``[n, CONTEXT_COLUMNS]`` per rating: its hour row, weekday row and calendar year
     (UTC), each a function of that rating's own timestamp only (so one rating's removal
-    changes no other example: what record-level DP needs)."""
-    t = np.nan_to_num(np.asarray(timestamps, dtype=np.float64), nan=0.0)
-    t = np.clip(t, 0, 2 ** 40).astype(np.int64)  # before 1970 or absurd: clamped
+    changes no other example: what record-level DP needs). A time outside ``TIME_RANGE``
+    (not Unix seconds: row numbers of a file without a time column, milliseconds, NaN)
+    gives that rating an empty context (all 0), logged once."""
+    t = np.asarray(timestamps, dtype=np.float64)
+    ok = np.isfinite(t) & (t >= TIME_RANGE[0]) & (t <= TIME_RANGE[1])
+    if not ok.all() and ("times", int((~ok).sum()), len(t)) not in _WARNED:
+        _WARNED.add(("times", int((~ok).sum()), len(t)))
+        log.warning("context: %d of %d timestamps are not Unix seconds between %d and %d "
+                    "(milliseconds? no time column?); those ratings get no context",
+                    int((~ok).sum()), len(t), *TIME_RANGE)
+    t = np.where(ok, t, 0.0).astype(np.int64)
     days = t // 86400
     hour = (t % 86400) // 3600
     weekday = (days + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
     year = t.astype("datetime64[s]").astype("datetime64[Y]").astype(np.int64) + 1970
-    return np.stack([HOUR_ROW + hour, WEEKDAY_ROW + weekday, year], axis=1)
+    out = np.stack([HOUR_ROW + hour, WEEKDAY_ROW + weekday, year], axis=1)
+    out[~ok] = 0
+    return out
 
 
 def with_context(users: np.ndarray, timestamps: np.ndarray) -> torch.Tensor:

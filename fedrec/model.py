@@ -335,7 +335,8 @@ class _FeatureModel(MF):
             year = self.item_year[items]  # [B, K]
             age = (ctx[:, 2:3] - year).clamp(min=0)
             rows = AGE_ROW + torch.bucketize(age, self.age_edges, right=True)
-            ids = torch.cat([ctx[:, :2], torch.where(year > 0, rows, 0)], dim=1)
+            known = (year > 0) & (ctx[:, 2:3] > 0)  # the item's year and the moment's
+            ids = torch.cat([ctx[:, :2], torch.where(known, rows, 0)], dim=1)
         m = (ids > 0).to(self.item_emb.weight.dtype)
         e = self.context_emb(ids) * m.unsqueeze(-1)
         return e, m, self.context_bias(ids).squeeze(-1) * m

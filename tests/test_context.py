@@ -22,6 +22,7 @@ from fedrec.features import (
     WEEKDAY_ROW,
     Features,
     context_columns,
+    example_context,
     model_features,
     serving_times,
     uses_context,
@@ -34,7 +35,7 @@ SMALL = {"synthetic-users": 20, "synthetic-items": 30, "dim": 4, "mlp-layers": "
 
 
 def test_columns_are_the_ratings_own_utc_hour_weekday_and_year() -> None:
-    times = np.array([0, 880_000_000, 893_456_789, 1_700_000_000.7])
+    times = np.array([100_000_000, 880_000_000, 893_456_789, 1_700_000_000.7])
     cols = context_columns(times)
     for t, (hour, weekday, year) in zip(times, cols):
         when = dt.datetime.fromtimestamp(int(t), dt.UTC)  # an independent clock
@@ -43,6 +44,28 @@ def test_columns_are_the_ratings_own_utc_hour_weekday_and_year() -> None:
     assert cols[:, :2].min() >= 1 and cols[:, :2].max() < AGE_ROW  # never the empty row
     u = with_context(np.array([4, 7, 7, 1]), times)
     assert u[:, 0].tolist() == [4, 7, 7, 1] and (u[:, 1:].numpy() == cols).all()
+
+
+def test_times_that_are_not_unix_seconds_give_no_context(tmp_path) -> None:
+    """Milliseconds, NaN, negative times and the row numbers of a file without a time
+    column are no moments: those ratings get an empty context, each on its own (one
+    rating's removal changes no other example's context)."""
+    from fedrec.config import DataConfig
+
+    bad = np.array([1_700_000_000_000.0, np.nan, -5.0, np.inf, 50.0])
+    assert (context_columns(bad) == 0).all()
+    mixed = context_columns(np.array([893_456_789.0, np.nan]))
+    assert (mixed[0] > 0).all() and (mixed[1] == 0).all()
+    f = tmp_path / "r.csv"
+    f.write_text("u,i\n" + "".join(f"u{k % 3},i{k % 5}\n" for k in range(30)))
+    data = load_dataset(DataConfig(dataset="csv", data_file=str(f), user_col="u",
+                                   item_col="i", time_col="", rating_col=""))
+    assert (context_columns(data.timestamps) == 0).all()
+    first = data.timestamps[data.users == 0]
+    assert (np.diff(first) > 0).all()  # row order is still the order of time
+    model = _model("deepfm", reads=True)  # an empty moment leaves the age slot empty too
+    _, m, _ = model._context(torch.zeros(1, 3, dtype=torch.long), torch.tensor([[0, 2, 3]]))
+    assert (m == 0).all()
 
 
 @pytest.mark.parametrize(("flat", "central", "used"), [
@@ -59,8 +82,10 @@ def test_context_only_where_the_unit_covers_it(flat: dict, central: bool, used: 
     cfg = RunConfig.from_flat({**SMALL, "context": "auto", **flat})
     cfg = cfg.for_central() if central else cfg
     assert uses_context(cfg) is used
-    feats = model_features(cfg, load_dataset(cfg.data))
+    data = load_dataset(cfg.data)
+    feats = model_features(cfg, data)
     assert feats is not None and feats.context is used
+    assert (example_context(cfg, data) is None) is not used  # the examples carry it or not
 
 
 def test_context_needs_a_feature_model() -> None:
@@ -231,3 +256,79 @@ def test_recommend_scores_for_the_moment_served() -> None:
         item = list(data.train.item_ids).index(rec.item)
         assert rec.score == pytest.approx(float(want[item]), rel=1e-6)
     assert [r.score for r in at_noon] != [r.score for r in at_night]
+
+
+def _shifted(data, seconds: float):
+    """The client's data with every rating ``seconds`` later (order kept)."""
+    import copy
+
+    out = copy.deepcopy(data)
+    out.train.timestamps = out.train.timestamps + seconds
+    out.test.timestamps = out.test.timestamps + seconds
+    return out
+
+
+@pytest.mark.parametrize("name", ["deepfm", "widedeep"])
+@pytest.mark.parametrize("flat", [
+    {"dp": False}, {"dp": False, "user-dp": True, "user-target-epsilon": 8.0},
+    {"dp": False, "eval-negatives": 5}, {"dp": False, "feedback": "explicit",
+                                         "objective": "mse"}])
+def test_nothing_a_client_sends_depends_on_its_times_by_default(name: str, flat: dict) -> None:
+    """Without DP or with the server's user-level noise (context=auto: not read), the
+    same client with its ratings 7 or 30 hours later sends bit for bit the same shared
+    arrays, touched mask, loss, weight and evaluation counts; with context=on they
+    differ (so the test can fail)."""
+    from fedrec.federated import evaluate_client, fit_client, init_shared, partition_data
+
+    def replies(setting: str) -> list[tuple]:
+        cfg = RunConfig.from_flat({**SMALL, "model": name, "num-clients": 20,
+                                   "context": setting, **flat})
+        data = partition_data(cfg, 3, 20)
+        shared = init_shared(cfg, data.n_items)
+        out = []
+        for d in (data, _shifted(data, 7 * 3600.0), _shifted(data, 30 * 3600.0)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                res = fit_client(cfg, d, shared, None, seed=0, server_round=1)
+                counts = evaluate_client(cfg, d, shared, None, seed=0)
+            out.append((res, counts))
+        return out
+
+    def same(a: tuple, b: tuple) -> bool:
+        (ra, ca), (rb, cb) = a, b
+        return (set(ra.shared) == set(rb.shared)
+                and all(np.array_equal(ra.shared[k], rb.shared[k]) for k in ra.shared)
+                and ((ra.touched is None and rb.touched is None)
+                     or np.array_equal(ra.touched, rb.touched))
+                and ra.loss == rb.loss and ra.weight == rb.weight and ca == cb)
+
+    auto = replies("auto")
+    assert same(auto[0], auto[1]) and same(auto[0], auto[2])
+    on = replies("on")
+    assert not same(on[0], on[1]) or not same(on[0], on[2])
+
+
+def test_sampled_and_rating_evaluation_take_each_ratings_own_moment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sampled protocol and rating errors score each held-out rating at its own
+    time (full ranking: ``test_full_ranking_serves_...``)."""
+    from fedrec.data import load_split
+    from fedrec.evaluate import rating_error_counts, sampled_counts
+
+    cfg = RunConfig.from_flat({**SMALL, "context": "on"}).for_central()
+    split = load_split(cfg.data)
+    model = build_model(cfg.model, split.n_users, split.n_items,
+                        features=model_features(cfg, split.train))
+    seen: list[torch.Tensor] = []
+    real = model.forward
+
+    def spy(users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        seen.append(users.clone())
+        return real(users, items)
+
+    monkeypatch.setattr(model, "forward", spy)
+    want = with_context(split.test.users, split.test.timestamps)
+    sampled_counts(model, split.train, split.test, (5,), 4, seed=0)
+    assert torch.equal(seen[-1], want)
+    rating_error_counts(model, split.test)
+    assert torch.equal(seen[-1], want)

@@ -277,6 +277,9 @@ def test_client_errors_reach_the_server_as_codes_only(
     ({"delta": 1e-6}, {"delta": 1e-5}),
     ({}, {"insecure-noise-seed": 3}),
     ({"dp": True}, {"user-features": "on"}),  # its users' features outside distributed DP
+    # its ratings' times in a non-private reply (a floor may leave dp off)
+    ({"dp": False, "epsilon-cap": 4.0}, {"model": "deepfm", "mlp-layers": "8,4",
+                                         "context": "on", "dp": False}),
 ])
 def test_a_node_refuses_a_run_config_below_its_privacy_floor(
         tmp_path: Path, task_identity: None, node_floor: dict[str, Any],
@@ -286,8 +289,10 @@ def test_a_node_refuses_a_run_config_below_its_privacy_floor(
     shared = init_shared(RunConfig.from_flat(run), 20)
     reply = train_handler(_ask("train", shared), _context(run, node))
     assert reply.has_error() and reply.error.code == 104, reply
-    fine = train_handler(_ask("train", shared), _context(
-        {**FLAT, "num-items": 20, "target-epsilon": 0.5, "delta": 1e-6}, node))
+    model = {k: v for k, v in run_over.items() if k in ("model", "mlp-layers")}
+    fine_run = {**FLAT, "num-items": 20, "target-epsilon": 0.5, "delta": 1e-6, **model}
+    fine = train_handler(_ask("train", init_shared(RunConfig.from_flat(fine_run), 20)),
+                         _context(fine_run, node))
     assert not fine.has_error(), fine.error
 
 

@@ -18,6 +18,7 @@ import pandas as pd
 from fedrec.errors import DataError
 
 ROLES = ("user", "item", "rating", "timestamp")
+ROW_ORDER_OFFSET = 2.0 ** 40  # row numbers stand for times below -2^40 (order kept)
 _MISSING = ("", "nan", "na", "n/a", "null", "none")  # read as a missing value
 _CANDIDATE_SEPS = ("\t", ",", ";", "|", "::", " ")
 
@@ -172,8 +173,9 @@ def read_delimited(
     for role in ROLES:
         if role in positions:
             out[role] = _column(path, role, df.iloc[:, positions[role]], line_no)
-    if "timestamp" not in out:
-        out["timestamp"] = np.arange(len(out), dtype=np.float64)
+    if "timestamp" not in out:  # row order is time; far below any real Unix time, so
+        # no row number is ever read as a moment (fedrec.features.context_columns)
+        out["timestamp"] = np.arange(len(out), dtype=np.float64) - ROW_ORDER_OFFSET
     if "rating" not in out:  # implicit-only data (clicks, purchases): every row a positive
         out["rating"] = np.ones(len(out), dtype=np.float64)
     return out
@@ -210,8 +212,9 @@ def read_parquet(path: Path, *, columns: dict[str, str | int | None]) -> pd.Data
             )
         col = df[name].astype(str).where(df[name].notna(), "")
         out[role] = _column(path, role, col, out["line"].to_numpy())
-    if "timestamp" not in out:
-        out["timestamp"] = np.arange(len(out), dtype=np.float64)
+    if "timestamp" not in out:  # row order is time; far below any real Unix time, so
+        # no row number is ever read as a moment (fedrec.features.context_columns)
+        out["timestamp"] = np.arange(len(out), dtype=np.float64) - ROW_ORDER_OFFSET
     if "rating" not in out:  # implicit-only data (clicks, purchases): every row a positive
         out["rating"] = np.ones(len(out), dtype=np.float64)
     return out
