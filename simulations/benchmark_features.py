@@ -58,8 +58,9 @@ from fedrec.report import write_json_atomic  # noqa: E402
 KS = (10, 20)
 MODELS = {"mf": "MF", "deepfm": "DeepFM", "widedeep": "Wide & Deep",
           "deepfm-context": "DeepFM + context"}
-# a model's config keys (a variant's model plus its switches)
-MODEL_FLAT = {"deepfm-context": {"model": "deepfm", "context": "on"}}
+# a model's config keys (a variant's model plus its switches; context=auto: read in the
+# centralized parts, not in the non-private federated one, where a reply would show it)
+MODEL_FLAT = {"deepfm-context": {"model": "deepfm", "context": "auto"}}
 CENTRAL_MODELS = list(MODELS)  # --models: those the central part tunes and measures
 # the central recipe (dim 64, Adam 0.002, batch 1024, 20 negatives) is MF's tuned point;
 # each model also tries these, and the epoch count, on validation
