@@ -155,15 +155,21 @@ def test_examples_carry_their_ratings_context() -> None:
         ExampleBuilder(data, implicit=True, negatives=2, seed=0, context=cols[1:])
 
 
-def test_full_ranking_serves_each_user_at_its_first_held_out_rating(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def _central_model() -> tuple:
+    """A small split and an untrained DeepFM that reads context."""
     from fedrec.data import load_split
-    from fedrec.evaluate import evaluate_counts
 
     cfg = RunConfig.from_flat({**SMALL, "context": "on"}).for_central()
     split = load_split(cfg.data)
-    model = build_model(cfg.model, split.n_users, split.n_items,
-                        features=model_features(cfg, split.train))
+    return split, build_model(cfg.model, split.n_users, split.n_items,
+                              features=model_features(cfg, split.train))
+
+
+def test_full_ranking_serves_each_user_at_its_first_held_out_rating(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedrec.evaluate import evaluate_counts
+
+    split, model = _central_model()
     seen: list[torch.Tensor] = []
     real = model.score_all
 
@@ -312,13 +318,9 @@ def test_sampled_and_rating_evaluation_take_each_ratings_own_moment(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The sampled protocol and rating errors score each held-out rating at its own
     time (full ranking: ``test_full_ranking_serves_...``)."""
-    from fedrec.data import load_split
     from fedrec.evaluate import rating_error_counts, sampled_counts
 
-    cfg = RunConfig.from_flat({**SMALL, "context": "on"}).for_central()
-    split = load_split(cfg.data)
-    model = build_model(cfg.model, split.n_users, split.n_items,
-                        features=model_features(cfg, split.train))
+    split, model = _central_model()
     seen: list[torch.Tensor] = []
     real = model.forward
 
