@@ -57,6 +57,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "partition": ("cross-device", "cross-silo"),
     "item_weighting": ("auto", "touched", "uniform"), "server_opt": ("avg", "adam"),
     "aggregation": ("mean", "median", "trimmed-mean", "krum"),
+    "user_features": ("auto", "on", "off"), "item_text": ("off", "on"),
+    "context": ("off", "auto", "on"),
 }
 PATHS = ("data_dir", "data_file", "test_file")
 # Testing switches: accepted, but left out of the user help.
