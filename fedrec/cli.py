@@ -327,7 +327,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     state = load_state(path)
     if state is None:
         raise ConfigError(f"{path}: no client state; train this node first")
-    recs = recommend(cfg, data, state, shared, str(args.user), k=args.k)
+    recs = recommend(cfg, data, state, shared, str(args.user), k=args.k, at=args.at)
     print(f"top {len(recs)} for user {args.user} (on this device; the server has no user "
           "embeddings):")
     for rank, r in enumerate(recs, 1):
@@ -556,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--partition", default=None,
                    help="partition / node id (default: the one whose state holds --user)")
     r.add_argument("-k", type=int, default=10, help="how many items")
+    r.add_argument("--at", type=float, default=None, metavar="UNIX_SECONDS",
+                   help="the moment to recommend for, for a model that reads context "
+                        "(unset: now)")
     r.add_argument("--data-file", default="", help="deployment: the node's ratings file")
     r.add_argument("--catalogue-file", default="", help="deployment: the item catalogue")
     r.set_defaults(func=_cmd_recommend)

@@ -157,7 +157,8 @@ def test_recommend_finds_the_users_partition_and_explains_from_liked_items(
         save_global(tmp_path / f"global-{pid}.pt", shared, cfg.to_flat())
     data = partition_data(cfg, 2, 3)
     user = data.user_ids[0]
-    assert main(["recommend", "--user", user, "--state-dir", str(tmp_path), "-k", "3"]) == 0
+    assert main(["recommend", "--user", user, "--state-dir", str(tmp_path), "-k", "3",
+                 "--at", "1000000000"]) == 0
     out = capsys.readouterr().out
     assert f"top 3 for user {user}" in out
     liked = {data.train.titles[i] for i, r, u in zip(data.train.items, data.train.ratings,
