@@ -32,7 +32,7 @@ ITEM_SLOTS = 12  # value slots per item at most: genres and fields, then the dec
 USER_SLOTS = 8  # value slots per user at most (ML-100K: age group, gender, occupation, zip)
 log = logging.getLogger(__name__)
 _YEAR = re.compile(r"\((\d{4})\)\s*$")
-_WARNED: set[tuple[object, ...]] = set()  # warnings already logged (once a run)
+_WARNED: set[object] = set()  # warnings already logged (once a run)
 
 
 def item_values(title: str, genres: str) -> list[str]:
@@ -166,6 +166,11 @@ def model_features(cfg: RunConfig, data: Interactions) -> Features | None:
     out = features_of(data, cfg.model.feature_buckets, users=uses_user_features(cfg),
                       text=cfg.model.item_text == "on")
     out.context = uses_context(cfg)
+    if cfg.model.context == "auto" and not out.context and "context" not in _WARNED:
+        _WARNED.add("context")  # once a run: the context tables stay untrained
+        log.warning("context=auto: the ratings' context is not read in this run (a "
+                    "non-private or user-level-DP reply would show the server when its "
+                    "users rate); record-level or distributed DP reads it")
     return out
 
 

@@ -334,3 +334,18 @@ def test_sampled_and_rating_evaluation_take_each_ratings_own_moment(
     assert torch.equal(seen[-1], want)
     rating_error_counts(model, split.test)
     assert torch.equal(seen[-1], want)
+
+
+def test_auto_says_once_when_it_leaves_context_out(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from fedrec.features import _WARNED
+
+    _WARNED.discard("context")
+    cfg = RunConfig.from_flat({**SMALL, "context": "auto", "dp": False})
+    data = load_dataset(cfg.data)
+    with caplog.at_level(logging.WARNING):
+        model_features(cfg, data)
+        model_features(cfg, data)  # the next client, the next round
+        model_features(cfg.for_central(), data)  # read: nothing to say
+    assert caplog.text.count("context is not read in this run") == 1
