@@ -8,6 +8,8 @@ items the user never interacted with; a user's metrics are averaged over their l
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -25,7 +27,7 @@ def _total(scores: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(scores, nan=0.0, posinf=1e30, neginf=-1e30)
 
 
-def _inputs(model: RecModel, users: np.ndarray, times: np.ndarray | None) -> torch.Tensor:
+def model_inputs(model: Any, users: np.ndarray, times: np.ndarray | None) -> torch.Tensor:
     """What ``model`` takes as users: the ids, with the context of ``times`` (each
     example's moment) for a model that reads context."""
     if times is not None and getattr(model, "reads_context", False):
@@ -56,10 +58,13 @@ def full_ranking_user_counts(model: RecModel, train: Interactions, test: Interac
     _, tr_items, tr_bounds = _by_user(train)
     _, te_items, te_bounds = _by_user(test)
     test_users = np.unique(test.users)
+    # a context model serves each user at its moment (computed once, and only for it)
+    times = serving_times(test_users, test) if getattr(model, "reads_context", False) else None
     parts = []
     for start in range(0, len(test_users), chunk):
         users = test_users[start:start + chunk]
-        served = _inputs(model, users, serving_times(users, test))  # context: when served
+        served = model_inputs(model, users, None if times is None
+                              else times[start:start + chunk])
         scores = _total(model.score_all(served).float().cpu())  # [U, n_items]
         lens = tr_bounds[users + 1] - tr_bounds[users]
         rows = np.repeat(np.arange(len(users)), lens)
@@ -92,7 +97,7 @@ def sampled_counts(model: RecModel, train: Interactions, test: Interactions,
                        np.concatenate([train.items, test.items]), train.n_items)
         users, lists = sampled_eval_lists(test, seen, n_negatives, seed)
     device = next(model.parameters()).device
-    scores = _total(model(_inputs(model, users, test.timestamps).to(device),
+    scores = _total(model(model_inputs(model, users, test.timestamps).to(device),
                           torch.from_numpy(lists).to(device)).cpu())
     rank = (scores[:, 1:] > scores[:, :1]).sum(1)  # 0 = best
     uniq, inv = np.unique(users, return_inverse=True)
@@ -116,7 +121,7 @@ def rating_error_counts(model: RecModel, test: Interactions) -> dict[str, float]
     """Summed squared/absolute errors of predicted ratings on test pairs (predictions are
     clipped to the dataset's rating scale, which also bounds each rating's error)."""
     device = next(model.parameters()).device
-    pred = model(_inputs(model, test.users, test.timestamps).to(device),
+    pred = model(model_inputs(model, test.users, test.timestamps).to(device),
                  torch.from_numpy(test.items).to(device).unsqueeze(1)).squeeze(1).cpu()
     lo, hi = test.rating_range
     pred = _total(pred).clamp(min=lo, max=hi if np.isfinite(hi) else None)

@@ -15,7 +15,8 @@ import torch
 
 from fedrec.config import FEATURE_MODELS, RunConfig
 from fedrec.errors import ConfigError
-from fedrec.features import model_features, with_context
+from fedrec.evaluate import model_inputs
+from fedrec.features import model_features
 from fedrec.federated import ClientData
 from fedrec.model import build_model
 from fedrec.state import ClientState
@@ -75,8 +76,7 @@ def recommend(cfg: RunConfig, data: ClientData, state: ClientState,
                         features=model_features(cfg, data.train))
     model.load_state_dict({**shared, **state.local}, strict=True)
     model.eval()
-    served = (with_context(np.array([uid]), np.array([time.time() if at is None else at]))
-              if getattr(model, "reads_context", False) else torch.tensor([uid]))
+    served = model_inputs(model, np.array([uid]), np.array([time.time() if at is None else at]))
     scores = model.score_all(served)[0].numpy().astype(np.float64)
     seen = np.zeros(data.n_items, dtype=bool)
     seen[data.train.items[data.train.users == uid]] = True
