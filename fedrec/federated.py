@@ -68,24 +68,33 @@ def cached_split(data_cfg: DataConfig) -> Split:
     return load_split(data_cfg)
 
 
-def _local(data: Interactions, users: np.ndarray) -> Interactions:
-    lookup = np.full(data.n_users, -1, dtype=np.int64)
-    lookup[users] = np.arange(len(users))
-    mask = lookup[data.users] >= 0
-    sub = data.subset(mask)
+def _as_local(sub: Interactions, data: Interactions, users: np.ndarray,
+              lookup: np.ndarray) -> Interactions:
+    """``sub`` (rows of ``data`` owned by ``users``) in the ids of those users
+    (``lookup``: global user id -> local id)."""
     sub.users = lookup[sub.users]
     sub.user_ids = data.user_ids[users]
     sub.user_features = [data.user_features[u] for u in users] if data.user_features else []
     return sub
 
 
-def split_for_users(split: Split, users: np.ndarray) -> ClientData:
-    """The client view of a global split restricted to ``users``."""
-    train, test = _local(split.train, users), _local(split.test, users)
+def _local(data: Interactions, users: np.ndarray) -> Interactions:
+    lookup = np.full(data.n_users, -1, dtype=np.int64)
+    lookup[users] = np.arange(len(users))
+    return _as_local(data.subset(lookup[data.users] >= 0), data, users, lookup)
+
+
+def _client_data(split: Split, users: np.ndarray, train: Interactions,
+                 test: Interactions) -> ClientData:
     lo, hi = split.train.rating_range
     return ClientData(train, test, [str(u) for u in split.train.user_ids[users]],
                       split.implicit, rating_offset(split),
                       1.0 if split.implicit else float(hi - lo))
+
+
+def split_for_users(split: Split, users: np.ndarray) -> ClientData:
+    """The client view of a global split restricted to ``users``."""
+    return _client_data(split, users, _local(split.train, users), _local(split.test, users))
 
 
 def split_for_parts(split: Split, parts: Sequence[np.ndarray]) -> list[ClientData]:
@@ -106,20 +115,10 @@ def split_for_parts(split: Split, parts: Sequence[np.ndarray]) -> list[ClientDat
         owner = part_of[data.users]
         order = np.argsort(owner, kind="stable")  # a part's rows keep their order
         bounds = np.searchsorted(owner[order], np.arange(len(parts) + 1))
-        out = []
-        for j, users in enumerate(parts):
-            sub = data.subset(order[bounds[j]:bounds[j + 1]])
-            sub.users = local[sub.users]
-            sub.user_ids = data.user_ids[users]
-            sub.user_features = ([data.user_features[u] for u in users]
-                                 if data.user_features else [])
-            out.append(sub)
-        return out
+        return [_as_local(data.subset(order[bounds[j]:bounds[j + 1]]), data, users, local)
+                for j, users in enumerate(parts)]
 
-    lo, hi = split.train.rating_range
-    offset, scale = rating_offset(split), 1.0 if split.implicit else float(hi - lo)
-    return [ClientData(train, test, [str(u) for u in split.train.user_ids[users]],
-                       split.implicit, offset, scale)
+    return [_client_data(split, users, train, test)
             for users, train, test in zip(parts, pieces(split.train), pieces(split.test))]
 
 
