@@ -77,6 +77,18 @@ def _column(path: Path, role: str, raw: pd.Series, line_no: np.ndarray) -> pd.Se
     return values.astype(np.float64)
 
 
+def _with_defaults(out: pd.DataFrame) -> pd.DataFrame:
+    """``out`` with the columns a file may lack: times from row order (far below any
+    real Unix time, so no row number is ever read as a moment:
+    ``fedrec.features.context_columns``) and, for implicit-only data (clicks,
+    purchases), a rating of 1 on every row."""
+    if "timestamp" not in out:
+        out["timestamp"] = np.arange(len(out), dtype=np.float64) - ROW_ORDER_OFFSET
+    if "rating" not in out:
+        out["rating"] = np.ones(len(out), dtype=np.float64)
+    return out
+
+
 def parse_error(path: Path, err: pd.errors.ParserError, line_no: Sequence[int], sep: str,
                 as_in: str = "") -> DataError:
     """pandas' parse error as a DataError naming the file's line (``line_no``: the file's
@@ -173,12 +185,7 @@ def read_delimited(
     for role in ROLES:
         if role in positions:
             out[role] = _column(path, role, df.iloc[:, positions[role]], line_no)
-    if "timestamp" not in out:  # row order is time; far below any real Unix time, so
-        # no row number is ever read as a moment (fedrec.features.context_columns)
-        out["timestamp"] = np.arange(len(out), dtype=np.float64) - ROW_ORDER_OFFSET
-    if "rating" not in out:  # implicit-only data (clicks, purchases): every row a positive
-        out["rating"] = np.ones(len(out), dtype=np.float64)
-    return out
+    return _with_defaults(out)
 
 
 def parquet_frame(path: Path, expected: str = "rating rows") -> pd.DataFrame:
@@ -212,9 +219,4 @@ def read_parquet(path: Path, *, columns: dict[str, str | int | None]) -> pd.Data
             )
         col = df[name].astype(str).where(df[name].notna(), "")
         out[role] = _column(path, role, col, out["line"].to_numpy())
-    if "timestamp" not in out:  # row order is time; far below any real Unix time, so
-        # no row number is ever read as a moment (fedrec.features.context_columns)
-        out["timestamp"] = np.arange(len(out), dtype=np.float64) - ROW_ORDER_OFFSET
-    if "rating" not in out:  # implicit-only data (clicks, purchases): every row a positive
-        out["rating"] = np.ones(len(out), dtype=np.float64)
-    return out
+    return _with_defaults(out)
