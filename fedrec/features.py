@@ -88,24 +88,29 @@ class Features:
     context: bool = False
 
 
-# item value ids per catalogue (titles and genres lists), kept with the lists themselves
-# so that an id() is never reused while cached
-_ITEM_CACHE: dict[tuple[int, int, int], tuple[list[str], list[str], torch.Tensor]] = {}
+# item value ids and release years per catalogue (titles and genres lists), kept with
+# the lists themselves so that an id() is never reused while cached
+_ITEM_CACHE: dict[tuple[int, int, int],
+                  tuple[list[str], list[str], torch.Tensor, torch.Tensor]] = {}
 
 
-def _item_ids(titles: list[str], genres: list[str], buckets: int) -> torch.Tensor:
+def _catalogue(titles: list[str], genres: list[str], buckets: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The catalogue's item value ids and release years (computed once per catalogue:
+    every client of every round asks for them)."""
     key = (id(titles), id(genres), buckets)
     hit = _ITEM_CACHE.get(key)
     if hit is not None and hit[0] is titles and hit[1] is genres:
-        return hit[2]
+        return hit[2], hit[3]
     rows = [item_values(t, g) for t, g in zip(titles, genres)]
     # as many slots as the catalogue's richest item needs (fewer lookups per score)
     slots = min(ITEM_SLOTS, max([len(r) for r in rows] + [1]))
     ids = torch.from_numpy(hash_rows(rows, slots, buckets))
+    years = torch.from_numpy(release_years(titles))
     if len(_ITEM_CACHE) >= 4:
         _ITEM_CACHE.pop(next(iter(_ITEM_CACHE)))
-    _ITEM_CACHE[key] = (titles, genres, ids)
-    return ids
+    _ITEM_CACHE[key] = (titles, genres, ids, years)
+    return ids, years
 
 
 def features_of(data: Interactions, buckets: int, *, users: bool = True,
@@ -126,8 +131,8 @@ def features_of(data: Interactions, buckets: int, *, users: bool = True,
         from fedrec.text import title_vectors  # the optional extra, loaded when asked for
 
         vectors = torch.from_numpy(np.array(title_vectors(data.titles)))
-    return Features(_item_ids(data.titles, data.genres, buckets), users_t, vectors,
-                    torch.from_numpy(release_years(data.titles)))
+    ids, years = _catalogue(data.titles, data.genres, buckets)
+    return Features(ids, users_t, vectors, years)
 
 
 def release_years(titles: Sequence[str]) -> np.ndarray:
